@@ -1,0 +1,44 @@
+"""secateur: make neural networks smaller and measurably faster.
+
+The public surface. Names are imported lazily so that ``import secateur`` stays light: it imports
+neither transformers nor any optional dependency, and logs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+from ._version import __version__
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+_EXPORTS = {
+    "compress_": "secateur.api",
+    "register": "secateur.api",
+    "methods": "secateur.api",
+    "Context": "secateur.api",
+    "load": "secateur.models",
+    "Loaded": "secateur.models",
+    "save": "secateur.artifacts",
+    "Recipe": "secateur.recipe",
+    "StepConfig": "secateur.config",
+    "SecateurError": "secateur.errors",
+    "MagnitudeConfig": "secateur.prune.magnitude",
+    "evaluate": "secateur.evaluate",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in ("testing",):
+        return importlib.import_module(f"secateur.{name}")
+    raise AttributeError(f"module 'secateur' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

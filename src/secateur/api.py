@@ -1,0 +1,111 @@
+"""The facade: one method table, filled by ``@register`` in each method's file, and ``compress_``.
+
+    model = compress_(model, MagnitudeConfig(sparsity=0.5))
+    model = compress_(model, recipe, data=calibration_set, teacher=teacher)
+
+``compress_`` edits the model in place (trailing underscore, as in torch) and returns it. Each
+applied step is recorded on the model (``model.secateur_history``) so that :func:`secateur.save`
+can write the resolved recipe and per-step results into the compression card.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .config import StepConfig
+from .errors import SecateurError, did_you_mean, one_of
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: type[StepConfig]
+    apply: Callable[..., dict[str, Any] | None]
+    kind: str            # "prune" | "quantize" | "distill" | ...
+    needs_data: bool
+    paper: str
+
+
+METHODS: dict[str, Method] = {}
+
+# Files whose import registers methods. Importing them is cheap (torch only).
+_METHOD_MODULES = ("secateur.prune.magnitude",)
+
+
+def register(name: str, *, kind: str, needs_data: bool = False, paper: str = "") -> Callable:
+    """Class decorator for a step config; ``apply`` is the config's module-level function.
+
+    Usage, in the method's own file::
+
+        @register("magnitude", kind="prune", paper="Han et al. 2015")
+        @dataclass(frozen=True)
+        class MagnitudeConfig(TargetedConfig): ...
+
+        def apply(model, config, ctx) -> dict: ...   # found by name in the same module
+    """
+
+    def decorate(cls: type[StepConfig]) -> type[StepConfig]:
+        cls.method = name
+        METHODS[name] = Method(name, cls, _module_apply(cls.__module__), kind, needs_data, paper)
+        return cls
+
+    return decorate
+
+
+def _module_apply(module_name: str) -> Callable:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return importlib.import_module(module_name).apply(*args, **kwargs)
+
+    return call
+
+
+def methods() -> dict[str, Method]:
+    """The method table, with every built-in method registered."""
+    for module in _METHOD_MODULES:
+        importlib.import_module(module)
+    return METHODS
+
+
+def get_method(name: str) -> Method:
+    table = methods()
+    if name not in table:
+        raise SecateurError(f"unknown method '{name}'{did_you_mean(name, table)}; valid methods: {one_of(table)}")
+    return table[name]
+
+
+@dataclass
+class Context:
+    """What a method may need besides the model and its config."""
+
+    data: Any = None          # a CalibrationSet (input_ids [n, seq_len] + fingerprint) or None
+    teacher: Any = None
+    arch: Any = None          # secateur.models.arch.Arch, resolved from the model when missing
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def compress_(model: Any, recipe_or_step: Any, data: Any = None, teacher: Any = None) -> Any:
+    """Apply a step, a list of steps, or a :class:`~secateur.recipe.Recipe` to ``model`` in place."""
+    from .models.arch import arch_of
+
+    steps = getattr(recipe_or_step, "steps", recipe_or_step)
+    if isinstance(steps, StepConfig):
+        steps = [steps]
+    ctx = Context(data=data, teacher=teacher, arch=arch_of(model, strict=False))
+    history = getattr(model, "secateur_history", None)
+    if history is None:
+        history = []
+        model.secateur_history = history
+    for index, step in enumerate(steps):
+        if not isinstance(step, StepConfig):
+            raise SecateurError(f"steps[{index}]: expected a step config such as MagnitudeConfig(...), got {type(step).__name__}")
+        method = get_method(step.method)
+        if method.needs_data and data is None:
+            raise SecateurError(f"steps[{index}]: method '{step.method}' needs calibration data; pass data=...")
+        start = time.perf_counter()
+        result = method.apply(model, step, ctx) or {}
+        history.append({"step": step.to_dict(), "seconds": round(time.perf_counter() - start, 3),
+                        "data_fingerprint": getattr(data, "fingerprint", None), "result": result})
+    return model

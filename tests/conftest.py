@@ -1,0 +1,48 @@
+"""Shared fixtures. Real models and data come from SECATEUR_SHARED_DIR (default: ../shared beside
+the checkout); tests that need them are skipped with a clear reason when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("SECATEUR_PROGRESS", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SECATEUR_SHARED_DIR", REPO.parent / "shared"))
+if (SHARED / "data").is_dir():
+    os.environ.setdefault("SECATEUR_DATA_DIR", str(SHARED / "data"))
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real models/data not found at {path} (set SECATEUR_SHARED_DIR to the shared folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return _need(SHARED)
+
+
+@pytest.fixture(scope="session")
+def data_dir(shared_dir: Path) -> Path:
+    return _need(shared_dir / "data")
+
+
+@pytest.fixture(scope="session")
+def stories_dir(shared_dir: Path) -> Path:
+    return _need(shared_dir / "models" / "stories260K" / "hf")
+
+
+@pytest.fixture(scope="session")
+def llama2c_dir(shared_dir: Path) -> Path:
+    return _need(shared_dir / "models" / "stories260K" / "llama2c")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(shared_dir: Path) -> Path:
+    return _need(shared_dir / "models" / "all-MiniLM-L6-v2")
