@@ -1,0 +1,442 @@
+"""Artifacts: a directory of safetensors weights that stock ``transformers`` loads, plus a card.
+
+    path = secateur.save(model, "out/llama-50", tokenizer=tokenizer, metrics=metrics)
+    card = secateur.artifacts.verify("out/llama-50")       # raises ArtifactError when damaged
+    model, tokenizer, arch = secateur.load("out/llama-50")  # calls verify() itself
+
+The card, ``compression.json``, says what was done (the resolved recipe and per-step history),
+on which data (fingerprints), from which base model, with which code (versions, platform), what
+it cost and won (``metrics``), and lists every other file with its size and sha256 so that a
+truncated or modified file is caught before it is loaded.
+
+Saving is atomic. Everything is written into a hidden sibling ``.{name}.tmp-<random>``, each file
+is fsync'd, the card is written last, and the directory is renamed into place. An existing
+artifact at the target is swapped out (renamed to a trash sibling, the new one renamed in, the old
+one deleted); anything else at the target is refused, never deleted. A crash leaves no directory
+at the target path, and an exception cleans its temporary directory up.
+
+Nothing is pickled: weights go through safetensors, everything else is JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import secrets
+import shutil
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
+
+from ._version import __version__
+from .errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CARD_NAME = "compression.json"
+_CHUNK = 1 << 20
+
+
+# --- the card ---------------------------------------------------------------------------------
+
+def _jsonable(value: Any, where: str = "card") -> Any:
+    """A strict-JSON copy of ``value``: tuples become lists, tensors and numpy scalars plain numbers,
+    non-finite floats null (strict JSON has no NaN/Infinity)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(items)]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "to_dict") and callable(value.to_dict):
+        return _jsonable(value.to_dict(), where)
+    if is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(asdict(value), where)
+    if hasattr(value, "tolist") and callable(value.tolist):  # torch tensors, numpy arrays and scalars
+        return _jsonable(value.tolist(), where)
+    log.warning("%s: %s is not JSON-serialisable; storing its str()", where, type(value).__name__)
+    return str(value)
+
+
+def _resolve_recipe(recipe: Any, history: list[dict[str, Any]]) -> dict[str, Any]:
+    if recipe is None:
+        return {"steps": [entry.get("step") for entry in history]}
+    if isinstance(recipe, dict):
+        return recipe
+    if getattr(recipe, "method", None) and hasattr(recipe, "to_dict"):  # a single step config
+        return {"steps": [recipe.to_dict()]}
+    if hasattr(recipe, "to_dict"):
+        return recipe.to_dict()
+    if isinstance(recipe, (list, tuple)):
+        return {"steps": [s.to_dict() if hasattr(s, "to_dict") else s for s in recipe]}
+    raise ArtifactError(f"recipe: expected a Recipe, a step config, a list of steps or a dict, "
+                        f"got {type(recipe).__name__}")
+
+
+def _base_model(model: Any) -> dict[str, Any] | None:
+    source = getattr(model, "secateur_source", None)
+    if not isinstance(source, dict):
+        return None
+    base = {key: source.get(key) for key in ("name", "path", "weights_sha256", "model_type")}
+    if "card" in source:  # the model was itself loaded from an artifact: keep the lineage
+        base["is_artifact"] = True
+        base["origin"] = source.get("base_model")
+    return base
+
+
+def _data_fingerprints(history: list[dict[str, Any]]) -> list[Any]:
+    seen: dict[str, Any] = {}
+    for entry in history:
+        fingerprint = entry.get("data_fingerprint")
+        if fingerprint is not None:
+            seen.setdefault(json.dumps(_jsonable(fingerprint), sort_keys=True), fingerprint)
+    return list(seen.values())
+
+
+def _environment() -> dict[str, Any]:
+    import safetensors
+    import torch
+    import transformers
+
+    try:
+        import tokenizers
+        tokenizers_version = tokenizers.__version__
+    except ImportError:  # pragma: no cover - transformers depends on it
+        tokenizers_version = None
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "safetensors": safetensors.__version__,
+            "tokenizers": tokenizers_version, "cuda": torch.version.cuda, "platform": platform.platform(),
+            "machine": platform.machine(), "torch_threads": torch.get_num_threads()}
+
+
+def sparsity_summary(model: Any) -> dict[str, Any]:
+    """Zeros over the 2-D weights of Linear and Conv1D modules (shared weights counted once),
+    overall and inside the transformer blocks only, and the unique parameter count."""
+    import torch.nn as nn
+
+    try:
+        from transformers.pytorch_utils import Conv1D
+        kinds: tuple[type, ...] = (nn.Linear, Conv1D)
+    except ImportError:  # pragma: no cover
+        kinds = (nn.Linear,)
+    prefix = None
+    try:
+        from .models.arch import arch_of
+
+        facts = arch_of(model, strict=False)
+        if facts is not None:
+            prefix = facts.arch.block_prefix(model) + "."
+    except Exception as exc:  # the summary must never stop a save
+        log.debug("no block prefix for the sparsity summary: %s", exc)
+    seen: set[int] = set()
+    zeros = total = block_zeros = block_total = 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, kinds) or weight is None or weight.dim() != 2:
+            continue
+        if id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        n, z = weight.numel(), int((weight.detach() == 0).sum().item())
+        zeros, total = zeros + z, total + n
+        if prefix is not None and name.startswith(prefix):
+            block_zeros, block_total = block_zeros + z, block_total + n
+    parameters = sum(p.numel() for p in model.parameters())
+    return {"fraction": round(zeros / total, 6) if total else 0.0, "zeros": zeros, "weights": total,
+            "block_fraction": round(block_zeros / block_total, 6) if block_total else None,
+            "parameters": parameters}
+
+
+def build_card(model: Any, *, recipe: Any = None, metrics: dict[str, Any] | None = None,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The card for ``model`` without its ``files`` and ``weights_sha256`` (filled in by :func:`save`)."""
+    history = list(getattr(model, "secateur_history", None) or [])
+    config = getattr(model, "config", None)
+    dtype = getattr(model, "dtype", None)
+    card = {
+        "format_version": FORMAT_VERSION,
+        "secateur_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "base_model": _base_model(model),
+        "model": {"model_type": getattr(config, "model_type", None), "class": type(model).__name__,
+                  "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None},
+        "recipe": _resolve_recipe(recipe, history),
+        "history": history,
+        "data_fingerprints": _data_fingerprints(history),
+        "metrics": metrics or {},
+        "sparsity": sparsity_summary(model),
+        "environment": _environment(),
+        "extra": extra or {},
+    }
+    return _jsonable(card)
+
+
+def card_summary(card: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of a card, flat, for tables."""
+    files = card.get("files") or {}
+    sparsity = card.get("sparsity") or {}
+    history = card.get("history") or []
+    steps = [(entry.get("step") or {}).get("method") for entry in history]
+    if not steps:
+        steps = [(step or {}).get("method") for step in (card.get("recipe") or {}).get("steps") or []]
+    base = card.get("base_model") or {}
+    return {
+        "base_model": base.get("name"),
+        "model_type": (card.get("model") or {}).get("model_type") or base.get("model_type"),
+        "steps": steps,
+        "parameters": sparsity.get("parameters"),
+        "sparsity": sparsity.get("fraction"),
+        "block_sparsity": sparsity.get("block_fraction"),
+        "weights_bytes": sum(int(e.get("bytes", 0)) for n, e in files.items() if n.endswith(".safetensors")),
+        "total_bytes": sum(int(e.get("bytes", 0)) for e in files.values()),
+        "seconds": round(sum(float(entry.get("seconds") or 0.0) for entry in history), 3),
+        "created": card.get("created"),
+        "secateur_version": card.get("secateur_version"),
+    }
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _hash_and_sync(root: Path) -> tuple[dict[str, dict[str, Any]], str]:
+    """sha256 and size of every file under ``root`` (each fsync'd), and the combined weights hash
+    computed exactly as :func:`secateur.models.weights_hash` does (top-level safetensors, name order)."""
+    files: dict[str, dict[str, Any]] = {}
+    combined = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        top_level_weights = path.parent == root and path.suffix == ".safetensors"
+        if top_level_weights:
+            combined.update(path.name.encode())
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(_CHUNK), b""):
+                digest.update(chunk)
+                if top_level_weights:
+                    combined.update(chunk)
+            os.fsync(fh.fileno())
+            size = os.fstat(fh.fileno()).st_size
+        files[rel] = {"sha256": digest.hexdigest(), "bytes": size}
+    for sub in sorted({p.parent for p in root.rglob("*") if p.is_file()}, reverse=True):
+        _fsync_dir(sub)
+    return files, combined.hexdigest()
+
+
+def _check_target(target: Path) -> str:
+    """``"absent"``, ``"empty"`` or ``"artifact"``; anything else is refused."""
+    if target.is_symlink():
+        raise ArtifactError(f"refusing to write artifact to {target}: it is a symbolic link; pass the real directory")
+    if not target.exists():
+        return "absent"
+    if not target.is_dir():
+        raise ArtifactError(f"refusing to write artifact to {target}: it is a file; choose a directory path")
+    if (target / CARD_NAME).is_file():
+        return "artifact"
+    if not any(target.iterdir()):
+        return "empty"
+    raise ArtifactError(f"refusing to overwrite {target}: it is a non-empty directory that is not a secateur "
+                        f"artifact (no {CARD_NAME}); choose another directory or empty it first")
+
+
+def _check_saveable(model: Any) -> None:
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        raise ArtifactError(f"cannot save a {type(model).__name__}: expected a Hugging Face PreTrainedModel "
+                            "(for example from secateur.load)")
+    for name, module in model.named_modules():
+        wrapped = any(n.endswith("_orig") for n, _ in module.named_parameters(recurse=False))
+        if wrapped or hasattr(module, "parametrizations"):
+            raise ArtifactError(f"module '{name}' still carries a pruning/parametrization wrapper; make it permanent "
+                                "(torch.nn.utils.prune.remove or parametrize.remove_parametrizations) before saving")
+
+
+@contextmanager
+def _save_settings(model: Any) -> Iterator[None]:
+    """Quiet transformers' progress bar when secateur's are off, and write ``tie_word_embeddings``
+    truthfully: a compression step that replaced the head or the embedding of a tied model has
+    untied them, and a config still saying "tied" would make loaders tie them back."""
+    from transformers.utils import logging as hf_logging
+
+    from .settings import show_progress
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    if not show_progress():
+        hf_logging.disable_progress_bar()
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    restore_tie = None
+    if getattr(text_config, "tie_word_embeddings", False):
+        try:
+            inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            inp = out = None
+        if inp is not None and out is not None and out.weight is not inp.weight:
+            log.info("the output head no longer shares the input embedding; saving with tie_word_embeddings=false")
+            restore_tie = text_config
+            text_config.tie_word_embeddings = False
+    try:
+        yield
+    finally:
+        if restore_tie is not None:
+            restore_tie.tie_word_embeddings = True
+        if bar_was_on and not hf_logging.is_progress_bar_enabled():
+            hf_logging.enable_progress_bar()
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Rename the finished ``tmp`` to ``target``, swapping out an existing artifact safely."""
+    state = _check_target(target)  # again: the target may have changed while we were writing
+    trash = None
+    if state == "empty":
+        target.rmdir()
+    elif state == "artifact":
+        trash = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
+        os.rename(target, trash)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        if trash is not None:
+            os.rename(trash, target)  # put the previous artifact back
+        raise
+    try:
+        _fsync_dir(target.parent)
+    except OSError as exc:  # the rename is done; durability of the parent entry is best effort
+        log.warning("could not fsync %s: %s", target.parent, exc)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+        if trash.exists():
+            log.warning("could not delete the previous artifact moved to %s; delete it by hand", trash)
+
+
+def save(model: Any, directory: str | os.PathLike, *, tokenizer: Any = None, recipe: Any = None,
+         metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (and ``tokenizer``) as an artifact at ``directory``; return its path.
+
+    ``recipe`` is a Recipe (anything with ``to_dict``), a step config, a list of steps or a dict;
+    without it the recipe is rebuilt from ``model.secateur_history``. ``metrics`` is free-form
+    (conventionally ``{"before": {...}, "after": {...}}``) and ``extra`` is stored as is.
+    """
+    target = Path(directory).expanduser().absolute()
+    _check_saveable(model)
+    _check_target(target)
+    card = build_card(model, recipe=recipe, metrics=metrics, extra=extra)  # fails before any write
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{secrets.token_hex(6)}"
+    tmp.mkdir()
+    installed = False
+    try:
+        with _save_settings(model):
+            model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if (tmp / CARD_NAME).exists():
+            raise ArtifactError(f"the model or tokenizer wrote its own {CARD_NAME}; secateur reserves that name")
+        stray = sorted(p.name for p in tmp.glob("*.bin")) + sorted(p.name for p in tmp.glob("*.pt"))
+        if stray or not list(tmp.glob("*.safetensors")):
+            found = ", ".join(stray) if stray else "no weights"
+            raise ArtifactError(f"save_pretrained did not write safetensors weights only (got {found}); "
+                                "secateur artifacts never contain pickles")
+        card["files"], card["weights_sha256"] = _hash_and_sync(tmp)
+        with open(tmp / CARD_NAME, "w", encoding="utf-8") as fh:
+            json.dump(card, fh, indent=2, allow_nan=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        _install(tmp, target)
+        installed = True
+    except OSError as exc:
+        raise ArtifactError(f"could not write artifact {target}: {exc.strerror or exc}") from exc
+    finally:
+        if not installed:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("saved artifact %s (%d files, %d bytes of weights)", target, len(card["files"]),
+             card_summary(card)["weights_bytes"])
+    return target
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read the card of the artifact at ``directory`` and check every file it lists (size, sha256).
+
+    Returns the card; raises :class:`ArtifactError` with one line naming the first problem.
+    Files that are present but not listed are allowed.
+    """
+    root = Path(directory)
+    damaged = f"artifact {directory} is damaged:"
+    if not root.is_dir():
+        raise ArtifactError(f"artifact {directory} does not exist or is not a directory")
+    card_path = root / CARD_NAME
+    if not card_path.is_file():
+        raise ArtifactError(f"{directory} is not a secateur artifact: {CARD_NAME} is missing")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{damaged} {CARD_NAME} is not valid JSON ({exc.msg} at line {exc.lineno}); "
+                            "re-create it") from None
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{damaged} {CARD_NAME} is not UTF-8 text; re-create it") from None
+    if not isinstance(card, dict):
+        raise ArtifactError(f"{damaged} {CARD_NAME} holds a {type(card).__name__}, expected an object; "
+                            "re-create it")
+    version = card.get("format_version")
+    if version != FORMAT_VERSION:
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+            raise ArtifactError(f"artifact {directory} has format_version {version}, newer than this secateur "
+                                f"{__version__} reads ({FORMAT_VERSION}); upgrade secateur")
+        raise ArtifactError(f"artifact {directory} has unknown format_version {version!r}; expected {FORMAT_VERSION}")
+    files = card.get("files")
+    if not isinstance(files, dict) or not any(str(n).endswith(".safetensors") for n in files):
+        raise ArtifactError(f"{damaged} {CARD_NAME} lists no safetensors weights under 'files'; re-create it")
+    for name, entry in files.items():
+        rel = PurePosixPath(name)
+        if rel.is_absolute() or ".." in rel.parts or name == CARD_NAME or not isinstance(entry, dict) \
+                or not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("bytes"), int):
+            raise ArtifactError(f"{damaged} {CARD_NAME} has an invalid entry for file {name!r}; re-create it")
+        path = root / rel
+        if not path.is_file():
+            raise ArtifactError(f"{damaged} {name} is missing; re-create it")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise ArtifactError(f"{damaged} {name} has {size} bytes, expected {entry['bytes']} "
+                                "(truncated or modified); re-create it")
+        got = _sha256(path)
+        if got != entry["sha256"]:
+            raise ArtifactError(f"{damaged} {name} sha256 mismatch (expected {entry['sha256'][:12]}…, "
+                                f"got {got[:12]}…); re-create it")
+    unlisted = sorted(p.name for p in root.glob("*.safetensors") if p.name not in files)
+    if unlisted:
+        log.warning("artifact %s holds weight files its card does not list: %s", directory, ", ".join(unlisted))
+    return card
+
+
+__all__ = ["FORMAT_VERSION", "save", "verify", "card_summary", "build_card", "sparsity_summary"]
