@@ -28,7 +28,9 @@ def param(default: Any, doc: str, *, range: tuple[float, float] | None = None,
     """Declare a config field with its documentation and constraints."""
     meta = {"doc": doc, "range": range, "choices": choices}
     if isinstance(default, (list, dict, set)):
-        frozen = tuple(default) if isinstance(default, (list, set)) else dict(default)
+        if isinstance(default, dict):
+            return field(default_factory=lambda: dict(default), metadata=meta)
+        frozen = tuple(default)
         return field(default_factory=lambda: frozen, metadata=meta)
     return field(default=default, metadata=meta)
 

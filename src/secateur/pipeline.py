@@ -1,0 +1,108 @@
+"""Run a recipe end to end: load → calibration data → evaluate before → compress_ → evaluate after → save.
+
+    result = run_recipe(Recipe.load("recipe.yaml"), out="artifacts/stories-mag50")
+
+The returned :class:`RunResult` holds the metrics before and after, the per-step results and the
+artifact path; the artifact's compression card records the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, SecateurError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    recipe: dict[str, Any]
+    model: str
+    before: list[dict[str, Any]] = field(default_factory=list)
+    after: list[dict[str, Any]] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    artifact: str | None = None
+    data_fingerprint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def calibration_data(recipe: Any, tokenizer: Any) -> Any:
+    """The recipe's calibration set, or None when it names no data."""
+    if recipe.data is None:
+        if recipe.needs_data:
+            raise SecateurError("data: this recipe has a step that needs calibration data; add e.g. "
+                                "'data: {source: tinystories, samples: 128, seq_len: 256}'")
+        return None
+    from .data import calibration_set, get_source
+
+    spec = recipe.data
+    mode = spec.mode or get_source(spec.source).default_mode
+    return calibration_set(spec.source, tokenizer, spec.samples, spec.seq_len, spec.seed, mode, split=spec.split)
+
+
+def evaluate_all(model: Any, tokenizer: Any, specs: Any) -> list[dict[str, Any]]:
+    from .evaluate import evaluate
+
+    return [evaluate(model, tokenizer, spec.task, spec.data, **dict(spec.options)).to_dict() for spec in specs]
+
+
+def dry_run(recipe: Any) -> list[dict[str, Any]]:
+    """Validate a recipe against its model without loading weights: the modules each step touches."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from .api import get_method
+    from .models import _resolve
+    from .models.arch import arch_for
+    from .targets import describe_selection, select_modules
+
+    if recipe.model is None:
+        raise SecateurError("model: the recipe names no model; add 'model: PATH' or pass --set model=PATH")
+    config = AutoConfig.from_pretrained(_resolve(recipe.model))
+    arch = arch_for(config.model_type)
+    auto = AutoModelForCausalLM if arch.kind == "causal" else AutoModel
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    plan = []
+    for i, step in enumerate(recipe.steps):
+        method = get_method(step.method)
+        entry: dict[str, Any] = {"step": i, "method": step.method, "needs_data": method.needs_data}
+        if hasattr(step, "targets"):
+            try:
+                selected = select_modules(model, step.targets, step.ignore)
+            except ConfigError as exc:
+                raise ConfigError(f"steps[{i}].{exc.path}", str(exc).split(": ", 1)[-1]) from None
+            entry["modules"] = describe_selection(selected)
+        plan.append(entry)
+    return plan
+
+
+def run_recipe(recipe: Any, out: str | Path | None = None, loaded: Any = None) -> RunResult:
+    """Run every step of ``recipe`` on its model (or on ``loaded``, a :class:`secateur.Loaded`)."""
+    from .api import compress_
+    from .artifacts import save
+    from .models import load
+
+    if loaded is None:
+        if recipe.model is None:
+            raise SecateurError("model: the recipe names no model; add 'model: PATH' or pass --set model=PATH")
+        loaded = load(recipe.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    data = calibration_data(recipe, tokenizer)
+    result = RunResult(recipe=recipe.to_dict(), model=str(recipe.model or loaded.info.get("name")),
+                       data_fingerprint=getattr(data, "fingerprint", None))
+    log.info("evaluating %s before compression", result.model)
+    result.before = evaluate_all(model, tokenizer, recipe.eval)
+    compress_(model, recipe, data=data)
+    result.steps = list(model.secateur_history)
+    result.after = evaluate_all(model, tokenizer, recipe.eval)
+    if out is not None:
+        metrics = {"before": result.before, "after": result.after}
+        result.artifact = str(save(model, out, tokenizer=tokenizer, recipe=recipe, metrics=metrics))
+    return result
