@@ -80,6 +80,139 @@ def explain_cmd(method: str = typer.Argument(..., help="A method name, see `seca
     out.print(example_yaml(spec), markup=False, highlight=False)
 
 
+@app.command("eval")
+def eval_cmd(model: str = typer.Argument(..., help="Model directory, artifact or hub id."),
+             task: str = typer.Option("perplexity", "--task", "-t", help="perplexity | sts | speed"),
+             data: Optional[str] = typer.Option(None, "--data", "-d",
+                                                help="tinystories (P1), wikitext2 (P3), stsb (P2) or a file path"),
+             split: Optional[str] = typer.Option(None, "--split", help="Dataset split (default: the protocol's)."),
+             seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Perplexity window length."),
+             batch: Optional[int] = typer.Option(None, "--batch", help="Batch size."),
+             max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Quick run on the first windows."),
+             prompt_len: Optional[int] = typer.Option(None, "--prompt-len", help="Speed: prompt tokens."),
+             new_tokens: Optional[int] = typer.Option(None, "--new-tokens", help="Speed: generated tokens."),
+             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the JSON result here."),
+             as_json: bool = typer.Option(False, "--json", help="Print the JSON result instead of a table.")) -> None:
+    """Evaluate a model: perplexity (P1/P3), sentence similarity (P2) or speed and memory (P4)."""
+    from .evaluate import evaluate, results_table
+    from .models import load
+
+    given = {"split": split, "seq_len": seq_len, "batch": batch, "max_windows": max_windows,
+             "prompt_len": prompt_len, "new_tokens": new_tokens}
+    options = {k: v for k, v in given.items() if v is not None}
+    loaded = load(model)
+    result = evaluate(loaded.model, loaded.tokenizer, task, data, **options)
+    if output is not None:
+        output.write_text(result.to_json() + "\n")
+    _emit(result.to_dict(), as_json, results_table([result], title=f"{task} — {model}"))
+
+
+@app.command("info")
+def info_cmd(model: str = typer.Argument(..., help="Model directory, artifact or hub id."),
+             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Show a model's architecture facts and, for an artifact, its compression card summary."""
+    from .artifacts import card_summary
+    from .models import load
+
+    loaded = load(model)
+    data = {"arch": loaded.arch.to_dict(), "source": {k: v for k, v in loaded.info.items() if k != "card"}}
+    if "card" in loaded.info:
+        data["card"] = card_summary(loaded.info["card"])
+    table = Table("field", "value", title=str(model))
+    for key, value in {**data["arch"], **data.get("card", {})}.items():
+        table.add_row(key, str(value))
+    _emit(data, as_json, table)
+
+
+@app.command("compress")
+def compress_cmd(recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Recipe file (.yaml or .json)."),
+                 overrides: List[str] = typer.Option([], "--set", help="Override a field: steps[0].sparsity=0.6"),
+                 out_dir: Optional[Path] = typer.Option(None, "--out", help="Write the artifact here."),
+                 dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the modules each step touches."),
+                 as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Run a recipe: evaluate, compress, evaluate again, save an artifact with its compression card."""
+    from .recipe import Recipe
+
+    recipe = Recipe.load(recipe_path)
+    if overrides:
+        recipe = recipe.with_overrides(overrides)
+    _run(recipe, out_dir, dry_run, as_json)
+
+
+@app.command("prune")
+def prune_cmd(model: str = typer.Argument(..., help="Model directory, artifact or hub id."),
+              method: str = typer.Option("magnitude", "--method", "-m", help="A pruning method (see `secateur methods`)."),
+              sparsity: float = typer.Option(0.5, "--sparsity", "-s", help="Fraction of weights removed."),
+              pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M pattern such as 2:4."),
+              scope: Optional[str] = typer.Option(None, "--scope", help="magnitude: row | matrix | global."),
+              data: Optional[str] = typer.Option(None, "--data", "-d", help="Calibration data (name or path)."),
+              samples: int = typer.Option(128, "--samples", help="Calibration sequences."),
+              seq_len: int = typer.Option(256, "--seq-len", help="Calibration sequence length."),
+              evals: List[str] = typer.Option([], "--eval", help="Evaluate before/after: TASK or TASK:DATA."),
+              out_dir: Optional[Path] = typer.Option(None, "--out", help="Write the artifact here."),
+              dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the modules touched."),
+              as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Prune a model with one method; prints the recipe it ran (the same step works in a recipe file)."""
+    from .recipe import Recipe
+
+    step: dict[str, Any] = {"method": method, "sparsity": sparsity}
+    if pattern is not None:
+        step["pattern"] = pattern
+    if scope is not None:
+        step["scope"] = scope
+    spec: dict[str, Any] = {"model": model, "steps": [step]}
+    if data is not None:
+        spec["data"] = {"source": data, "samples": samples, "seq_len": seq_len}
+    spec["eval"] = [dict(zip(("task", "data"), e.split(":", 1))) for e in evals]
+    recipe = Recipe.from_dict(spec)
+    if not as_json:
+        err.print("[bold]recipe[/bold]")
+        err.print(recipe.dump(), markup=False, highlight=False)
+    _run(recipe, out_dir, dry_run, as_json)
+
+
+def _run(recipe: Any, out_dir: Optional[Path], dry_run: bool, as_json: bool) -> None:
+    from .pipeline import dry_run as plan_recipe, run_recipe
+
+    if dry_run:
+        plan = plan_recipe(recipe)
+        table = Table("step", "method", "modules touched", title="dry run: recipe is valid")
+        for entry in plan:
+            names = [m["name"] for m in entry.get("modules", [])]
+            shown = ", ".join(names[:6]) + (f", … ({len(names)} in all)" if len(names) > 6 else "")
+            table.add_row(str(entry["step"]), entry["method"], shown)
+        _emit({"recipe": recipe.to_dict(), "plan": plan}, as_json, table)
+        return
+    result = run_recipe(recipe, out=out_dir)
+    table = Table("step", "method", "seconds", "result", title="compress")
+    for i, h in enumerate(result.steps):
+        summary = {k: v for k, v in h["result"].items() if not isinstance(v, (dict, list))}
+        table.add_row(str(i), h["step"]["method"], str(h["seconds"]), json.dumps(summary))
+    if not as_json:
+        out.print(table)
+        if result.before:
+            from .evaluate import EvalResult, results_table
+
+            rows = [EvalResult.from_dict(r) for pair in zip(result.before, result.after) for r in pair]
+            out.print(results_table(rows, title="before / after"))
+        if result.artifact:
+            out.print(f"artifact: {result.artifact}")
+    else:
+        _emit(result.to_dict(), True)
+
+
+@app.command("demo")
+def demo_cmd(models: Path = typer.Option(..., "--models", help="Folder holding stories260K/hf and all-MiniLM-L6-v2."),
+             out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Where artifacts and demo.json go."),
+             as_json: bool = typer.Option(False, "--json", help="Print the JSON summary.")) -> None:
+    """Compress the real models end to end and print a before/after table."""
+    from .demo import run_demo
+
+    summary = run_demo(models, out_dir)
+    if as_json:
+        _emit(summary, True)
+
+
 @import_app.command("llama2c")
 def import_llama2c_cmd(model_bin: Path = typer.Argument(..., help="llama2.c checkpoint (.bin)"),
                        tokenizer_model: Path = typer.Argument(..., help="SentencePiece tokenizer (.model)"),

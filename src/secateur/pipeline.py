@@ -83,8 +83,12 @@ def dry_run(recipe: Any) -> list[dict[str, Any]]:
     return plan
 
 
-def run_recipe(recipe: Any, out: str | Path | None = None, loaded: Any = None) -> RunResult:
-    """Run every step of ``recipe`` on its model (or on ``loaded``, a :class:`secateur.Loaded`)."""
+def run_recipe(recipe: Any, out: str | Path | None = None, loaded: Any = None,
+               evaluate_before: bool = True) -> RunResult:
+    """Run every step of ``recipe`` on its model (or on ``loaded``, a :class:`secateur.Loaded`).
+
+    ``evaluate_before=False`` skips the "before" evaluations (when the caller already has them).
+    """
     from .api import compress_
     from .artifacts import save
     from .models import load
@@ -97,8 +101,9 @@ def run_recipe(recipe: Any, out: str | Path | None = None, loaded: Any = None) -
     data = calibration_data(recipe, tokenizer)
     result = RunResult(recipe=recipe.to_dict(), model=str(recipe.model or loaded.info.get("name")),
                        data_fingerprint=getattr(data, "fingerprint", None))
-    log.info("evaluating %s before compression", result.model)
-    result.before = evaluate_all(model, tokenizer, recipe.eval)
+    if evaluate_before:
+        log.info("evaluating %s before compression", result.model)
+        result.before = evaluate_all(model, tokenizer, recipe.eval)
     compress_(model, recipe, data=data)
     result.steps = list(model.secateur_history)
     result.after = evaluate_all(model, tokenizer, recipe.eval)

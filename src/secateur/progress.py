@@ -15,7 +15,9 @@ T = TypeVar("T")
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     """Iterate over ``items`` while showing a bar with count, elapsed time and ETA."""
-    if not show_progress():
+    import sys
+
+    if not show_progress() or not sys.stderr.isatty():
         yield from items
         return
     from rich.console import Console

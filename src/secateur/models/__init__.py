@@ -90,7 +90,18 @@ def load(name_or_path: str | os.PathLike, *, dtype: Any = None) -> Loaded:
     if not list(path.glob("*.safetensors")):
         raise SecateurError(f"'{name_or_path}' has no .safetensors weights; secateur never unpickles .bin files "
                             "(convert them with transformers' save_pretrained(safe_serialization=True))")
-    model = auto.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
+    from transformers.utils import logging as hf_logging
+
+    from ..settings import show_progress
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not show_progress():
+        hf_logging.disable_progress_bar()
+    try:
+        model = auto.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
