@@ -1,0 +1,117 @@
+"""The command line: one clear line and a non-zero exit for bad input, JSON on request, real figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from secateur.cli import main
+from secateur.testing import tiny_model, tiny_tokenizer
+
+
+def run(capsys, *args):
+    capsys.readouterr()  # drop what fixtures printed
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    path = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer("llama").save_pretrained(path)
+    return path
+
+
+def write_recipe(tmp_path, body: str):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(body)
+    return path
+
+
+def test_methods_json(capsys):
+    code, out, _ = run(capsys, "methods", "--json")
+    rows = json.loads(out)
+    assert code == 0 and {"name": "magnitude", "kind": "prune", "needs_data": False} .items() <= rows[0].items()
+
+
+def test_explain(capsys):
+    code, out, _ = run(capsys, "explain", "magnitude")
+    assert code == 0 and "sparsity" in out and "method: magnitude" in out and "Han et al." in out
+
+
+def test_misspelled_recipe_key_is_one_line(capsys, tmp_path, tiny_dir):
+    recipe = write_recipe(tmp_path, f"model: {tiny_dir}\nsteps:\n  - method: magnitude\n    sparsty: 0.5\n")
+    code, out, err = run(capsys, "compress", str(recipe))
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
+    assert "steps[0].sparsty" in lines[0] and "did you mean 'sparsity'?" in lines[0]
+
+
+def test_unknown_method_and_missing_path(capsys, tiny_dir, tmp_path):
+    code, _, err = run(capsys, "prune", str(tiny_dir), "--method", "magnitud", "--json")
+    assert code == 2 and "unknown method 'magnitud' (did you mean 'magnitude'?)" in err
+    code, _, err = run(capsys, "eval", str(tmp_path / "nope"), "--task", "speed")
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "eval", str(tiny_dir), "--task", "perplexity", "--data", "tinystorie")
+    assert code == 2 and "did you mean 'tinystories'" in err
+
+
+def test_debug_shows_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "secateur.cli", "--debug", "eval", str(tmp_path / "nope")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_dry_run_lists_modules(capsys, tmp_path, tiny_dir):
+    recipe = write_recipe(tmp_path, f"model: {tiny_dir}\nsteps:\n  - method: magnitude\n    ignore: ['re:mlp']\n")
+    code, out, _ = run(capsys, "compress", str(recipe), "--dry-run", "--json")
+    plan = json.loads(out)["plan"]
+    names = [m["name"] for m in plan[0]["modules"]]
+    assert code == 0 and "model.layers.0.self_attn.q_proj" in names and not any("mlp" in n for n in names)
+    assert not (tiny_dir / "compression.json").exists()
+
+
+def test_compress_with_override_writes_artifact(capsys, tmp_path, tiny_dir):
+    recipe = write_recipe(tmp_path, f"model: {tiny_dir}\nsteps:\n  - method: magnitude\n    sparsity: 0.5\n")
+    out_dir = tmp_path / "out"
+    code, out, _ = run(capsys, "compress", str(recipe), "--set", "steps[0].sparsity=0.25", "--out", str(out_dir),
+                       "--json")
+    result = json.loads(out)
+    assert code == 0 and result["steps"][0]["step"]["sparsity"] == 0.25
+    card = json.loads((out_dir / "compression.json").read_text())
+    assert card["recipe"]["steps"][0]["sparsity"] == 0.25
+    code, out, _ = run(capsys, "info", str(out_dir), "--json")
+    assert code == 0 and json.loads(out)["card"]["steps"] == ["magnitude"]
+
+
+def test_eval_p1_prints_5_508(capsys, stories_dir, data_dir, tmp_path):
+    code, out, _ = run(capsys, "eval", str(stories_dir), "--task", "perplexity", "--data", "tinystories",
+                       "--output", str(tmp_path / "p1.json"))
+    result = json.loads((tmp_path / "p1.json").read_text())
+    assert code == 0 and result["protocol"] == "P1" and f"{result['value']:.3f}" == "5.508"
+    assert "5.508" in out and result["settings"]["fingerprint"]
+
+
+def test_eval_p2_prints_86_72(capsys, minilm_dir, data_dir):
+    code, out, _ = run(capsys, "eval", str(minilm_dir), "--task", "sts", "--data", "stsb", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["protocol"] == "P2" and f"{result['value']:.2f}" == "86.72"
+
+
+def test_import_llama2c_cli(capsys, tmp_path, llama2c_dir, stories_dir):
+    pytest.importorskip("sentencepiece")
+    out_dir = tmp_path / "imported"
+    code, _, _ = run(capsys, "import", "llama2c", str(llama2c_dir / "stories260K.bin"),
+                     str(llama2c_dir / "tok512.model"), str(out_dir))
+    assert code == 0 and (out_dir / "model.safetensors").exists()
+    code, _, err = run(capsys, "import", "llama2c", str(llama2c_dir / "missing.bin"),
+                       str(llama2c_dir / "tok512.model"), str(tmp_path / "x"))
+    assert code == 2 and "missing.bin" in err
