@@ -115,3 +115,13 @@ def test_import_llama2c_cli(capsys, tmp_path, llama2c_dir, stories_dir):
     code, _, err = run(capsys, "import", "llama2c", str(llama2c_dir / "missing.bin"),
                        str(llama2c_dir / "tok512.model"), str(tmp_path / "x"))
     assert code == 2 and "missing.bin" in err
+
+
+@pytest.mark.parametrize("name", ["stories260k-magnitude.yaml", "minilm-magnitude.yaml"])
+def test_example_recipes_validate(capsys, name, shared_dir, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("SECATEUR_SHARED_DIR", str(shared_dir))
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "recipes" / name
+    code, out, _ = run(capsys, "compress", str(recipe), "--dry-run", "--json")
+    assert code == 0 and json.loads(out)["plan"][0]["modules"]
