@@ -26,7 +26,6 @@ _EXPORTS = {
     "StepConfig": "secateur.config",
     "SecateurError": "secateur.errors",
     "MagnitudeConfig": "secateur.prune.magnitude",
-    "evaluate": "secateur.evaluate",
 }
 
 __all__ = ["__version__", *_EXPORTS]

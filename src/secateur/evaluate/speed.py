@@ -1,0 +1,193 @@
+"""Speed and memory by protocol P4.
+
+Prefill (or, for an encoder, the forward pass): ``warmup`` unmeasured runs, then ``runs`` measured
+ones on seeded random token ids ``[batch, prompt_len]``; median, p95 and p99 latency.
+
+Decode (causal LMs): a manual greedy loop with the KV cache (``past_key_values``), batch 1. The
+prefill, which yields the first new token, is timed apart; then ``new_tokens`` single-token steps
+are timed, each producing one more token, and tokens/s = ``new_tokens`` / their total time
+(median over ``DECODE_RUNS`` measured runs after one warm-up run). The loop produces the same
+tokens as ``model.generate(do_sample=False)``.
+
+Memory and size: peak resident set size of the process so far (``ru_maxrss``), peak device memory
+on a GPU, parameter count, bytes of safetensors on disk (when the model came from a directory),
+and the fraction of exact zeros in Linear weights, per layer and in total.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..data import fingerprint
+from ..errors import SecateurError
+from ..models.arch import arch_of
+from .perplexity import context_length
+from .results import EvalResult, environment
+
+log = logging.getLogger(__name__)
+
+P4_RUNS, P4_WARMUP, DECODE_RUNS = 10, 2, 3
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _percentiles(seconds: list[float], prefix: str) -> dict[str, float]:
+    import numpy as np
+
+    ms = np.asarray(seconds) * 1000.0
+    return {f"{prefix}_ms_median": float(np.median(ms)), f"{prefix}_ms_p95": float(np.percentile(ms, 95)),
+            f"{prefix}_ms_p99": float(np.percentile(ms, 99))}
+
+
+def greedy_decode(model: Any, prompt: Any, new_tokens: int) -> tuple[Any, float, list[float]]:
+    """Greedy generation with the KV cache: (generated ids ``[b, new_tokens + 1]``, prefill
+    seconds, seconds of each of the ``new_tokens`` decode steps)."""
+    import torch
+
+    device = prompt.device
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model(input_ids=prompt, use_cache=True)
+        token = out.logits[:, -1:].argmax(dim=-1)
+        _sync(device)
+        prefill = time.perf_counter() - start
+        past, tokens, steps = out.past_key_values, [token], []
+        for _ in range(new_tokens):
+            start = time.perf_counter()
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            token = out.logits[:, -1:].argmax(dim=-1)
+            _sync(device)
+            steps.append(time.perf_counter() - start)
+            past = out.past_key_values
+            tokens.append(token)
+    return torch.cat(tokens, dim=1), prefill, steps
+
+
+def sparsity(model: Any) -> tuple[float, float, dict[str, float]]:
+    """Fraction of exact zeros in Linear (and GPT-2 Conv1D) weights: (inside the blocks, over all
+    of them, per layer)."""
+    import torch.nn as nn
+
+    facts = arch_of(model, strict=False)
+    prefix = facts.arch.block_prefix(model) + "." if facts is not None else ""
+    per_layer: dict[str, float] = {}
+    zeros = total = block_zeros = block_total = 0
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
+            continue
+        weight = module.weight
+        z, t = int((weight == 0).sum()), weight.numel()
+        per_layer[name] = z / t
+        zeros, total = zeros + z, total + t
+        if name.startswith(prefix):
+            block_zeros, block_total = block_zeros + z, block_total + t
+    return (block_zeros / block_total if block_total else 0.0), (zeros / total if total else 0.0), per_layer
+
+
+def disk_bytes(path: str | Path | None) -> int | None:
+    """Bytes of the safetensors files in a model directory (None without a directory)."""
+    if not path:
+        return None
+    folder = Path(path)
+    if folder.is_file():
+        folder = folder.parent
+    files = list(folder.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) if files else None
+
+
+def peak_rss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int = 128, new_tokens: int = 64,
+          runs: int = P4_RUNS, warmup: int = P4_WARMUP, path: str | None = None, seed: int = 0) -> EvalResult:
+    """Latency, decode throughput, memory, size and sparsity of ``model`` (P4).
+
+    The tokenizer is not needed (inputs are seeded random ids). ``path`` is the model directory
+    whose safetensors are counted (default: where ``secateur.load`` found the model).
+    """
+    import torch
+
+    if min(batch, prompt_len, runs) < 1 or new_tokens < 0 or warmup < 0:
+        raise SecateurError(f"speed needs batch, prompt_len, runs >= 1 and new_tokens, warmup >= 0 "
+                            f"(got batch={batch}, prompt_len={prompt_len}, new_tokens={new_tokens}, "
+                            f"runs={runs}, warmup={warmup})")
+    facts = arch_of(model, strict=False)
+    causal = facts.kind == "causal" if facts is not None else hasattr(model, "generate")
+    context = context_length(model)
+    needed = prompt_len + (new_tokens if causal else 0)
+    if context is not None and needed > context:
+        raise SecateurError(f"prompt_len {prompt_len}" + (f" + new_tokens {new_tokens}" if causal else "") +
+                            f" = {needed} exceeds the model's context of {context}; pass smaller values")
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
+    call = {"use_cache": True} if causal else {"attention_mask": torch.ones_like(ids)}
+
+    was_training = model.training
+    model.eval()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        times = []
+        with torch.inference_mode():
+            for i in range(warmup + runs):
+                start = time.perf_counter()
+                model(input_ids=ids, **call)
+                _sync(device)
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+        extra: dict[str, Any] = _percentiles(times, "prefill" if causal else "latency")
+        if causal and new_tokens > 0:
+            prompt = ids[:1]
+            greedy_decode(model, prompt, min(new_tokens, 8))  # warm-up
+            rates, steps = [], []
+            for _ in range(DECODE_RUNS):
+                _, _, step_times = greedy_decode(model, prompt, new_tokens)
+                rates.append(new_tokens / sum(step_times))
+                steps.extend(step_times)
+            rates.sort()
+            extra["decode_tokens_per_s"] = rates[len(rates) // 2]
+            extra.update(_percentiles(steps, "decode_step"))
+    finally:
+        model.train(was_training)
+
+    block_sparsity, all_sparsity, per_layer = sparsity(model)
+    source_path = path or (getattr(model, "secateur_source", None) or {}).get("path")
+    extra.update(peak_rss_mib=peak_rss_mib(), parameters=sum(p.numel() for p in model.parameters()),
+                 disk_bytes=disk_bytes(source_path), sparsity=block_sparsity, sparsity_all_linear=all_sparsity)
+    if device.type == "cuda":
+        extra["peak_device_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    extra["sparsity_per_layer"] = per_layer
+
+    deviations = []
+    if runs < P4_RUNS:
+        deviations.append(f"runs {runs} (P4: >= {P4_RUNS})")
+    if warmup < P4_WARMUP:
+        deviations.append(f"warmup {warmup} (P4: >= {P4_WARMUP})")
+    protocol = None if deviations else "P4"
+    metric = "decode_tokens_per_s" if "decode_tokens_per_s" in extra else (
+        "prefill_ms_median" if causal else "latency_ms_median")
+    settings = {
+        "protocol": protocol, "convention": "P4", "data": None, "fingerprint": fingerprint(ids),
+        "input": f"random token ids, seed {seed}", "batch": batch, "prompt_len": prompt_len,
+        "new_tokens": new_tokens if causal else None, "warmup": warmup, "runs": runs,
+        "decode": (f"manual greedy loop with past_key_values, batch 1, {DECODE_RUNS} runs after 1 warm-up; "
+                   "tokens/s = new_tokens / time of the new_tokens single-token steps, prefill excluded")
+        if causal and new_tokens > 0 else None,
+        "disk_path": str(source_path) if source_path else None,
+        **environment(model), "deviations": deviations,
+    }
+    return EvalResult("speed", protocol, metric, float(extra[metric]), extra, settings)
