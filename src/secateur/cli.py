@@ -22,7 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 import_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints from other formats.")
 app.add_typer(import_app, name="import")
 
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 150)
 err = Console(stderr=True)
 
 

@@ -98,6 +98,7 @@ def run_demo(models_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     summary = {"rows": rows, "speed": {**SPEED_OPTIONS, "rounds": SPEED_ROUNDS}}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "demo.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (out_dir / "demo.md").write_text(markdown_table(rows))
     print_table(rows)
     return summary
 
@@ -106,23 +107,36 @@ def _weights_bytes(directory: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
 
 
+def _cells(r: dict[str, Any]) -> list[str]:
+    def fmt(value: Any, spec: str, suffix: str = "") -> str:
+        return "—" if value is None else format(value, spec) + suffix
+
+    return [r["model"], r["variant"], f"{r['quality']:.3f} {r['protocol'] or ''}".strip(),
+            fmt(r.get("quality_change_pct"), "+.1f", "%"), fmt(r["sparsity"], ".1%"),
+            fmt(r["bytes_on_disk"] / 1e6 if r["bytes_on_disk"] else None, ".2f", " MB"), fmt(r.get("size_ratio"), ".2f"),
+            fmt(r["prefill_ms"], ".2f"), fmt(r.get("prefill_speedup"), ".2f"), fmt(r["decode_tok_s"], ".0f"),
+            fmt(r.get("decode_speedup"), ".2f")]
+
+
+COLUMNS = ("model", "variant", "quality", "Δ", "sparsity", "disk", "size ×", "prefill ms", "prefill ×",
+           "decode tok/s", "decode ×")
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    def fmt(value: Any, spec: str) -> str:
-        return "—" if value is None else format(value, spec)
-
     table = Table(title="secateur demo: before / after (P1 perplexity: lower is better; P2 Spearman: higher)")
-    for col in ("model", "variant", "quality", "Δ", "sparsity", "disk", "size ×",
-                "prefill ms", "prefill ×", "decode tok/s", "decode ×"):
+    for col in COLUMNS:
         table.add_column(col, justify="left" if col in ("model", "variant") else "right")
     for r in rows:
-        table.add_row(r["model"], r["variant"], f"{r['quality']:.3f} {r['protocol'] or ''}",
-                      fmt(r.get("quality_change_pct"), "+.1f") + ("%" if "quality_change_pct" in r else ""),
-                      fmt(r["sparsity"], ".1%"), fmt((r["bytes_on_disk"] or 0) / 1e6, ".2f") + " MB",
-                      fmt(r.get("size_ratio"), ".2f"), fmt(r["prefill_ms"], ".2f"), fmt(r.get("prefill_speedup"), ".2f"),
-                      fmt(r["decode_tok_s"], ".0f"), fmt(r.get("decode_speedup"), ".2f"))
+        table.add_row(*_cells(r))
     console = Console(width=max(Console().width, 140))
     console.print(table)
     console.print("Unstructured zeros are stored densely here and run on dense kernels: expect size × and speed × "

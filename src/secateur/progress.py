@@ -15,9 +15,7 @@ T = TypeVar("T")
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     """Iterate over ``items`` while showing a bar with count, elapsed time and ETA."""
-    import sys
-
-    if not show_progress() or not sys.stderr.isatty():
+    if not show_progress():
         yield from items
         return
     from rich.console import Console

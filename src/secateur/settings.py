@@ -2,7 +2,7 @@
 
 ``SECATEUR_DATA_DIR``   folder holding named datasets (``tinystories/``, ``wikitext2/``, ``c4/``,
                         ``stsb/``); unset means "use the Hugging Face hub" where that is possible.
-``SECATEUR_PROGRESS``   ``0`` hides progress bars.
+``SECATEUR_PROGRESS``   ``0`` hides progress bars, ``1`` forces them; by default they show on a terminal.
 """
 
 from __future__ import annotations
@@ -17,4 +17,11 @@ def data_dir() -> Path | None:
 
 
 def show_progress() -> bool:
-    return os.environ.get("SECATEUR_PROGRESS", "1") not in ("0", "false", "no")
+    """Progress bars are drawn on an interactive stderr unless ``SECATEUR_PROGRESS=0``
+    (``SECATEUR_PROGRESS=1`` forces them on, e.g. under a pager-less log viewer)."""
+    import sys
+
+    value = os.environ.get("SECATEUR_PROGRESS", "")
+    if value in ("0", "false", "no"):
+        return False
+    return value in ("1", "true", "yes") or sys.stderr.isatty()
