@@ -39,10 +39,10 @@ def calibration_data(recipe: Any, tokenizer: Any) -> Any:
             raise SecateurError("data: this recipe has a step that needs calibration data; add e.g. "
                                 "'data: {source: tinystories, samples: 128, seq_len: 256}'")
         return None
-    from .data import calibration_set, get_source
+    from .data import calibration_set, source
 
     spec = recipe.data
-    mode = spec.mode or get_source(spec.source).default_mode
+    mode = spec.mode or source(spec.source).default_mode
     return calibration_set(spec.source, tokenizer, spec.samples, spec.seq_len, spec.seed, mode, split=spec.split)
 
 

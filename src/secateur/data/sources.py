@@ -147,6 +147,7 @@ class Named:
     hub: dict[str, tuple[str, str | None, str]]  # split -> (hub dataset, config, hub split)
     slices: dict[str, slice] | None = None      # split -> which items of the file (tinystories)
     about: str = ""
+    calib_mode: str = "consecutive"             # how calibration windows are cut by convention
 
 
 NAMED: dict[str, Named] = {
@@ -168,7 +169,7 @@ NAMED: dict[str, Named] = {
         files={"validation": "c4/c4_validation_2k.parquet"},
         reader="parquet", eval_split="validation", calib_split="validation",
         hub={"validation": ("allenai/c4", "en", "validation")},
-        about="C4-en validation documents (P3 calibration)"),
+        about="C4-en validation documents (P3 calibration)", calib_mode="random"),
     "stsb": Named(
         files={"train": "stsb/sts-train.csv", "dev": "stsb/sts-dev.csv"},
         reader="stsb", eval_split="dev", calib_split="train",
@@ -247,6 +248,11 @@ class TextSource:
     @property
     def calib_split(self) -> str:
         return self.named.calib_split if self.named else ALL
+
+    @property
+    def default_mode(self) -> str:
+        """Calibration convention: consecutive windows (P1), random windows for c4 (GPTQ, P3)."""
+        return self.named.calib_mode if self.named else "consecutive"
 
     def _split(self, split: str | None, default: str) -> str:
         split = split or default
