@@ -125,3 +125,10 @@ def test_example_recipes_validate(capsys, name, shared_dir, monkeypatch):
     recipe = Path(__file__).resolve().parents[1] / "examples" / "recipes" / name
     code, out, _ = run(capsys, "compress", str(recipe), "--dry-run", "--json")
     assert code == 0 and json.loads(out)["plan"][0]["modules"]
+
+
+def test_version(capsys):
+    from secateur import __version__
+
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and __version__ in out
