@@ -1,0 +1,411 @@
+"""THE block-sequential calibration loop, shared by every method that needs data.
+
+    result = sequential(model, data, targets, method, options)
+
+1. **Capture.** The first block's inputs are captured by running only what precedes it: a
+   forward pre-hook on block 0 records the hidden states and every keyword argument the model
+   passes to a block (attention mask, rotary position embeddings, position ids…) and stops the
+   forward there. No per-family code: whatever the model hands its blocks is what we replay.
+2. **Per block.** Hooks feed the targeted modules' inputs to observers (one per *input group*:
+   projections that read the same tensor — q/k/v, gate/up — share one statistic, computed once,
+   using the architecture table's ``shared_inputs``). The method rewrites each module from its
+   statistic. The compressed block is re-run to produce the next block's inputs (or the dense
+   outputs of the observation pass are propagated, ``propagate="dense"``), and the same re-run
+   measures each module's relative reconstruction error ||WX − ŴX||² / ||WX||² against a copy
+   of its dense weight.
+3. **Bounded memory.** Only the block being worked on is moved to ``options.device``;
+   activations are kept in ``options.activation_dtype`` and can be offloaded to disk.
+4. **Resume.** With a checkpoint directory, after each block the block's new weights, the next
+   block's inputs and the records so far are written atomically; a re-run of the same job loads
+   them and continues from the next block, giving bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn as nn
+
+from .errors import SecateurError
+from .progress import track
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --- observers: statistics of a module's inputs ----------------------------------------------
+class Observer(Protocol):
+    def update(self, x: torch.Tensor) -> None: ...
+
+
+class ColumnNorms:
+    """Σ over tokens of x_j² for each input column j (Wanda's ||X_j||₂², squared)."""
+
+    def __init__(self, columns: int):
+        self.sq = torch.zeros(columns, dtype=torch.float64)
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sq += (x * x).sum(0, dtype=torch.float64)
+        self.tokens += x.shape[0]
+
+
+class Hessian:
+    """H = 2/n Σ xᵀx over the n calibration tokens (SparseGPT, GPTQ), accumulated in float32."""
+
+    def __init__(self, columns: int):
+        self.xtx = torch.zeros(columns, columns, dtype=torch.float32)
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.xtx.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+    @property
+    def H(self) -> torch.Tensor:
+        return self.xtx * (2.0 / max(self.tokens, 1))
+
+    @property
+    def sq(self) -> torch.Tensor:  # a Hessian also knows the column norms
+        return torch.diagonal(self.xtx).double()
+
+
+class BlockMethod(Protocol):
+    """What a calibrated method gives the loop."""
+
+    def observer(self, name: str, module: nn.Module) -> Observer: ...
+
+    def compress(self, name: str, module: nn.Module, stat: Any, block: int) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Options:
+    propagate: str = "compressed"        # "compressed": next inputs from the compressed block; "dense"
+    activation_dtype: str = "float32"    # dtype of stored calibration activations
+    offload: bool = False                # keep activations on disk instead of in memory
+    batch_size: int = 8                  # calibration sequences per forward
+    device: str | None = None            # where a block is worked on (default: where it lives)
+    checkpoint_dir: str | None = None    # resume state; None disables checkpointing
+    record_error: bool = True
+
+
+@dataclass
+class Result:
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    resumed_from: int = 0
+    seconds: float = 0.0
+    peak_rss_mib: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _Stop(Exception):
+    pass
+
+
+# --- activation storage ------------------------------------------------------------------------
+class Activations:
+    """Per-batch tensors in memory, or on disk as safetensors files (``offload``)."""
+
+    def __init__(self, dtype: torch.dtype, directory: str | None = None):
+        self.dtype, self.directory, self.items = dtype, directory, []  # type: ignore[var-annotated]
+
+    def append(self, x: torch.Tensor) -> None:
+        x = x.detach().to("cpu", self.dtype).contiguous()
+        if self.directory is None:
+            self.items.append(x)
+            return
+        from safetensors.torch import save_file
+
+        path = os.path.join(self.directory, f"{id(self)}-{len(self.items)}.safetensors")
+        save_file({"x": x}, path)
+        self.items.append(path)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self.items[i]
+        if isinstance(item, torch.Tensor):
+            return item
+        from safetensors.torch import load_file
+
+        return load_file(item)["x"]
+
+    def stacked(self) -> torch.Tensor:
+        return torch.cat([self[i] for i in range(len(self))])
+
+    def drop(self) -> None:
+        for item in self.items:
+            if isinstance(item, str):
+                os.unlink(item)
+        self.items = []
+
+
+# --- capture -------------------------------------------------------------------------------------
+def _move(value: Any, device: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_move(v, device) for v in value)
+    return value
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor, batch_size: int,
+                   store: Activations, kind: str = "causal") -> list[dict[str, Any]]:
+    """Run the model only up to its first block, per batch; store the hidden states, return the kwargs."""
+    calls: list[dict[str, Any]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        store.append(hidden)
+        calls.append({"args": tuple(args[1:]), "kwargs": {k: v for k, v in kwargs.items() if k != "hidden_states"}})
+        raise _Stop
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            batch = input_ids[start:start + batch_size].to(device)
+            try:
+                if kind == "encoder":
+                    model(input_ids=batch, attention_mask=torch.ones_like(batch))
+                else:
+                    model(input_ids=batch, use_cache=False)
+            except _Stop:
+                continue
+            raise SecateurError("the model's forward never reached its first block; the architecture table "
+                                "does not match this model")
+    finally:
+        handle.remove()
+    return calls
+
+
+def _output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _dense_output(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What the module computed with its dense ``[out, in]`` weight."""
+    bias = getattr(module, "bias", None)
+    return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+def _atomic_dir_write(target: Path, write: Callable[[Path], None]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save_checkpoint(directory: Path, block_index: int, block: nn.Module, prefix: str, inputs: Activations,
+                     result: Result) -> None:
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        state = {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+        save_file(state, str(tmp / "weights.safetensors"))
+        save_file({f"x{i}": inputs[i] for i in range(len(inputs))}, str(tmp / "inputs.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"next_block": block_index + 1, "layers": result.layers}))
+
+    _atomic_dir_write(directory / f"block-{block_index:04d}", write)
+    previous = directory / f"block-{block_index - 1:04d}" / "inputs.safetensors"
+    if previous.exists():  # earlier inputs are no longer needed; weights stay for the resume
+        previous.unlink()
+
+
+def _load_checkpoint(model: nn.Module, directory: Path, store: Activations) -> tuple[int, dict[str, Any]]:
+    """Restore every finished block's weights and the next inputs; returns (next block, records)."""
+    from safetensors.torch import load_file
+
+    done = sorted(p for p in directory.glob("block-*") if (p / "state.json").exists())
+    if not done:
+        return 0, {}
+    last = done[-1]
+    state = json.loads((last / "state.json").read_text())
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for block_dir in done:
+            for name, tensor in load_file(str(block_dir / "weights.safetensors")).items():
+                target = params.get(name, buffers.get(name))
+                if target is None or target.shape != tensor.shape:
+                    raise SecateurError(f"checkpoint {block_dir} does not match this model ({name}); delete it to "
+                                        "start over")
+                target.copy_(tensor)
+    inputs = load_file(str(last / "inputs.safetensors"))
+    for i in range(len(inputs)):
+        store.append(inputs[f"x{i}"])
+    return int(state["next_block"]), state["layers"]
+
+
+# --- the loop ----------------------------------------------------------------------------------
+def input_groups(arch: Any, block_prefix: str, names: list[str]) -> dict[str, list[str]]:
+    """Targeted module names grouped by the input they read: group leader -> members."""
+    roles = arch.projections() if arch is not None else {}
+    path_to_role = {path: role for role, path in roles.items()}
+    shared = {role: group for group in (arch.shared_inputs if arch is not None else ()) for role in group}
+    groups: dict[str, list[str]] = {}
+    leader_of: dict[tuple[str, ...], str] = {}
+    for name in names:
+        local = name[len(block_prefix) + 1:] if name.startswith(block_prefix + ".") else name
+        group = shared.get(path_to_role.get(local, ""))
+        if group is None:
+            groups[name] = [name]
+            continue
+        leader = leader_of.setdefault(group, name)
+        groups.setdefault(leader, []).append(name)
+    return groups
+
+
+def _in_features(module: nn.Module) -> int:
+    from .prune.masks import weight_matrix
+
+    return weight_matrix(module).shape[1]
+
+
+def sequential(model: nn.Module, input_ids: torch.Tensor, targets: dict[str, nn.Module], method: BlockMethod,
+               options: Options = Options(), description: str = "calibrating") -> Result:
+    """Walk ``model`` block by block over the calibration ``input_ids`` [n, seq_len]; see the module doc."""
+    from .models.arch import arch_of
+
+    facts = arch_of(model)
+    arch = facts.arch
+    blocks = arch.get_blocks(model)
+    prefix = arch.block_prefix(model)
+    act_dtype = DTYPES[options.activation_dtype]
+    start_time = time.perf_counter()
+    offload_dir = tempfile.mkdtemp(prefix="secateur-acts-") if options.offload else None
+    result = Result(settings={"propagate": options.propagate, "activation_dtype": options.activation_dtype,
+                              "offload": options.offload, "batch_size": options.batch_size,
+                              "samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]),
+                              "threads": torch.get_num_threads()})
+    checkpoint = Path(options.checkpoint_dir) if options.checkpoint_dir else None
+    try:
+        inputs = Activations(act_dtype, offload_dir)
+        calls = capture_inputs(model, blocks[0], input_ids, options.batch_size, inputs, arch.kind)
+        first = 0
+        if checkpoint is not None and checkpoint.exists():
+            resumed = Activations(act_dtype, offload_dir)
+            first, layers = _load_checkpoint(model, checkpoint, resumed)
+            if first:
+                inputs.drop()
+                inputs, result.layers, result.resumed_from = resumed, layers, first
+                log.info("resuming %s at block %d of %d from %s", description, first, len(blocks), checkpoint)
+        for index in track(range(first, len(blocks)), f"{description} (block)", total=len(blocks) - first):
+            inputs = _run_block(model, blocks[index], index, f"{prefix}.{index}", calls, inputs, targets, method,
+                                options, arch, result, offload_dir)
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, index, blocks[index], f"{prefix}.{index}", inputs, result)
+        inputs.drop()
+    finally:
+        if offload_dir:
+            shutil.rmtree(offload_dir, ignore_errors=True)
+    result.seconds = time.perf_counter() - start_time
+    result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+@torch.no_grad()
+def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str, calls: list[dict[str, Any]],
+               inputs: Activations, targets: dict[str, nn.Module], method: BlockMethod, options: Options,
+               arch: Any, result: Result, offload_dir: str | None) -> Activations:
+    from .prune.masks import sparsity_of, weight_matrix
+
+    home = next(block.parameters()).device
+    device = torch.device(options.device) if options.device else home
+    block.to(device)
+    compute_dtype = next(block.parameters()).dtype
+    names = [n for n in targets if n.startswith(block_prefix + ".")]
+    groups = input_groups(arch, block_prefix, names)
+    stats = {leader: method.observer(leader, targets[leader]) for leader in groups}
+
+    def observe(leader: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            stats[leader].update(args[0])
+        return hook
+
+    def forward_all(store: Activations | None) -> None:
+        for i, call in enumerate(calls):
+            x = inputs[i].to(device, compute_dtype)
+            out = _output(block(x, *_move(call["args"], device), **_move(call["kwargs"], device)))
+            if store is not None:
+                store.append(out)
+
+    # 1. observe (the dense outputs are the next inputs when propagating dense)
+    handles = [targets[leader].register_forward_pre_hook(observe(leader)) for leader in groups]
+    dense_next = Activations(DTYPES[options.activation_dtype], offload_dir) if options.propagate == "dense" else None
+    try:
+        forward_all(dense_next)
+    finally:
+        for h in handles:
+            h.remove()
+
+    # 2. compress, module by module, from the group's statistic
+    dense_weights = {n: weight_matrix(targets[n]).detach().clone() for n in names} if options.record_error else {}
+    for leader, members in groups.items():
+        for name in members:
+            start = time.perf_counter()
+            info = method.compress(name, targets[name], stats[leader], index) or {}
+            info["sparsity"] = round(sparsity_of(targets[name].weight), 6)
+            info["seconds"] = round(time.perf_counter() - start, 4)
+            result.layers[name] = info
+        del stats[leader]
+
+    # 3. re-run the compressed block: the next inputs and the reconstruction errors
+    errors = {n: [0.0, 0.0] for n in names}
+
+    def measure(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1])
+            y = out.reshape(-1, out.shape[-1]).float()
+            ref = _dense_output(module, dense_weights[name], x).float()
+            errors[name][0] += float(((ref - y) ** 2).sum())
+            errors[name][1] += float((ref ** 2).sum())
+        return hook
+
+    need_rerun = options.propagate == "compressed" or options.record_error
+    next_inputs = dense_next
+    if need_rerun:
+        handles = [targets[n].register_forward_hook(measure(n)) for n in names] if options.record_error else []
+        compressed_next = Activations(DTYPES[options.activation_dtype], offload_dir)
+        try:
+            forward_all(compressed_next)
+        finally:
+            for h in handles:
+                h.remove()
+        if options.propagate == "compressed":
+            next_inputs = compressed_next
+        else:
+            compressed_next.drop()
+    for name in names if options.record_error else ():
+        err, ref = errors[name]
+        result.layers[name]["relative_error"] = err / ref if ref > 0 else 0.0
+    inputs.drop()
+    block.to(home)
+    return next_inputs  # type: ignore[return-value]
