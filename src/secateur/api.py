@@ -32,7 +32,7 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 # Files whose import registers methods. Importing them is cheap (torch only).
-_METHOD_MODULES = ("secateur.prune.magnitude",)
+_METHOD_MODULES = ("secateur.prune.magnitude", "secateur.prune.wanda", "secateur.prune.sparsegpt")
 
 
 def register(name: str, *, kind: str, needs_data: bool = False, paper: str = "") -> Callable:
@@ -86,8 +86,24 @@ class Context:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def compress_(model: Any, recipe_or_step: Any, data: Any = None, teacher: Any = None) -> Any:
-    """Apply a step, a list of steps, or a :class:`~secateur.recipe.Recipe` to ``model`` in place."""
+def _step_checkpoint(root: Any, index: int, step: StepConfig, data: Any, model: Any) -> str:
+    """A resume folder unique to this step, its data and its base model."""
+    import hashlib
+    import json
+    import os
+
+    source = (getattr(model, "secateur_source", None) or {}).get("weights_sha256")
+    key = json.dumps([index, step.to_dict(), getattr(data, "fingerprint", None), source], sort_keys=True, default=str)
+    return os.path.join(str(root), f"step{index}-{step.method}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+
+
+def compress_(model: Any, recipe_or_step: Any, data: Any = None, teacher: Any = None,
+              checkpoint_dir: Any = None) -> Any:
+    """Apply a step, a list of steps, or a :class:`~secateur.recipe.Recipe` to ``model`` in place.
+
+    With ``checkpoint_dir``, calibrated steps checkpoint after every block there, and a re-run of
+    the same call on the same model and data resumes where a killed run stopped.
+    """
     from .models.arch import arch_of
 
     steps = getattr(recipe_or_step, "steps", recipe_or_step)
@@ -104,6 +120,8 @@ def compress_(model: Any, recipe_or_step: Any, data: Any = None, teacher: Any = 
         method = get_method(step.method)
         if method.needs_data and data is None:
             raise SecateurError(f"steps[{index}]: method '{step.method}' needs calibration data; pass data=...")
+        ctx.extra["checkpoint_dir"] = (_step_checkpoint(checkpoint_dir, index, step, data, model)
+                                       if checkpoint_dir is not None and method.needs_data else None)
         start = time.perf_counter()
         result = method.apply(model, step, ctx) or {}
         history.append({"step": step.to_dict(), "seconds": round(time.perf_counter() - start, 3),

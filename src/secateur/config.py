@@ -169,3 +169,15 @@ class TargetedConfig(StepConfig):
 
     targets: tuple[str, ...] = param(("Linear",), "modules to touch: a class name, an exact module name, or 're:<regex>' on the name")
     ignore: tuple[str, ...] = param(("lm_head",), "modules never touched (same syntax); embeddings are never touched by weight pruning")
+
+
+@dataclass(frozen=True)
+class CalibratedConfig(TargetedConfig):
+    """A step that runs on the block-sequential calibration loop (:mod:`secateur.calibrate`)."""
+
+    propagate: Literal["compressed", "dense"] = param(
+        "compressed", "next block's inputs: outputs of the compressed block, or of the dense one")
+    activation_dtype: Literal["float32", "bfloat16"] = param(
+        "float32", "dtype in which calibration activations are stored between blocks")
+    offload: bool = param(False, "keep calibration activations on disk instead of in memory")
+    batch_size: int = param(8, "calibration sequences per forward pass", range=(1, 4096))

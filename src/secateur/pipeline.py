@@ -9,6 +9,7 @@ artifact path; the artifact's compression card records the same.
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,10 +105,21 @@ def run_recipe(recipe: Any, out: str | Path | None = None, loaded: Any = None,
     if evaluate_before:
         log.info("evaluating %s before compression", result.model)
         result.before = evaluate_all(model, tokenizer, recipe.eval)
-    compress_(model, recipe, data=data)
+    resume = _resume_dir(out)
+    compress_(model, recipe, data=data, checkpoint_dir=resume)
     result.steps = list(model.secateur_history)
     result.after = evaluate_all(model, tokenizer, recipe.eval)
     if out is not None:
         metrics = {"before": result.before, "after": result.after}
         result.artifact = str(save(model, out, tokenizer=tokenizer, recipe=recipe, metrics=metrics))
+    if resume is not None:
+        shutil.rmtree(resume, ignore_errors=True)
     return result
+
+
+def _resume_dir(out: str | Path | None) -> Path | None:
+    """Where a run writing ``out`` keeps its per-block checkpoints until the artifact is saved."""
+    if out is None:
+        return None
+    out = Path(out).resolve()
+    return out.parent / f".{out.name}.resume"

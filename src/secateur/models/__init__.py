@@ -92,13 +92,14 @@ def load(name_or_path: str | os.PathLike, *, dtype: Any = None) -> Loaded:
                             "(convert them with transformers' save_pretrained(safe_serialization=True))")
     from transformers.utils import logging as hf_logging
 
+    from ..artifacts import load_pretrained  # plain checkpoints and compressed sparse weights
     from ..settings import show_progress
 
     bars = hf_logging.is_progress_bar_enabled()
     if not show_progress():
         hf_logging.disable_progress_bar()
     try:
-        model = auto.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
+        model = load_pretrained(auto, path, dtype=dtype or torch.float32, use_safetensors=True)
     finally:
         if bars:
             hf_logging.enable_progress_bar()

@@ -9,10 +9,13 @@ the number of removed weights is exactly the requested one.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from ..config import CalibratedConfig, ConfigError, param
 from ..errors import SecateurError
 
 
@@ -79,3 +82,114 @@ def apply_mask(module: nn.Module, keep: torch.Tensor) -> None:
 
 def sparsity_of(tensor: torch.Tensor) -> float:
     return float((tensor == 0).sum()) / max(tensor.numel(), 1)
+
+
+# --- shared by the calibrated pruning methods (Wanda, SparseGPT, …) ---------------------------
+def remove_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep mask with exactly the ``k`` lowest scores of every row (last dim) removed."""
+    return _lowest(scores, k)
+
+
+def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, H: torch.Tensor) -> float:
+    """Relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of a rewritten ``[out, in]`` weight.
+
+    With ``H = 2/n · XᵀX`` (rows of X the calibration inputs) this is ``||WX − ŴX||² / ||WX||²``
+    over the calibration tokens, whatever the scale of H. Computed in float64.
+    """
+    w = weight.detach().double()
+    h = H.detach().to(device=w.device, dtype=torch.float64)
+    delta = w - new_weight.detach().to(device=w.device, dtype=torch.float64)
+    num = float(((delta @ h) * delta).sum())
+    den = float(((w @ h) * w).sum())
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def outlier_ratio(scores: torch.Tensor | list[torch.Tensor], threshold: float) -> float:
+    """OWL's layerwise outlier density: the fraction of scores above ``threshold`` × their mean.
+
+    ``scores`` is one tensor or a list (for example the Wanda scores |W|·||x|| of every
+    projection of one block), taken together.
+    """
+    if isinstance(scores, torch.Tensor):
+        flat = scores.detach().reshape(-1).double()
+    else:
+        flat = torch.cat([s.detach().reshape(-1).double() for s in scores])
+    if flat.numel() == 0:
+        return 0.0
+    return float((flat > threshold * flat.mean()).sum()) / flat.numel()
+
+
+def owl_sparsities(outlier_ratios: list[float], target: float, lam: float,
+                   weights: list[float] | None = None) -> list[float]:
+    """OWL non-uniform layer sparsities (Yin et al. 2023, arXiv:2310.05175).
+
+    Layers with more outliers keep more weights: the ratios are mapped linearly and inverted
+    onto ``[target − lam, target + lam]`` (most outliers → ``target − lam``), then shifted so that
+    the mean — weighted by ``weights`` (for example parameter counts) when given — is exactly
+    ``target``. Values are clamped to [0, 1]; what a clamp removes is spread over the layers that
+    are not clamped, so the (weighted) mean stays ``target`` whenever that is possible.
+    """
+    count = len(outlier_ratios)
+    if count == 0:
+        return []
+    w = [1.0] * count if weights is None else [float(x) for x in weights]
+    if len(w) != count or any(x < 0 for x in w) or sum(w) <= 0:
+        raise SecateurError(f"owl_sparsities: weights must be {count} non-negative numbers with a positive sum; "
+                            f"got {weights!r}")
+    total = sum(w)
+    lo, hi = min(outlier_ratios), max(outlier_ratios)
+    if hi > lo and lam > 0:
+        values = [target + lam - 2 * lam * (r - lo) / (hi - lo) for r in outlier_ratios]
+    else:
+        values = [float(target)] * count
+    shift = target - sum(wi * v for wi, v in zip(w, values)) / total
+    values = [v + shift for v in values]
+    for _ in range(count + 1):
+        values = [min(1.0, max(0.0, v)) for v in values]
+        deficit = target * total - sum(wi * v for wi, v in zip(w, values))
+        if abs(deficit) <= 1e-12 * total:
+            break
+        free = [i for i, v in enumerate(values) if w[i] > 0 and (v < 1.0 if deficit > 0 else v > 0.0)]
+        free_weight = sum(w[i] for i in free)
+        if free_weight <= 0:
+            break
+        for i in free:
+            values[i] += deficit / free_weight
+    return values
+
+
+@dataclass(frozen=True)
+class CalibratedPruneConfig(CalibratedConfig):
+    """Fields shared by the calibrated pruning methods (Wanda, SparseGPT), on top of the calibration
+    loop's own (:class:`~secateur.config.CalibratedConfig`)."""
+
+    sparsity: float = param(0.5, "fraction of each row's weights removed (ignored with an N:M pattern)",
+                            range=(0.0, 1.0))
+    pattern: Optional[str] = param(None, "N:M semi-structured pattern such as '2:4' (keep N of every M inputs)")
+    overrides: dict[str, float] = param({}, "per-module sparsity: key a module pattern (exact name, class "
+                                            "name or 're:<regex>'), value a sparsity in [0, 1]; applied in order "
+                                            "(a later key overrides an earlier one) and over OWL's values")
+    owl: bool = param(False, "OWL non-uniform layer sparsity: blocks with more outliers are pruned less "
+                             "(Yin et al. 2023, arXiv:2310.05175); unstructured only")
+    owl_lambda: float = param(0.08, "OWL: largest deviation of a block's sparsity from the target",
+                              range=(0.0, 0.5))
+    owl_threshold: float = param(5.0, "OWL's M: a weight is an outlier when its score |W|·||x|| exceeds M "
+                                      "times the mean score")
+
+    def validate(self) -> None:
+        from ..targets import compile_pattern
+
+        if self.pattern is not None:
+            try:
+                parse_pattern(self.pattern)
+            except SecateurError as exc:
+                raise ConfigError("pattern", str(exc)) from None
+        for key, value in self.overrides.items():
+            compile_pattern(key, f"overrides.{key}")
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"overrides.{key}", f"got {value!r}, expected a sparsity in [0.0, 1.0]")
+        if not self.owl_threshold > 0:
+            raise ConfigError("owl_threshold", f"got {self.owl_threshold!r}, expected a number > 0")
+        if self.owl and self.pattern is not None:
+            raise ConfigError("owl", f"OWL sets a sparsity per block and cannot be combined with the N:M pattern "
+                                     f"{self.pattern!r}; set owl: false or remove pattern")

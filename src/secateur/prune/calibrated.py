@@ -1,0 +1,111 @@
+"""What every calibrated pruning method shares: per-module sparsity (overrides, OWL) and the run
+through the one calibration loop. A method supplies only its observer and its rewrite of a weight.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..calibrate import BlockMethod, ColumnNorms, Options, sequential
+from ..errors import ConfigError, SecateurError
+from ..targets import select_modules
+from .masks import outlier_ratio, owl_sparsities, weight_matrix
+
+log = logging.getLogger(__name__)
+
+
+def calibration_ids(ctx: Any, method: str) -> torch.Tensor:
+    data = getattr(ctx, "data", None)
+    ids = getattr(data, "input_ids", data)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise SecateurError(f"method '{method}' needs calibration data: a CalibrationSet or token ids [n, seq_len] "
+                            "(in a recipe: data: {source: tinystories, samples: 128, seq_len: 256})")
+    return ids
+
+
+def options_for(config: Any, ctx: Any, propagate: str | None = None) -> Options:
+    extra = getattr(ctx, "extra", {}) or {}
+    return Options(propagate=propagate or config.propagate, activation_dtype=config.activation_dtype,
+                   offload=config.offload, batch_size=config.batch_size, device=extra.get("device"),
+                   checkpoint_dir=extra.get("checkpoint_dir") if propagate is None else None,
+                   record_error=propagate is None)
+
+
+def block_of(name: str, block_prefix: str) -> int:
+    return int(name[len(block_prefix) + 1:].split(".", 1)[0])
+
+
+class _OutlierCounter:
+    """A dense observation pass measuring each block's outlier density (OWL): the share of its
+    Wanda scores |W|·||x|| above ``threshold`` × the block's mean score, pooled over its projections."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.ratios: dict[int, float] = {}
+        self.sizes: dict[int, int] = {}
+        self._block, self._scores = -1, []  # type: ignore[var-annotated]
+
+    def observer(self, name: str, module: nn.Module) -> ColumnNorms:
+        return ColumnNorms(weight_matrix(module).shape[1])
+
+    def compress(self, name: str, module: nn.Module, stat: ColumnNorms, block: int) -> dict[str, Any]:
+        if block != self._block:
+            self.finish()
+            self._block = block
+        w = weight_matrix(module)
+        self._scores.append(w.detach().abs().float() * stat.sq.sqrt().float())
+        return {}
+
+    def finish(self) -> None:
+        if self._scores:
+            self.ratios[self._block] = outlier_ratio(self._scores, self.threshold)
+            self.sizes[self._block] = sum(s.numel() for s in self._scores)
+        self._scores = []
+
+
+def module_sparsities(model: nn.Module, targets: dict[str, nn.Module], config: Any, ids: torch.Tensor,
+                      ctx: Any) -> dict[str, float]:
+    """The sparsity of each targeted module: the target, OWL's per-block values, then overrides."""
+    from ..models.arch import arch_of
+
+    sparsity = {name: config.sparsity for name in targets}
+    prefix = arch_of(model).arch.block_prefix(model)
+    if config.owl and config.pattern is None:
+        counter = _OutlierCounter(config.owl_threshold)
+        sequential(model, ids, targets, counter, options_for(config, ctx, propagate="dense"),
+                   description="OWL outlier pass")
+        counter.finish()
+        blocks = sorted(counter.ratios)
+        ratios = [counter.ratios[b] for b in blocks]
+        sizes = [counter.sizes[b] for b in blocks]
+        per_block = dict(zip(blocks, owl_sparsities(ratios, config.sparsity, config.owl_lambda, weights=sizes)))
+        log.info("OWL per-block sparsity: %s", {b: round(s, 4) for b, s in per_block.items()})
+        for name in targets:
+            sparsity[name] = per_block.get(block_of(name, prefix), config.sparsity)
+    for i, (pattern, value) in enumerate(config.overrides.items()):
+        try:
+            matched = select_modules(model, [pattern], config.ignore)
+        except ConfigError as exc:
+            raise ConfigError(f"overrides.{pattern}", str(exc).split(": ", 1)[-1]) from None
+        for name in matched:
+            if name in sparsity:
+                sparsity[name] = value
+    return sparsity
+
+
+def run(model: nn.Module, config: Any, ctx: Any, make: Callable[[dict[str, float]], BlockMethod]) -> dict[str, Any]:
+    """Select targets, resolve sparsities, run the loop with the method ``make(sparsities)``."""
+    ids = calibration_ids(ctx, config.method)
+    targets = select_modules(model, config.targets, config.ignore)
+    sparsities = module_sparsities(model, targets, config, ids, ctx)
+    result = sequential(model, ids, targets, make(sparsities), options_for(config, ctx),
+                        description=config.method)
+    total = sum(m.weight.numel() for m in targets.values())
+    zeros = sum(int((m.weight == 0).sum()) for m in targets.values())
+    return {"modules": len(targets), "sparsity": round(zeros / max(total, 1), 6), "layers": result.layers,
+            "calibration": result.settings, "peak_rss_mib": round(result.peak_rss_mib, 1),
+            "resumed_from_block": result.resumed_from, "loop_seconds": round(result.seconds, 3)}
