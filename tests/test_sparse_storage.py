@@ -114,6 +114,8 @@ def test_half_sparse_model_is_smaller_and_loads_back_identical(family: str, tmp_
     assert storage["ratio"] < 0.75, storage                         # 1/32 mask + 1/2 values + dense rest
     assert card_summary(card)["storage"] == "bitmask-v1" and card_summary(card)["storage_ratio"] == storage["ratio"]
     assert metadata(path) == {"format": "pt", "secateur_sparse": "bitmask-v1"}
+    head = (path / "model.safetensors").read_bytes()[8:200]
+    assert b'{"__metadata__":{"format":"pt","secateur_sparse":"bitmask-v1"}' in head   # sorted: same bytes every run
     stored = keys(path)
     compressed = {k[: -len(".bitmask")] for k in stored if k.endswith(".bitmask")}
     assert len(compressed) == storage["sparse_modules"]

@@ -128,7 +128,26 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str
 
     part = path.with_name(path.name + ".part")
     save_file(tensors, os.fspath(part), metadata=metadata)
+    _sort_metadata(part)
     os.replace(part, path)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Write the header's ``__metadata__`` keys in sorted order, so that equal weights give equal
+    bytes (safetensors writes them in hash-map order, which changes from run to run). The header
+    keeps its length, so no offset moves."""
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(size)
+        header = json.loads(raw)
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) != len(raw.rstrip(b" ")):  # not the compact form expected: leave the file alone
+            return
+        fh.seek(8)
+        fh.write(text.ljust(size, b" "))
 
 
 def densify(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

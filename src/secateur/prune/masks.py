@@ -77,7 +77,7 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
 def apply_mask(module: nn.Module, keep: torch.Tensor) -> None:
     """Zero the removed weights in place."""
     weight = weight_matrix(module)
-    weight.mul_(keep.to(weight.dtype))
+    weight.masked_fill_(~keep, 0.0)  # +0.0, not the -0.0 a multiplication leaves on negative weights
 
 
 def sparsity_of(tensor: torch.Tensor) -> float:
