@@ -22,6 +22,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 import_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints from other formats.")
 app.add_typer(import_app, name="import")
 
+STORAGE_HELP = "dense: a plain checkpoint; sparse: bitmask + values for pruned weights (see `secateur export`)."
+
 out = Console(width=None if sys.stdout.isatty() else 150)
 err = Console(stderr=True)
 
@@ -134,14 +136,18 @@ def compress_cmd(recipe_path: Path = typer.Argument(..., metavar="RECIPE", help=
                  overrides: List[str] = typer.Option([], "--set", help="Override a field: steps[0].sparsity=0.6"),
                  out_dir: Optional[Path] = typer.Option(None, "--out", help="Write the artifact here."),
                  dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the modules each step touches."),
+                 storage: str = typer.Option("dense", "--storage", help=STORAGE_HELP),
                  as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Run a recipe: evaluate, compress, evaluate again, save an artifact with its compression card."""
+    """Run a recipe: evaluate, compress, evaluate again, save an artifact with its compression card.
+
+    With --out, calibrated steps checkpoint after every block: re-running the same command after a
+    crash continues where it stopped."""
     from .recipe import Recipe
 
     recipe = Recipe.load(recipe_path)
     if overrides:
         recipe = recipe.with_overrides(overrides)
-    _run(recipe, out_dir, dry_run, as_json)
+    _run(recipe, out_dir, dry_run, as_json, storage)
 
 
 @app.command("prune")
@@ -150,12 +156,14 @@ def prune_cmd(model: str = typer.Argument(..., help="Model directory, artifact o
               sparsity: float = typer.Option(0.5, "--sparsity", "-s", help="Fraction of weights removed."),
               pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M pattern such as 2:4."),
               scope: Optional[str] = typer.Option(None, "--scope", help="magnitude: row | matrix | global."),
+              owl: bool = typer.Option(False, "--owl", help="wanda/sparsegpt: OWL non-uniform layer sparsity."),
               data: Optional[str] = typer.Option(None, "--data", "-d", help="Calibration data (name or path)."),
               samples: int = typer.Option(128, "--samples", help="Calibration sequences."),
               seq_len: int = typer.Option(256, "--seq-len", help="Calibration sequence length."),
               evals: List[str] = typer.Option([], "--eval", help="Evaluate before/after: TASK or TASK:DATA."),
               out_dir: Optional[Path] = typer.Option(None, "--out", help="Write the artifact here."),
               dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the modules touched."),
+              storage: str = typer.Option("dense", "--storage", help=STORAGE_HELP),
               as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Prune a model with one method; prints the recipe it ran (the same step works in a recipe file)."""
     from .recipe import Recipe
@@ -165,6 +173,8 @@ def prune_cmd(model: str = typer.Argument(..., help="Model directory, artifact o
         step["pattern"] = pattern
     if scope is not None:
         step["scope"] = scope
+    if owl:
+        step["owl"] = True
     spec: dict[str, Any] = {"model": model, "steps": [step]}
     if data is not None:
         spec["data"] = {"source": data, "samples": samples, "seq_len": seq_len}
@@ -173,10 +183,19 @@ def prune_cmd(model: str = typer.Argument(..., help="Model directory, artifact o
     if not as_json:
         err.print("[bold]recipe[/bold]")
         err.print(recipe.dump(), markup=False, highlight=False)
-    _run(recipe, out_dir, dry_run, as_json)
+    _run(recipe, out_dir, dry_run, as_json, storage)
 
 
-def _run(recipe: Any, out_dir: Optional[Path], dry_run: bool, as_json: bool) -> None:
+@app.command("export")
+def export_cmd(artifact: Path = typer.Argument(..., help="A secateur artifact (possibly with sparse storage)."),
+               out_dir: Path = typer.Argument(..., help="Where the plain dense checkpoint goes.")) -> None:
+    """Write a plain dense copy of an artifact that stock transformers loads with from_pretrained."""
+    from .artifacts import export_dense
+
+    out.print(f"wrote {export_dense(artifact, out_dir)}")
+
+
+def _run(recipe: Any, out_dir: Optional[Path], dry_run: bool, as_json: bool, storage: str = "dense") -> None:
     from .pipeline import dry_run as plan_recipe, run_recipe
 
     if dry_run:
@@ -188,7 +207,7 @@ def _run(recipe: Any, out_dir: Optional[Path], dry_run: bool, as_json: bool) -> 
             table.add_row(str(entry["step"]), entry["method"], shown)
         _emit({"recipe": recipe.to_dict(), "plan": plan}, as_json, table)
         return
-    result = run_recipe(recipe, out=out_dir)
+    result = run_recipe(recipe, out=out_dir, storage=storage)
     table = Table("step", "method", "seconds", "result", title="compress")
     for i, h in enumerate(result.steps):
         summary = {k: v for k, v in h["result"].items() if not isinstance(v, (dict, list))}

@@ -19,6 +19,9 @@ from .errors import ConfigError, SecateurError
 log = logging.getLogger(__name__)
 
 
+STORAGE = {"dense": "none", "sparse": "auto"}
+
+
 @dataclass
 class RunResult:
     recipe: dict[str, Any]
@@ -85,11 +88,15 @@ def dry_run(recipe: Any) -> list[dict[str, Any]]:
 
 
 def run_recipe(recipe: Any, out: str | Path | None = None, loaded: Any = None,
-               evaluate_before: bool = True) -> RunResult:
+               evaluate_before: bool = True, storage: str = "dense") -> RunResult:
     """Run every step of ``recipe`` on its model (or on ``loaded``, a :class:`secateur.Loaded`).
 
     ``evaluate_before=False`` skips the "before" evaluations (when the caller already has them).
+    ``storage="sparse"`` writes pruned weights as bitmask + values (``secateur export`` makes a
+    dense copy for stock transformers); ``"dense"`` writes a plain checkpoint.
     """
+    if storage not in STORAGE:
+        raise SecateurError(f"unknown storage '{storage}'; valid: {', '.join(STORAGE)}")
     from .api import compress_
     from .artifacts import save
     from .models import load
@@ -111,7 +118,8 @@ def run_recipe(recipe: Any, out: str | Path | None = None, loaded: Any = None,
     result.after = evaluate_all(model, tokenizer, recipe.eval)
     if out is not None:
         metrics = {"before": result.before, "after": result.after}
-        result.artifact = str(save(model, out, tokenizer=tokenizer, recipe=recipe, metrics=metrics))
+        result.artifact = str(save(model, out, tokenizer=tokenizer, recipe=recipe, metrics=metrics,
+                                   sparse=STORAGE[storage]))
     if resume is not None:
         shutil.rmtree(resume, ignore_errors=True)
     return result
