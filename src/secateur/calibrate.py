@@ -58,7 +58,7 @@ class ColumnNorms:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        self.sq += (x * x).sum(0, dtype=torch.float64)
+        self.sq += (x * x).sum(0).double()  # a batch's partial sum in float32, the running total in float64
         self.tokens += x.shape[0]
 
 
@@ -100,6 +100,8 @@ class Options:
     device: str | None = None            # where a block is worked on (default: where it lives)
     checkpoint_dir: str | None = None    # resume state; None disables checkpointing
     record_error: bool = True
+    compute_dtype: str | None = None     # run the calibration forwards in this dtype (None: the model's)
+    error_batches: int = 1               # batches of the re-run on which errors a method did not give are measured
 
 
 @dataclass
@@ -302,6 +304,7 @@ def sequential(model: nn.Module, input_ids: torch.Tensor, targets: dict[str, nn.
     start_time = time.perf_counter()
     offload_dir = tempfile.mkdtemp(prefix="secateur-acts-") if options.offload else None
     result = Result(settings={"propagate": options.propagate, "activation_dtype": options.activation_dtype,
+                              "compute_dtype": options.compute_dtype or str(next(model.parameters()).dtype),
                               "offload": options.offload, "batch_size": options.batch_size,
                               "samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]),
                               "threads": torch.get_num_threads()})
@@ -335,36 +338,46 @@ def sequential(model: nn.Module, input_ids: torch.Tensor, targets: dict[str, nn.
 def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str, calls: list[dict[str, Any]],
                inputs: Activations, targets: dict[str, nn.Module], method: BlockMethod, options: Options,
                arch: Any, result: Result, offload_dir: str | None) -> Activations:
+    import copy
+
     from .prune.masks import sparsity_of, weight_matrix
 
     home = next(block.parameters()).device
     device = torch.device(options.device) if options.device else home
     block.to(device)
-    compute_dtype = next(block.parameters()).dtype
     names = [n for n in targets if n.startswith(block_prefix + ".")]
+    local = {n: n[len(block_prefix) + 1:] for n in names}
     groups = input_groups(arch, block_prefix, names)
     stats = {leader: method.observer(leader, targets[leader]) for leader in groups}
+    act_dtype = DTYPES[options.activation_dtype]
 
-    def observe(leader: str) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            stats[leader].update(args[0])
-        return hook
+    def runner() -> nn.Module:
+        """The block as the calibration forwards run it: itself, or a copy in ``compute_dtype``."""
+        if options.compute_dtype is None or DTYPES[options.compute_dtype] == next(block.parameters()).dtype:
+            return block
+        return copy.deepcopy(block).to(DTYPES[options.compute_dtype])
 
-    def forward_all(store: Activations | None) -> None:
+    def forward_all(module: nn.Module, store: Activations | None, after_first: Callable | None = None) -> None:
+        dtype = next(module.parameters()).dtype
         for i, call in enumerate(calls):
-            x = inputs[i].to(device, compute_dtype)
-            out = _output(block(x, *_move(call["args"], device), **_move(call["kwargs"], device)))
+            x = inputs[i].to(device, dtype)
+            out = _output(module(x, *_move(call["args"], device), **_move(call["kwargs"], device)))
             if store is not None:
                 store.append(out)
+            if after_first is not None and i + 1 == options.error_batches:
+                after_first()
 
     # 1. observe (the dense outputs are the next inputs when propagating dense)
-    handles = [targets[leader].register_forward_pre_hook(observe(leader)) for leader in groups]
-    dense_next = Activations(DTYPES[options.activation_dtype], offload_dir) if options.propagate == "dense" else None
+    dense_block = runner()
+    handles = [dense_block.get_submodule(local[leader]).register_forward_pre_hook(
+        lambda module, args, leader=leader: stats[leader].update(args[0])) for leader in groups]
+    dense_next = Activations(act_dtype, offload_dir) if options.propagate == "dense" else None
     try:
-        forward_all(dense_next)
+        forward_all(dense_block, dense_next)
     finally:
         for h in handles:
             h.remove()
+    del dense_block
 
     # 2. compress, module by module, from the group's statistic
     dense_weights = {n: weight_matrix(targets[n]).detach().clone() for n in names} if options.record_error else {}
@@ -377,8 +390,11 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
             result.layers[name] = info
         del stats[leader]
 
-    # 3. re-run the compressed block: the next inputs and the reconstruction errors
-    errors = {n: [0.0, 0.0] for n in names}
+    # 3. re-run the compressed block: the next inputs, and the errors the method did not measure
+    #    itself, on the first ``error_batches`` batches (one extra matmul per module there only)
+    to_measure = [n for n in names if options.record_error and "relative_error" not in result.layers[n]]
+    errors = {n: [0.0, 0.0, 0] for n in to_measure}
+    compressed_block = runner()
 
     def measure(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
@@ -387,25 +403,31 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
             ref = _dense_output(module, dense_weights[name], x).float()
             errors[name][0] += float(((ref - y) ** 2).sum())
             errors[name][1] += float((ref ** 2).sum())
+            errors[name][2] += x.shape[0]
         return hook
 
-    need_rerun = options.propagate == "compressed" or options.record_error
+    handles = [compressed_block.get_submodule(local[n]).register_forward_hook(measure(n)) for n in to_measure]
+
+    def stop_measuring() -> None:
+        for h in handles:
+            h.remove()
+        handles.clear()
+
     next_inputs = dense_next
-    if need_rerun:
-        handles = [targets[n].register_forward_hook(measure(n)) for n in names] if options.record_error else []
-        compressed_next = Activations(DTYPES[options.activation_dtype], offload_dir)
-        try:
-            forward_all(compressed_next)
-        finally:
-            for h in handles:
-                h.remove()
+    try:
         if options.propagate == "compressed":
-            next_inputs = compressed_next
-        else:
-            compressed_next.drop()
-    for name in names if options.record_error else ():
-        err, ref = errors[name]
+            next_inputs = Activations(act_dtype, offload_dir)
+            forward_all(compressed_block, next_inputs, stop_measuring)
+        elif to_measure:
+            for i, call in enumerate(calls[:options.error_batches]):
+                x = inputs[i].to(device, next(compressed_block.parameters()).dtype)
+                compressed_block(x, *_move(call["args"], device), **_move(call["kwargs"], device))
+    finally:
+        stop_measuring()
+    for name in to_measure:
+        err, ref, tokens = errors[name]
         result.layers[name]["relative_error"] = err / ref if ref > 0 else 0.0
+        result.layers[name]["error_tokens"] = tokens
     inputs.drop()
     block.to(home)
     return next_inputs  # type: ignore[return-value]

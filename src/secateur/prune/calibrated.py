@@ -31,6 +31,7 @@ def options_for(config: Any, ctx: Any, propagate: str | None = None) -> Options:
     extra = getattr(ctx, "extra", {}) or {}
     return Options(propagate=propagate or config.propagate, activation_dtype=config.activation_dtype,
                    offload=config.offload, batch_size=config.batch_size, device=extra.get("device"),
+                   compute_dtype=config.compute_dtype,
                    checkpoint_dir=extra.get("checkpoint_dir") if propagate is None else None,
                    record_error=propagate is None)
 

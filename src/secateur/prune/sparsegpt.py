@@ -36,7 +36,8 @@ from ..api import register
 from ..calibrate import Hessian
 from ..config import ConfigError, param
 from ..errors import SecateurError
-from .masks import CalibratedPruneConfig, n_pruned, nm_mask, parse_pattern, remove_lowest, weight_matrix
+from .masks import (CalibratedPruneConfig, n_pruned, nm_mask, parse_pattern, reconstruction_error, remove_lowest,
+                    weight_matrix)
 
 
 @register("sparsegpt", kind="prune", needs_data=True, paper="Frantar & Alistarh 2023, arXiv:2301.00774")
@@ -143,9 +144,10 @@ class _SparseGPT:
         weight = weight_matrix(module)
         new, _ = sparsegpt_prune(weight.detach(), stat.H, self.sparsities[name], self.config.pattern,
                                  self.config.block_size, self.config.dampening)
+        error = reconstruction_error(weight.detach(), new, stat.H)  # exact, over every calibration token
         with torch.no_grad():
             weight.copy_(new.to(weight.dtype))
-        return {}
+        return {"relative_error": error, "error_tokens": stat.tokens}
 
 
 def apply(model: torch.nn.Module, config: SparseGPTConfig, ctx: Any) -> dict[str, Any]:
