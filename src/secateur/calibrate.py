@@ -160,11 +160,16 @@ class Activations:
 
 
 # --- capture -------------------------------------------------------------------------------------
-def _move(value: Any, device: Any) -> Any:
+def _move(value: Any, device: Any, dtype: torch.dtype | None = None) -> Any:
+    """Move block arguments to ``device``; floating tensors (rotary tables, additive masks) to ``dtype``."""
     if isinstance(value, torch.Tensor):
+        if dtype is not None and value.is_floating_point():
+            return value.to(device, dtype)
         return value.to(device)
     if isinstance(value, tuple):
-        return tuple(_move(v, device) for v in value)
+        return tuple(_move(v, device, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _move(v, device, dtype) for k, v in value.items()}
     return value
 
 
@@ -361,7 +366,7 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
         dtype = next(module.parameters()).dtype
         for i, call in enumerate(calls):
             x = inputs[i].to(device, dtype)
-            out = _output(module(x, *_move(call["args"], device), **_move(call["kwargs"], device)))
+            out = _output(module(x, *_move(call["args"], device, dtype), **_move(call["kwargs"], device, dtype)))
             if store is not None:
                 store.append(out)
             if after_first is not None and i + 1 == options.error_batches:
@@ -420,8 +425,9 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
             forward_all(compressed_block, next_inputs, stop_measuring)
         elif to_measure:
             for i, call in enumerate(calls[:options.error_batches]):
-                x = inputs[i].to(device, next(compressed_block.parameters()).dtype)
-                compressed_block(x, *_move(call["args"], device), **_move(call["kwargs"], device))
+                dtype = next(compressed_block.parameters()).dtype
+                compressed_block(inputs[i].to(device, dtype), *_move(call["args"], device, dtype),
+                                 **_move(call["kwargs"], device, dtype))
     finally:
         stop_measuring()
     for name in to_measure:
