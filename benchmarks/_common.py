@@ -1,0 +1,51 @@
+"""Small helpers shared by the benchmark scripts: where the shared folder is, tables, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SECATEUR_SHARED_DIR", REPO.parent / "shared"))
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def setup_env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("SECATEUR_DATA_DIR", str(SHARED / "data"))
+    if not (SHARED / "models").is_dir():
+        sys.exit(f"error: shared models not found at {SHARED} (set SECATEUR_SHARED_DIR)")
+
+
+def environment() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(), "cpu": cpu}
+
+
+def write_json(name: str, data: dict[str, Any], path: str | None = None) -> Path:
+    out = Path(path) if path else RESULTS / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right" if col not in (columns[0], columns[1]) else "left")
+    for row in rows:
+        table.add_row(*[("—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)) for v in row])
+    Console(width=160).print(table)
