@@ -25,7 +25,8 @@ SETTINGS = [("50%", {"sparsity": 0.5}), ("2:4", {"pattern": "2:4"}), ("4:8", {"p
 LLMC_PYTHON = REPO / "benchmarks" / ".venv-llmc" / "bin" / "python"
 
 
-def ours(model_dir: Path, method: str, fields: dict, calib, task: str, data: str) -> tuple[float, float]:
+def ours(model_dir: Path, method: str, fields: dict, calib, task: str, data: str) -> tuple[float, float, dict]:
+    """Prune, evaluate, and save with sparse storage: (quality, seconds, storage facts)."""
     import secateur
     from secateur.api import get_method
     from secateur.evaluate import evaluate
@@ -36,7 +37,19 @@ def ours(model_dir: Path, method: str, fields: dict, calib, task: str, data: str
     start = time.perf_counter()
     secateur.compress_(model, config, data=calib)
     seconds = time.perf_counter() - start
-    return evaluate(model, tokenizer, task, data).value, seconds
+    value = evaluate(model, tokenizer, task, data).value
+    with tempfile.TemporaryDirectory() as tmp:
+        path = secateur.save(model, Path(tmp) / "artifact", sparse="auto")
+        card = json.loads((path / "compression.json").read_text())
+        reloaded = secateur.load(path).model
+        identical = all(torch_equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+    return value, seconds, {**card["storage"], "reload_bit_identical": identical}
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
 
 
 def theirs(model_dir: Path, method: str, fields: dict, calib_file: Path, task: str, data: str) -> float | None:
@@ -76,32 +89,35 @@ def main() -> None:
     calib = calibration_set("tinystories", tokenizer, 128, 256)
     dense = evaluate(model, tokenizer, "perplexity", "tinystories").value
     results["p1"] = {"dense": dense, "calibration": calib.to_dict(), "runs": []}
-    rows.append(["P1 stories260K", "dense", dense, None, None])
+    rows.append(["P1 stories260K", "dense", dense, None, None, 1.0, None])
     with tempfile.TemporaryDirectory() as tmp:
         calib_file = Path(tmp) / "calib.safetensors"
         save_file({"input_ids": calib.input_ids.contiguous()}, str(calib_file))
         for label, fields in SETTINGS:
             for method in ("magnitude", "wanda", "sparsegpt"):
-                value, seconds = ours(stories, method, fields, calib, "perplexity", "tinystories")
+                value, seconds, storage = ours(stories, method, fields, calib, "perplexity", "tinystories")
                 ref = theirs(stories, method, fields, calib_file, "perplexity", "tinystories") if args.llmc else None
                 ratio = value / ref if ref else None
-                rows.append(["P1 stories260K", f"{method} {label}", value, ref, ratio])
+                rows.append(["P1 stories260K", f"{method} {label}", value, ref, ratio, storage["ratio"],
+                             storage["reload_bit_identical"]])
                 results["p1"]["runs"].append({"method": method, "setting": label, "ppl": value, "llmc_ppl": ref,
-                                              "ratio_to_llmc": ratio, "seconds": seconds})
+                                              "ratio_to_llmc": ratio, "seconds": seconds, "storage": storage})
 
     minilm = SHARED / "models" / "all-MiniLM-L6-v2"
     model, tokenizer, _ = secateur.load(minilm)
     calib = calibration_set("stsb", tokenizer, 128, 128, split="train")
     dense = evaluate(model, tokenizer, "sts", "stsb").value
     results["p2"] = {"dense": dense, "calibration": calib.to_dict(), "runs": []}
-    rows.append(["P2 MiniLM", "dense", dense, None, None])
+    rows.append(["P2 MiniLM", "dense", dense, None, None, 1.0, None])
     for method in ("magnitude", "wanda", "sparsegpt"):
-        value, seconds = ours(minilm, method, {"sparsity": 0.5}, calib, "sts", "stsb")
-        rows.append(["P2 MiniLM", f"{method} 50%", value, None, None])
-        results["p2"]["runs"].append({"method": method, "setting": "50%", "spearman": value, "seconds": seconds})
+        value, seconds, storage = ours(minilm, method, {"sparsity": 0.5}, calib, "sts", "stsb")
+        rows.append(["P2 MiniLM", f"{method} 50%", value, None, None, storage["ratio"], storage["reload_bit_identical"]])
+        results["p2"]["runs"].append({"method": method, "setting": "50%", "spearman": value, "seconds": seconds,
+                                      "storage": storage})
 
     print_table("Calibrated pruning quality (P1: perplexity, lower is better; P2: Spearman, higher is better)",
-                ["protocol", "variant", "secateur", "llm-compressor", "secateur / llmc"], rows)
+                ["protocol", "variant", "secateur", "llm-compressor", "secateur / llmc", "bytes vs dense",
+                 "reload identical"], rows)
     print(f"wrote {write_json('prune_quality', results, args.out)}")
 
 

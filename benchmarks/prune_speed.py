@@ -79,7 +79,7 @@ def run_theirs(method: str, model_dir: Path, calib: Path, threads: int) -> dict 
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [str(LLMC_PYTHON), str(REPO / "benchmarks" / "llmcompressor" / "run_prune.py"), "--model", str(model_dir),
                "--calib", str(calib), "--method", method, "--sparsity", "0.5", "--out", f"{tmp}/out",
-               "--json", f"{tmp}/r.json", "--threads", str(threads), "--no-save"]
+               "--json", f"{tmp}/r.json", "--threads", str(threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if proc.returncode != 0:
             print(f"llm-compressor {method} failed: {proc.stderr.strip().splitlines()[-3:]}", file=sys.stderr)
