@@ -84,7 +84,9 @@ def run_theirs(method: str, model_dir: Path, calib: Path, threads: int) -> dict 
         if proc.returncode != 0:
             print(f"llm-compressor {method} failed: {proc.stderr.strip().splitlines()[-3:]}", file=sys.stderr)
             return None
-        return json.loads(Path(f"{tmp}/r.json").read_text())
+        record = json.loads(Path(f"{tmp}/r.json").read_text())
+        return {"wall_s": record["oneshot_wall_s"], "peak_rss_mib": record["peak_rss_bytes"] / 2**20,
+                "sparsity": record.get("sparsity"), "threads": record.get("threads"), "record": record}
 
 
 def main() -> None:
