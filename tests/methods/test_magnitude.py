@@ -114,3 +114,14 @@ def test_config_errors(kwargs, path, needle):
     with pytest.raises(ConfigError) as info:
         MagnitudeConfig(**kwargs)
     assert info.value.path == path and needle in str(info.value)
+
+
+def test_nm_tail_group_keeps_the_density():
+    from secateur.prune.masks import nm_mask
+
+    scores = torch.arange(1.0, 11.0).repeat(3, 1)          # 10 inputs: two groups of 4, a tail of 2
+    keep = nm_mask(scores, 2, 4)
+    assert keep[:, :8].reshape(3, 2, 4).sum(-1).eq(2).all()
+    assert keep[:, 8:].sum(-1).eq(1).all() and keep[:, 9].all()   # ceil(2·2/4) = 1 kept: the larger
+    keep = nm_mask(torch.arange(1.0, 13.0).view(1, 12), 4, 8)       # tail of 4 keeps ceil(4·4/8) = 2
+    assert keep[0, 8:].tolist() == [False, False, True, True]

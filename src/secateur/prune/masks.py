@@ -8,6 +8,7 @@ the number of removed weights is exactly the requested one.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -57,12 +58,19 @@ def global_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tens
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """N:M semi-structured: in every group of ``m`` consecutive inputs of a row, keep the ``n`` highest."""
+    """N:M semi-structured: in every group of ``m`` consecutive inputs of a row, keep the ``n`` highest.
+
+    When the row length is not a multiple of ``m`` (stories260K's down_proj reads 172 inputs), the
+    trailing group of ``r < m`` inputs keeps ceil(n·r/m) of them: the same density, rounded toward
+    keeping; such a layer is not in the hardware's N:M format and the result says so.
+    """
     rows, cols = scores.shape
-    if cols % m:
-        raise SecateurError(f"an {n}:{m} pattern needs the input dimension to be divisible by {m}; got {cols}")
-    groups = scores.reshape(rows, cols // m, m)
-    return _lowest(groups, m - n).reshape(rows, cols)
+    main = cols - cols % m
+    keep = _lowest(scores[:, :main].reshape(rows, main // m, m), m - n).reshape(rows, main)
+    if main == cols:
+        return keep
+    tail = cols - main
+    return torch.cat([keep, _lowest(scores[:, main:], tail - math.ceil(n * tail / m))], dim=1)
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:

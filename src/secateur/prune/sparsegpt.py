@@ -88,10 +88,7 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, patt
     nm = parse_pattern(pattern) if pattern else None
     if nm is None and n_pruned(cols, sparsity) == 0:
         return W, keep
-    if nm is not None:
-        if cols % nm[1]:
-            raise SecateurError(f"an {nm[0]}:{nm[1]} pattern needs the input dimension to be divisible by "
-                                f"{nm[1]}; got {cols}")
+    if nm is not None:  # whole groups per block; a trailing short group follows masks.nm_mask's rule
         block_size = math.ceil(block_size / nm[1]) * nm[1]
     if H.shape != (cols, cols):
         raise ValueError(f"H has shape {tuple(H.shape)}; expected ({cols}, {cols}) for a weight of shape "
