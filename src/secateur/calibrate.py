@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -306,6 +307,10 @@ def sequential(model: nn.Module, input_ids: torch.Tensor, targets: dict[str, nn.
     blocks = arch.get_blocks(model)
     prefix = arch.block_prefix(model)
     act_dtype = DTYPES[options.activation_dtype]
+    if options.compute_dtype and DTYPES[options.compute_dtype].itemsize < act_dtype.itemsize:
+        # a block computed in bfloat16 returns bfloat16: storing it wider keeps no more information
+        act_dtype = DTYPES[options.compute_dtype]
+        options = dataclasses.replace(options, activation_dtype=options.compute_dtype)
     start_time = time.perf_counter()
     offload_dir = tempfile.mkdtemp(prefix="secateur-acts-") if options.offload else None
     result = Result(settings={"propagate": options.propagate, "activation_dtype": options.activation_dtype,
