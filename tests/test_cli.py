@@ -132,3 +132,21 @@ def test_version(capsys):
 
     code, out, _ = run(capsys, "--version")
     assert code == 0 and __version__ in out
+
+
+def test_prune_sparsegpt_sparse_storage_and_export(capsys, tmp_path, stories_dir, data_dir):
+    out_dir = tmp_path / "sg"
+    code, out, _ = run(capsys, "prune", str(stories_dir), "--method", "sparsegpt", "--sparsity", "0.5",
+                       "--data", "tinystories", "--samples", "8", "--storage", "sparse", "--out", str(out_dir), "--json")
+    result = json.loads(out)
+    assert code == 0 and result["steps"][0]["result"]["sparsity"] == 0.5
+    layers = result["steps"][0]["result"]["layers"]
+    assert all(0 < info["relative_error"] < 1 for info in layers.values())
+    card = json.loads((out_dir / "compression.json").read_text())
+    assert card["storage"]["ratio"] < 0.65 and card["data_fingerprints"]
+    assert not (tmp_path / ".sg.resume").exists()          # checkpoints are dropped once the artifact exists
+    code, _, _ = run(capsys, "export", str(out_dir), str(tmp_path / "dense"))
+    import transformers
+
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert float((stock.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == 0.5
