@@ -56,7 +56,7 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-read
     from .api import methods
 
     rows = [{"name": m.name, "kind": m.kind, "needs_data": m.needs_data, "paper": m.paper,
-             "config": m.config.__name__} for m in methods().values()]
+             "config": m.config.__name__} for m in sorted(methods().values(), key=lambda m: (m.kind, m.name))]
     table = Table("method", "kind", "needs data", "config", "paper")
     for r in rows:
         table.add_row(r["name"], r["kind"], "yes" if r["needs_data"] else "no", r["config"], r["paper"])
