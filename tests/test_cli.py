@@ -151,3 +151,12 @@ def test_prune_sparsegpt_sparse_storage_and_export(capsys, tmp_path, stories_dir
 
     stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
     assert float((stock.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == 0.5
+
+
+def test_override_matching_nothing_names_the_step(capsys, tmp_path, tiny_dir):
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join("the cat sat on the mat number %d" % i for i in range(60)))
+    recipe = write_recipe(tmp_path, f"model: {tiny_dir}\ndata: {{source: {text}, samples: 4, seq_len: 16}}\n"
+                                    "steps:\n  - method: wanda\n    overrides: {'re:nomatch': 0.3}\n")
+    code, _, err = run(capsys, "compress", str(recipe))
+    assert code == 2 and "steps[0].overrides.re:nomatch: pattern 're:nomatch' matches no module" in err

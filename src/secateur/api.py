@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import StepConfig
-from .errors import SecateurError, did_you_mean, one_of
+from .errors import ConfigError, SecateurError, did_you_mean, one_of
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,10 @@ def compress_(model: Any, recipe_or_step: Any, data: Any = None, teacher: Any = 
         ctx.extra["checkpoint_dir"] = (_step_checkpoint(checkpoint_dir, index, step, data, model)
                                        if checkpoint_dir is not None and method.needs_data else None)
         start = time.perf_counter()
-        result = method.apply(model, step, ctx) or {}
+        try:
+            result = method.apply(model, step, ctx) or {}
+        except ConfigError as exc:  # a field that only the model could check: name the step too
+            raise ConfigError(f"steps[{index}].{exc.path}", str(exc).split(": ", 1)[-1]) from None
         history.append({"step": step.to_dict(), "seconds": round(time.perf_counter() - start, 3),
                         "data_fingerprint": getattr(data, "fingerprint", None), "result": result})
     return model
