@@ -358,6 +358,27 @@ def _write_card(tmp: Path, card: dict[str, Any]) -> None:
     _fsync_dir(tmp)
 
 
+@contextmanager
+def _staging(target: Path, card: dict[str, Any]) -> Iterator[Path]:
+    """Yield a temporary sibling of ``target`` to write into; on success hash every file, write the
+    card last and rename the folder into place; on any failure remove it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{secrets.token_hex(6)}"
+    tmp.mkdir()
+    installed = False
+    try:
+        yield tmp
+        card["files"], card["weights_sha256"] = _hash_and_sync(tmp)
+        _write_card(tmp, card)
+        _install(tmp, target)
+        installed = True
+    except OSError as exc:
+        raise ArtifactError(f"could not write artifact {target}: {exc.strerror or exc}") from exc
+    finally:
+        if not installed:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save(model: Any, directory: str | os.PathLike, *, tokenizer: Any = None, recipe: Any = None,
          metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None, sparse: str = "none") -> Path:
     """Write ``model`` (and ``tokenizer``) as an artifact at ``directory``; return its path.
@@ -378,11 +399,7 @@ def save(model: Any, directory: str | os.PathLike, *, tokenizer: Any = None, rec
     _check_saveable(model)
     _check_target(target)
     card = build_card(model, recipe=recipe, metrics=metrics, extra=extra)  # fails before any write
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{secrets.token_hex(6)}"
-    tmp.mkdir()
-    installed = False
-    try:
+    with _staging(target, card) as tmp:
         with _save_settings(model):
             model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -395,15 +412,6 @@ def save(model: Any, directory: str | os.PathLike, *, tokenizer: Any = None, rec
             raise ArtifactError(f"save_pretrained did not write safetensors weights only (got {found}); "
                                 "secateur artifacts never contain pickles")
         card["storage"] = sparse_format.compress_files(tmp, _sparse_candidates(model), sparse)
-        card["files"], card["weights_sha256"] = _hash_and_sync(tmp)
-        _write_card(tmp, card)
-        _install(tmp, target)
-        installed = True
-    except OSError as exc:
-        raise ArtifactError(f"could not write artifact {target}: {exc.strerror or exc}") from exc
-    finally:
-        if not installed:
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("saved artifact %s (%d files, %d bytes of weights)", target, len(card["files"]),
              card_summary(card)["weights_bytes"])
     return target
@@ -530,11 +538,7 @@ def export_dense(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
     if target == source:
         raise ArtifactError(f"export_dense: the output {target} is the artifact itself; choose another directory")
     _check_target(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{secrets.token_hex(6)}"
-    tmp.mkdir()
-    installed = False
-    try:
+    with _staging(target, card) as tmp:
         for name in card["files"]:
             src, dst = source / name, tmp / name
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -553,15 +557,6 @@ def export_dense(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
         card["storage"] = sparse_format.storage_entry("dense", 0, weights, weights, exported_from={
             "path": str(source), "format": old_storage.get("format", "dense"),
             "weights_sha256": card.get("weights_sha256")})
-        card["files"], card["weights_sha256"] = _hash_and_sync(tmp)
-        _write_card(tmp, card)
-        _install(tmp, target)
-        installed = True
-    except OSError as exc:
-        raise ArtifactError(f"could not write artifact {target}: {exc.strerror or exc}") from exc
-    finally:
-        if not installed:
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s with dense weights to %s", source, target)
     return target
 
