@@ -26,6 +26,8 @@ _EXPORTS = {
     "StepConfig": "secateur.config",
     "SecateurError": "secateur.errors",
     "MagnitudeConfig": "secateur.prune.magnitude",
+    "WandaConfig": "secateur.prune.wanda",
+    "SparseGPTConfig": "secateur.prune.sparsegpt",
 }
 
 __all__ = ["__version__", *_EXPORTS]
