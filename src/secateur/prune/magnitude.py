@@ -14,10 +14,10 @@ from typing import Any, Literal, Optional
 import torch
 
 from ..api import register
-from ..config import ConfigError, TargetedConfig, param
+from ..config import TargetedConfig, param
 from ..targets import select_modules
-from .masks import (apply_mask, global_masks, matrix_mask, nm_mask, parse_pattern, row_mask, sparsity_of,
-                    weight_matrix)
+from .masks import (apply_mask, check_pattern, global_masks, matrix_mask, nm_mask, parse_pattern, row_mask,
+                    sparsity_of, weight_matrix)
 
 
 @register("magnitude", kind="prune", needs_data=False, paper="Han et al. 2015, arXiv:1506.02626")
@@ -32,11 +32,7 @@ class MagnitudeConfig(TargetedConfig):
     pattern: Optional[str] = param(None, "N:M semi-structured pattern such as '2:4' (keep N of every M inputs)")
 
     def validate(self) -> None:
-        if self.pattern is not None:
-            try:
-                parse_pattern(self.pattern)
-            except Exception as exc:
-                raise ConfigError("pattern", str(exc)) from None
+        check_pattern(self.pattern)
 
 
 def magnitude_masks(weights: list[torch.Tensor], config: MagnitudeConfig) -> list[torch.Tensor]:

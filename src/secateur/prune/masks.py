@@ -81,6 +81,15 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def check_pattern(pattern: str | None) -> None:
+    """Config validation of an optional N:M ``pattern`` field: a ConfigError naming ``pattern``."""
+    if pattern is not None:
+        try:
+            parse_pattern(pattern)
+        except SecateurError as exc:
+            raise ConfigError("pattern", str(exc)) from None
+
+
 @torch.no_grad()
 def apply_mask(module: nn.Module, keep: torch.Tensor) -> None:
     """Zero the removed weights in place."""
@@ -187,11 +196,7 @@ class CalibratedPruneConfig(CalibratedConfig):
     def validate(self) -> None:
         from ..targets import compile_pattern
 
-        if self.pattern is not None:
-            try:
-                parse_pattern(self.pattern)
-            except SecateurError as exc:
-                raise ConfigError("pattern", str(exc)) from None
+        check_pattern(self.pattern)
         for key, value in self.overrides.items():
             compile_pattern(key, f"overrides.{key}")
             if not 0.0 <= value <= 1.0:
