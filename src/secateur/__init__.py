@@ -28,6 +28,7 @@ _EXPORTS = {
     "MagnitudeConfig": "secateur.prune.magnitude",
     "WandaConfig": "secateur.prune.wanda",
     "SparseGPTConfig": "secateur.prune.sparsegpt",
+    "StructuredConfig": "secateur.prune.structured",
 }
 
 __all__ = ["__version__", *_EXPORTS]

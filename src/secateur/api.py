@@ -32,7 +32,8 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 # Files whose import registers methods. Importing them is cheap (torch only).
-_METHOD_MODULES = ("secateur.prune.magnitude", "secateur.prune.wanda", "secateur.prune.sparsegpt")
+_METHOD_MODULES = ("secateur.prune.magnitude", "secateur.prune.wanda", "secateur.prune.sparsegpt",
+                   "secateur.prune.structured")
 
 
 def register(name: str, *, kind: str, needs_data: bool = False, paper: str = "") -> Callable:

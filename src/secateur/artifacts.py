@@ -169,6 +169,18 @@ def sparsity_summary(model: Any) -> dict[str, Any]:
             "parameters": parameters}
 
 
+def _layout(model: Any) -> dict[str, Any] | None:
+    """Per-module shapes the config cannot describe (structured pruning with ``uniform: false``, or
+    heads/width removed from a family whose config derives head_dim); None for ordinary models."""
+    from .models.arch import arch_of
+
+    if arch_of(model, strict=False) is None:
+        return None
+    from .prune.structure import layout
+
+    return layout(model)
+
+
 def build_card(model: Any, *, recipe: Any = None, metrics: dict[str, Any] | None = None,
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The card for ``model`` without its ``files`` and ``weights_sha256`` (filled in by :func:`save`)."""
@@ -187,6 +199,7 @@ def build_card(model: Any, *, recipe: Any = None, metrics: dict[str, Any] | None
         "data_fingerprints": _data_fingerprints(history),
         "metrics": metrics or {},
         "sparsity": sparsity_summary(model),
+        "layout": _layout(model),
         "environment": _environment(),
         "extra": extra or {},
     }
@@ -507,7 +520,9 @@ def load_pretrained(auto: Any, directory: str | os.PathLike, **kwargs: Any) -> A
         compressed = sparse_format.is_sparse(path)
     except ValueError as exc:
         raise ArtifactError(str(exc)) from None
-    if not compressed:
+    card_file = path / CARD_NAME
+    recorded = json.loads(card_file.read_text(encoding="utf-8")).get("layout") if card_file.is_file() else None
+    if not compressed and not recorded:
         return auto.from_pretrained(path, **kwargs)
     from transformers import AutoConfig, GenerationConfig
 
@@ -515,7 +530,13 @@ def load_pretrained(auto: Any, directory: str | os.PathLike, **kwargs: Any) -> A
     kwargs.pop("use_safetensors", None)
     mapping = getattr(auto, "_model_mapping", None)  # Auto classes map a config type to a model class
     model_class = mapping[type(config)] if mapping is not None else auto
-    model = model_class.from_pretrained(None, config=config, state_dict=materialize_dense(path), **kwargs)
+    if recorded:  # per-module shapes the config cannot describe: rebuild them, then load the weights
+        from .prune.structure import rebuild
+
+        model = rebuild(model_class, config, recorded, materialize_dense(path), kwargs.get("dtype"))
+        model.name_or_path = str(path)
+    else:
+        model = model_class.from_pretrained(None, config=config, state_dict=materialize_dense(path), **kwargs)
     model.config.name_or_path = model.name_or_path = str(path)
     if (path / "generation_config.json").is_file() and model.can_generate():
         model.generation_config = GenerationConfig.from_pretrained(path)

@@ -85,7 +85,9 @@ class Hessian:
 
 
 class BlockMethod(Protocol):
-    """What a calibrated method gives the loop."""
+    """What a calibrated method gives the loop. A method may also define
+    ``block_io(block, x, out)``: it is then shown every batch's block input and dense output
+    during the observation pass (ShortGPT's block influence needs both)."""
 
     def observer(self, name: str, module: nn.Module) -> Observer: ...
 
@@ -367,11 +369,14 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
             return block
         return copy.deepcopy(block).to(DTYPES[options.compute_dtype])
 
-    def forward_all(module: nn.Module, store: Activations | None, after_first: Callable | None = None) -> None:
+    def forward_all(module: nn.Module, store: Activations | None, after_first: Callable | None = None,
+                    watch: Callable | None = None) -> None:
         dtype = next(module.parameters()).dtype
         for i, call in enumerate(calls):
             x = inputs[i].to(device, dtype)
             out = _output(module(x, *_move(call["args"], device, dtype), **_move(call["kwargs"], device, dtype)))
+            if watch is not None:
+                watch(index, x, out)
             if store is not None:
                 store.append(out)
             if after_first is not None and i + 1 == options.error_batches:
@@ -383,7 +388,7 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
         lambda module, args, leader=leader: stats[leader].update(args[0])) for leader in groups]
     dense_next = Activations(act_dtype, offload_dir) if options.propagate == "dense" else None
     try:
-        forward_all(dense_block, dense_next)
+        forward_all(dense_block, dense_next, watch=getattr(method, "block_io", None))
     finally:
         for h in handles:
             h.remove()

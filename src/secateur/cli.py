@@ -157,6 +157,20 @@ def prune_cmd(model: str = typer.Argument(..., help="Model directory, artifact o
               pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M pattern such as 2:4."),
               scope: Optional[str] = typer.Option(None, "--scope", help="magnitude: row | matrix | global."),
               owl: bool = typer.Option(False, "--owl", help="wanda/sparsegpt: OWL non-uniform layer sparsity."),
+              structured: bool = typer.Option(False, "--structured", help="Remove whole heads, MLP channels, "
+                                               "blocks, hidden width (method 'structured')."),
+              heads: float = typer.Option(0.0, "--heads", help="structured: fraction of attention heads removed."),
+              mlp: float = typer.Option(0.0, "--mlp", help="structured: fraction of MLP channels removed."),
+              drop_layers: int = typer.Option(0, "--drop-layers", help="structured: number of blocks removed."),
+              blocks: Optional[str] = typer.Option(None, "--blocks", help="structured: blocks removed by hand, e.g. 1,2."),
+              hidden: float = typer.Option(0.0, "--hidden", help="structured: fraction of hidden channels removed."),
+              importance: Optional[str] = typer.Option(None, "--importance",
+                                                       help="structured: magnitude | activation | taylor."),
+              depth_importance: Optional[str] = typer.Option(None, "--depth-importance",
+                                                             help="structured: influence | loss | taylor | magnitude."),
+              gqa: Optional[str] = typer.Option(None, "--gqa", help="structured: groups | query."),
+              non_uniform: bool = typer.Option(False, "--non-uniform", help="structured: per-block shapes "
+                                               "chosen by the scores (not a standard checkpoint)."),
               data: Optional[str] = typer.Option(None, "--data", "-d", help="Calibration data (name or path)."),
               samples: int = typer.Option(128, "--samples", help="Calibration sequences."),
               seq_len: int = typer.Option(256, "--seq-len", help="Calibration sequence length."),
@@ -168,7 +182,11 @@ def prune_cmd(model: str = typer.Argument(..., help="Model directory, artifact o
     """Prune a model with one method; prints the recipe it ran (the same step works in a recipe file)."""
     from .recipe import Recipe
 
-    step: dict[str, Any] = {"method": method, "sparsity": sparsity}
+    if structured:
+        step = _structured_step(heads, mlp, drop_layers, blocks, hidden, importance, depth_importance, gqa,
+                                non_uniform)
+    else:
+        step = {"method": method, "sparsity": sparsity}
     if pattern is not None:
         step["pattern"] = pattern
     if scope is not None:
@@ -184,6 +202,36 @@ def prune_cmd(model: str = typer.Argument(..., help="Model directory, artifact o
         err.print("[bold]recipe[/bold]")
         err.print(recipe.dump(), markup=False, highlight=False)
     _run(recipe, out_dir, dry_run, as_json, storage)
+
+
+def _structured_step(heads: float, mlp: float, drop_layers: int, blocks: Optional[str], hidden: float,
+                     importance: Optional[str], depth_importance: Optional[str], gqa: Optional[str],
+                     non_uniform: bool) -> dict[str, Any]:
+    step: dict[str, Any] = {"method": "structured", "heads": heads, "mlp": mlp, "hidden": hidden,
+                            "drop_layers": drop_layers}
+    if blocks:
+        try:
+            step["blocks"] = [int(b) for b in blocks.split(",") if b.strip()]
+        except ValueError:
+            raise SecateurError(f"--blocks: got {blocks!r}, expected block indices such as 1,2") from None
+    for key, value in (("importance", importance), ("depth_importance", depth_importance), ("gqa", gqa)):
+        if value is not None:
+            step[key] = value
+    if non_uniform:
+        step["uniform"] = False
+    return step
+
+
+def _shapes_table(before: dict[str, Any], after: dict[str, Any]) -> Table:
+    def show(value: Any) -> str:
+        if isinstance(value, list):
+            return str(value[0]) if len(set(value)) == 1 else ",".join(map(str, value))
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    table = Table("", "before", "after", title="structured pruning: shapes")
+    for key in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "parameters"):
+        table.add_row(key, show(before[key]), show(after[key]))
+    return table
 
 
 @app.command("export")
@@ -214,6 +262,9 @@ def _run(recipe: Any, out_dir: Optional[Path], dry_run: bool, as_json: bool, sto
         table.add_row(str(i), h["step"]["method"], str(h["seconds"]), json.dumps(summary))
     if not as_json:
         out.print(table)
+        for h in result.steps:
+            if isinstance(h["result"].get("before"), dict) and isinstance(h["result"].get("after"), dict):
+                out.print(_shapes_table(h["result"]["before"], h["result"]["after"]))
         if result.before:
             from .evaluate import EvalResult, results_table
 

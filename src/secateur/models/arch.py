@@ -34,6 +34,13 @@ class Arch:
     transposed: bool = False                   # weights stored [in, out] (GPT-2 Conv1D)
     # groups of projections that read the same input (they share calibration statistics)
     shared_inputs: tuple[tuple[str, ...], ...] = field(default=())
+    # structured pruning: the attention module of a block and the attributes on it that carry its
+    # head counts ("heads", "kv_heads", "groups" = heads per KV head, "width" = heads × head_dim)
+    attention: str | None = None
+    head_attrs: dict[str, str] = field(default_factory=dict)
+    # other modules of the base model on the residual stream, with the side that carries it:
+    # "norm" (a norm over it), "in" (reads it), "out" (writes it), "both"; missing ones are skipped
+    hidden_extra: tuple[tuple[str, str], ...] = field(default=())
 
     # --- resolving paths on a concrete model ------------------------------------------------
     def base(self, model: nn.Module) -> nn.Module:
@@ -73,6 +80,7 @@ _LLAMA = Arch(
             "vocab": "vocab_size", "context": "max_position_embeddings"},
     block_kwargs=("attention_mask", "position_ids", "position_embeddings"), rotary="rotary_emb",
     shared_inputs=(("attn.q", "attn.k", "attn.v"), ("mlp.gate", "mlp.up")),
+    attention="self_attn", head_attrs={"num_key_value_groups": "groups"},
 )
 
 _OPT = Arch(
@@ -82,9 +90,12 @@ _OPT = Arch(
     mlp={"up": "fc1", "down": "fc2"},
     norms={"attn": "self_attn_layer_norm", "mlp": "final_layer_norm"},
     fields={"hidden": "hidden_size", "intermediate": "ffn_dim", "layers": "num_hidden_layers",
-            "heads": "num_attention_heads", "vocab": "vocab_size", "context": "max_position_embeddings"},
+            "heads": "num_attention_heads", "vocab": "vocab_size", "context": "max_position_embeddings",
+            "embedding": "word_embed_proj_dim"},
     block_kwargs=("attention_mask", "position_ids"),
     shared_inputs=(("attn.q", "attn.k", "attn.v"),),
+    attention="self_attn", head_attrs={"num_heads": "heads"},
+    hidden_extra=(("decoder.project_in", "out"), ("decoder.project_out", "in")),
 )
 
 _GPT2 = Arch(
@@ -95,6 +106,7 @@ _GPT2 = Arch(
     fields={"hidden": "n_embd", "intermediate": "n_inner", "layers": "n_layer", "heads": "n_head",
             "vocab": "vocab_size", "context": "n_positions"},
     transposed=True,
+    attention="attn", head_attrs={"num_heads": "heads", "split_size": "width"},
 )
 
 _BERT = Arch(
@@ -108,6 +120,8 @@ _BERT = Arch(
     fields={"hidden": "hidden_size", "intermediate": "intermediate_size", "layers": "num_hidden_layers",
             "heads": "num_attention_heads", "vocab": "vocab_size", "context": "max_position_embeddings"},
     shared_inputs=(("attn.q", "attn.k", "attn.v"),),
+    attention="attention.self", head_attrs={"num_attention_heads": "heads", "all_head_size": "width"},
+    hidden_extra=(("embeddings.LayerNorm", "norm"), ("pooler.dense", "both")),
 )
 
 ARCHS: dict[str, Arch] = {
