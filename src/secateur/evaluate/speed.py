@@ -3,6 +3,10 @@
 Prefill (or, for an encoder, the forward pass): ``warmup`` unmeasured runs, then ``runs`` measured
 ones on seeded random token ids ``[batch, prompt_len]``; median, p95 and p99 latency.
 
+For a causal LM the prefill is the forward over the prompt that yields the first new token: as in
+``generate``, only the last position's logits are computed (``logits_to_keep=1`` where the model
+accepts it), so the head over the whole vocabulary runs once, not once per prompt token.
+
 Decode (causal LMs): a manual greedy loop with the KV cache (``past_key_values``), batch 1. The
 prefill, which yields the first new token, is timed apart; then ``new_tokens`` single-token steps
 are timed, each producing one more token, and tokens/s = ``new_tokens`` / their total time
@@ -57,7 +61,7 @@ def greedy_decode(model: Any, prompt: Any, new_tokens: int) -> tuple[Any, float,
     device = prompt.device
     with torch.inference_mode():
         start = time.perf_counter()
-        out = model(input_ids=prompt, use_cache=True)
+        out = model(input_ids=prompt, use_cache=True, **_last_logits(model))
         token = out.logits[:, -1:].argmax(dim=-1)
         _sync(device)
         prefill = time.perf_counter() - start
@@ -71,6 +75,13 @@ def greedy_decode(model: Any, prompt: Any, new_tokens: int) -> tuple[Any, float,
             past = out.past_key_values
             tokens.append(token)
     return torch.cat(tokens, dim=1), prefill, steps
+
+
+def _last_logits(model: Any) -> dict[str, Any]:
+    """``logits_to_keep=1`` for models whose forward takes it (what ``generate`` passes)."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def sparsity(model: Any) -> tuple[float, float, dict[str, float]]:
@@ -134,7 +145,7 @@ def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int 
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
-    call = {"use_cache": True} if causal else {"attention_mask": torch.ones_like(ids)}
+    call = {"use_cache": True, **_last_logits(model)} if causal else {"attention_mask": torch.ones_like(ids)}
 
     was_training = model.training
     model.eval()
@@ -184,6 +195,8 @@ def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int 
         "protocol": protocol, "convention": "P4", "data": None, "fingerprint": fingerprint(ids),
         "input": f"random token ids, seed {seed}", "batch": batch, "prompt_len": prompt_len,
         "new_tokens": new_tokens if causal else None, "warmup": warmup, "runs": runs,
+        "prefill_logits": ("last position only (logits_to_keep=1)" if causal and _last_logits(model) else
+                           "every position" if causal else None),
         "decode": (f"manual greedy loop with past_key_values, batch 1, {DECODE_RUNS} runs after 1 warm-up; "
                    "tokens/s = new_tokens / time of the new_tokens single-token steps, prefill excluded")
         if causal and new_tokens > 0 else None,

@@ -1,0 +1,77 @@
+"""Structured pruning on the real models in ../shared and from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import secateur
+from secateur import StructuredConfig, compress_
+from secateur.cli import main
+from secateur.data import calibration_set
+
+
+def run_cli(capsys, *args):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+def test_minilm_depth_influence_keeps_the_first_and_last_layers(minilm_dir, data_dir):
+    """ShortGPT's block influence on unlabelled STS-B train text keeps layers 0, 4, 5 of MiniLM
+    (84.08 STS-B dev in benchmarks/structured_quality.py; layers 0-1-2 give 63)."""
+    model, tok, _ = secateur.load(minilm_dir)
+    calib = calibration_set("stsb", tok, 32, 128, split="train")
+    compress_(model, StructuredConfig(mlp=0.0, drop_layers=3), data=calib)
+    result = model.secateur_history[-1]["result"]
+    assert result["kept_blocks"] == [0, 4, 5]
+    assert result["depth_importance"] == "influence"
+    assert model.config.num_hidden_layers == 3 and result["standard_checkpoint"]
+
+
+def test_stories_one_kv_group_and_mlp_round_trip(stories_dir, data_dir, tmp_path):
+    model, tok, _ = secateur.load(stories_dir)
+    calib = calibration_set("tinystories", tok, 16, 256)
+    compress_(model, StructuredConfig(heads=0.25, mlp=0.25, importance="activation"), data=calib)
+    result = model.secateur_history[-1]["result"]
+    assert result["after"]["heads"] == [6] * 5 and result["after"]["kv_heads"] == [3] * 5
+    assert result["after"]["intermediate"] == [129] * 5
+    ids = calib.input_ids[:2]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    path = secateur.save(model, tmp_path / "a", tokenizer=tok)
+    reloaded = secateur.load(path).model
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, expected)
+
+
+def test_cli_structured_prints_shapes_and_writes_an_artifact(capsys, stories_dir, data_dir, tmp_path):
+    out_dir = tmp_path / "pruned"
+    code, out, err = run_cli(capsys, "prune", str(stories_dir), "--structured", "--heads", "0.25", "--mlp", "0.5",
+                             "--drop-layers", "1", "--importance", "taylor", "--data", "tinystories",
+                             "--samples", "8", "--out", str(out_dir))
+    assert code == 0, err
+    assert "structured pruning: shapes" in out and "172" in out and "86" in out
+    card = json.loads((out_dir / "compression.json").read_text())
+    step = card["history"][0]
+    assert step["step"]["method"] == "structured" and step["result"]["importance"] == "taylor"
+    assert step["result"]["after"]["layers"] == 4
+    assert secateur.load(out_dir).model.config.num_hidden_layers == 4
+
+
+def test_cli_structured_bad_input_is_one_line(capsys, stories_dir):
+    code, _, err = run_cli(capsys, "prune", str(stories_dir), "--structured", "--mlp", "0.5",
+                           "--importance", "activaton")
+    assert code != 0 and "did you mean 'activation'" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "prune", str(stories_dir), "--structured", "--mlp", "0.5",
+                           "--importance", "activation")
+    last = err.strip().splitlines()[-1]
+    assert code != 0 and last.startswith("error:") and "needs calibration data" in last and "Traceback" not in err
+    code, _, err = run_cli(capsys, "prune", str(stories_dir), "--structured", "--drop-layers", "5",
+                           "--data", "tinystories", "--samples", "4")
+    assert code != 0 and "at least one must stay" in err
