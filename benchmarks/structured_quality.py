@@ -191,7 +191,7 @@ def main() -> None:
             group = [r for r in width_rows if r["unit"] == unit and r["fraction"] == fraction]
             winners[f"{unit} {fraction:.0%}"] = max(group, key=lambda r: r["spearman"])["method"]
     p2["width"] = {"runs": width_rows, "best_importance": winners}
-    rows = [["dense", "—", minilm.dense, None, None, None, minilm.dense_parameters]]
+    rows = [["dense", "—", minilm.dense, minilm.dense, minilm.dense, minilm.dense_parameters]]
     for unit in ("mlp", "heads"):
         for fraction in (0.25, 0.5):
             by = {r["method"]: r for r in width_rows if r["unit"] == unit and r["fraction"] == fraction}
@@ -216,7 +216,7 @@ def main() -> None:
         "kv1": [(m, {"heads": 0.25, "mlp": 0.0, "gqa": "groups", "importance": m}) for m in WIDTH],
     }
     titles = {"drop1": "(a) one block removed", "mlp25": "(b) 25% of MLP channels", "kv1": "(c) one KV group (4 → 3)"}
-    rows = [["dense", "—", stories.dense, None, stories.dense_parameters, None, None, None]]
+    rows = [["dense", "—", stories.dense, 1.0, stories.dense_parameters, None, True, None]]
     p1_runs: dict[str, list[dict]] = {}
     for group, variants in groups.items():
         runs = {m: stories.run(f"{group} {m}", **fields) for m, fields in variants}

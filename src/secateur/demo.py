@@ -18,16 +18,18 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# (label, model folder under --models, quality eval, pruning steps to try)
+# (label, model folder under --models, quality eval, calibration data, variants: (label, step))
+_UNSTRUCTURED = tuple((f"{m} 50%", {"method": m, "sparsity": 0.5}) for m in ("magnitude", "wanda", "sparsegpt"))
 CASES: tuple[dict[str, Any], ...] = (
     {"label": "stories260K", "path": "stories260K/hf", "quality": {"task": "perplexity", "data": "tinystories"},
      "data": {"source": "tinystories", "samples": 128, "seq_len": 256},            # P1 calibration windows
-     "variants": ({"method": "magnitude", "sparsity": 0.5}, {"method": "wanda", "sparsity": 0.5},
-                  {"method": "sparsegpt", "sparsity": 0.5})},
+     "variants": _UNSTRUCTURED + (
+         ("structured heads 25% + MLP 25%", {"method": "structured", "heads": 0.25, "mlp": 0.25,
+                                             "importance": "activation"}),)},
     {"label": "all-MiniLM-L6-v2", "path": "all-MiniLM-L6-v2", "quality": {"task": "sts", "data": "stsb"},
      "data": {"source": "stsb", "split": "train", "samples": 128, "seq_len": 128},  # STS-B train sentences
-     "variants": ({"method": "magnitude", "sparsity": 0.5}, {"method": "wanda", "sparsity": 0.5},
-                  {"method": "sparsegpt", "sparsity": 0.5})},
+     "variants": _UNSTRUCTURED + (
+         ("structured 3 of 6 layers", {"method": "structured", "mlp": 0.0, "drop_layers": 3}),)},  # ShortGPT
 )
 SPEED_OPTIONS = {"prompt_len": 128, "new_tokens": 32, "runs": 10}
 SPEED_ROUNDS = 3  # dense and variants measured alternately, median over rounds (P4: compare in one run)
@@ -86,15 +88,15 @@ def run_demo(models_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
             raise SecateurError(f"demo model folder '{path}' does not exist; --models must hold "
                                 "stories260K/hf and all-MiniLM-L6-v2")
         dense_quality, variants = None, []
-        for variant in case["variants"]:
-            name = f"{case['label']}-{variant['method']}{int(variant['sparsity'] * 100)}"
+        for label, variant in case["variants"]:
+            name = f"{case['label']}-" + "".join(c if c.isalnum() else "-" for c in label).strip("-")
             spec = {"name": name, "model": str(path), "steps": [variant], "eval": [case["quality"]]}
-            if get_method(variant["method"]).needs_data:
-                spec["data"] = case["data"]
+            if get_method(variant["method"]).needs_data or variant["method"] == "structured":
+                spec["data"] = case["data"]  # structured: activation and depth scores read it
             result = run_recipe(Recipe.from_dict(spec), out=out_dir / name, evaluate_before=dense_quality is None,
                                 storage="sparse")
             dense_quality = dense_quality or result.before[0]
-            variants.append((f"{variant['method']} {variant['sparsity']:.0%}", result))
+            variants.append((label, result))
         # reload every artifact (hashes verified) and time it against the dense model, alternating
         models = [load(path).model] + [load(r.artifact).model for _, r in variants]
         speeds = measure_speed(models)
