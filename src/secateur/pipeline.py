@@ -8,6 +8,8 @@ artifact path; the artifact's compression card records the same.
 
 from __future__ import annotations
 
+import importlib
+
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -83,6 +85,12 @@ def dry_run(recipe: Any) -> list[dict[str, Any]]:
             except ConfigError as exc:
                 raise ConfigError(f"steps[{i}].{exc.path}", str(exc).split(": ", 1)[-1]) from None
             entry["modules"] = describe_selection(selected)
+        describe = getattr(importlib.import_module(type(step).__module__), "describe", None)
+        if describe is not None:  # a method that can say more without weights (structured: the new shapes)
+            try:
+                entry.update(describe(model, step))
+            except ConfigError as exc:
+                raise ConfigError(f"steps[{i}].{exc.path}", str(exc).split(": ", 1)[-1]) from None
         plan.append(entry)
     return plan
 

@@ -267,3 +267,19 @@ def test_auto_importance_follows_the_data():
     compress_(model, StructuredConfig(mlp=0.5, drop_layers=1), data=calib())
     result = model.secateur_history[-1]["result"]
     assert result["importance"] == "activation" and result["depth_importance"] == "influence"
+
+
+@pytest.mark.parametrize("fields", [dict(heads=0.5, mlp=0.25, drop_layers=1), dict(heads=0.5, gqa="query", hidden=0.25),
+                                    dict(mlp=0.5, round_to=8, blocks=(0,))])
+def test_dry_run_shapes_match_the_real_run(fields):
+    from secateur.prune.structured import describe
+
+    config = StructuredConfig(importance="activation", **fields)
+    model = tiny_model("llama")
+    with torch.device("meta"):
+        meta = type(model)(model.config)
+    planned = describe(meta, config)["shapes"]["after"]
+    compress_(model, config, data=calib())
+    actual = dict(model.secateur_history[-1]["result"]["after"])
+    actual.pop("parameters")
+    assert planned == actual

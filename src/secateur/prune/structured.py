@@ -165,6 +165,51 @@ def plan_mlp(shapes: dict[int, structure.BlockShape], scores: importance.Scores,
                         minimum=config.round_to, multiple=config.round_to)
 
 
+def describe(model: torch.nn.Module, config: StructuredConfig) -> dict[str, Any]:
+    """What a dry run can say without weights (``model`` may live on the meta device): the modules
+    touched and the shapes after pruning (which units go depends on the scores, not their number)."""
+    from ..models.arch import arch_of
+    from ..targets import describe_selection
+
+    facts = arch_of(model)
+    arch = facts.arch
+    before = structure.shapes(model)
+    n = before["layers"]
+    if any(i >= n for i in config.blocks) or config.drop_layers >= n:
+        raise ConfigError("blocks" if config.blocks else "drop_layers",
+                          f"the model has {n} blocks (0..{n - 1}); at least one must stay")
+    prefix = arch.block_prefix(model)
+    touched = {}
+    for i, block in enumerate(arch.get_blocks(model)):
+        roles = (list(arch.attn.values()) if config.heads or config.hidden else []) + \
+                (list(arch.mlp.values()) if config.mlp or config.hidden else [])
+        if i in config.blocks or config.drop_layers:  # a block that is, or may be, removed whole
+            touched[f"{prefix}.{i}"] = block
+        for path in roles:
+            touched[f"{prefix}.{i}.{path}"] = block.get_submodule(path)
+    after = dict(before)
+    shape = structure.block_shape(arch.get_blocks(model)[0], arch, before["head_dim"])
+    if config.heads:
+        if config.gqa == "query" and shape.groups > 1:
+            g = shape.groups - _count(config.heads, shape.groups, "query heads per KV group", "heads")
+            after["heads"], after["kv_heads"] = [g * shape.kv_heads] * n, [shape.kv_heads] * n
+        else:
+            kv = shape.kv_heads - _count(config.heads, shape.kv_heads, "KV head groups", "heads")
+            after["heads"], after["kv_heads"] = [kv * shape.groups] * n, [kv] * n
+    if config.mlp:
+        after["intermediate"] = [shape.intermediate - _count(config.mlp, shape.intermediate, "MLP channels", "mlp",
+                                                             config.round_to)] * n
+    if config.hidden:
+        after["hidden"] = before["hidden"] - _count(config.hidden, before["hidden"], "hidden channels", "hidden",
+                                                    config.round_to)
+    dropped = len(config.blocks) or config.drop_layers
+    for key in ("heads", "kv_heads", "intermediate"):
+        after[key] = after[key][:n - dropped]
+    after["layers"] = n - dropped
+    after.pop("parameters")
+    return {"modules": describe_selection(touched), "shapes": {"before": before, "after": after}}
+
+
 # --- apply ---------------------------------------------------------------------------------------
 def _ids(ctx: Any, what: str) -> torch.Tensor:
     from .calibrated import calibration_ids
