@@ -264,6 +264,15 @@ def _load_checkpoint(model: nn.Module, directory: Path, store: Activations) -> t
         for block_dir in done:
             for name, tensor in load_file(str(block_dir / "weights.safetensors")).items():
                 target = params.get(name, buffers.get(name))
+                owner, _, attr = name.rpartition(".")
+                try:
+                    holder = model.get_submodule(owner) if owner else None
+                except AttributeError:
+                    holder = None
+                if target is None and holder is not None and not hasattr(holder, attr):
+                    # state a method attached to a module as a buffer (e.g. GPTQ's scales): restore it
+                    holder.register_buffer(attr, tensor.clone())
+                    continue
                 if target is None or target.shape != tensor.shape:
                     raise SecateurError(f"checkpoint {block_dir} does not match this model ({name}); delete it to "
                                         "start over")

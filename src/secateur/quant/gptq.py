@@ -1,0 +1,137 @@
+"""GPTQ — accurate post-training weight quantization from second-order information.
+
+Frantar, Ashkboos, Hoefler and Alistarh, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers" (ICLR 2023), arXiv:2210.17323.
+
+The idea (Optimal Brain Quantization made fast): quantize a weight matrix one input column at a
+time, and after each column spread its rounding error over the columns not yet quantized so that
+the layer output ``WX`` on calibration data moves as little as possible. With ``H = 2XXᵀ/n`` (the
+layer's input Hessian, shared by projections that read the same input) and ``U`` the upper
+Cholesky factor of ``H⁻¹``, column ``j``'s error ``e = (w_j - q_j) / U_jj`` updates every later
+column ``k`` by ``-e · U_jk``. Lazy batching applies the updates to columns outside the current
+block of ``block_size`` columns once per block. Dampening adds ``damp · mean(diag H)`` to the
+diagonal; ``act_order`` quantizes columns in order of decreasing ``H_jj``. Group scales are
+computed during the sweep from the already-updated weights of the group (GPTQ's way); with
+``act_order`` or ``static_groups`` they are fixed up front from the original weights so that the
+groups stay contiguous columns (what packed formats and kernels expect). Zeros already in the
+weight (a pruned model) stay zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..api import register
+from ..calibrate import Hessian, sequential
+from ..config import CalibratedConfig, param
+from ..prune.calibrated import calibration_ids, options_for
+from ..targets import select_modules
+from .common import WeightQuantConfig, check_linear, replace, scheme_for, summary, to_quant_linear, weight_matrix
+from .primitives import Scheme, dequantize, qrange, quantize, weight_params
+
+
+@register("gptq", kind="quantize", needs_data=True, paper="Frantar et al. 2023, arXiv:2210.17323")
+@dataclass(frozen=True)
+class GPTQConfig(WeightQuantConfig, CalibratedConfig):
+    """Quantize weights column by column, compensating each column's error in the rest."""
+
+    damp: float = param(0.01, "dampening: fraction of mean(diag H) added to the Hessian diagonal", range=(0.0, 1.0))
+    block_size: int = param(128, "columns per lazy-update block", range=(1, 1 << 20))
+    act_order: bool = param(False, "quantize columns in order of decreasing Hessian diagonal")
+    static_groups: bool = param(False, "group scales from the original weights, before the sweep")
+
+
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, scheme: Scheme, *, damp: float = 0.01, block_size: int = 128,
+                  act_order: bool = False, static_groups: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ of ``w [out, in]`` with Hessian ``H [in, in]``: ``(q int8, scale, zero_point)``."""
+    W = w.detach().float().clone()
+    H = H.detach().float().clone()
+    rows, cols = W.shape
+    keep_zero = W == 0
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    g = scheme.group
+    qmin, qmax = qrange(scheme.bits)
+    n_groups = 1 if not g else cols // g
+    scale = torch.empty(rows if g != 0 else 1, n_groups)
+    zero = torch.empty(rows if g != 0 else 1, n_groups, dtype=torch.int8)
+    fixed = not g or act_order or static_groups  # scales known before the sweep
+    if g is None or g == 0:
+        scale, zero = weight_params(W, scheme)
+    elif fixed:
+        scale, zero = weight_params(W, scheme)  # per group of the original columns
+
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(cols)
+    W, H, keep_zero = W[:, perm], H[perm][:, perm], keep_zero[:, perm]
+    H += damp * torch.mean(torch.diagonal(H)) * torch.eye(cols)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W, dtype=torch.int8)
+    if g:
+        block_size = max(g, block_size // g * g)  # a group never straddles two blocks
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            group = 0 if not g else col // g
+            if not fixed and col % g == 0:  # GPTQ: the group's scale from its current (updated) weights
+                s, z = weight_params(W1[:, i:i + g], Scheme(scheme.bits, scheme.symmetric, "channel",
+                                                            observer=scheme.observer))
+                scale[:, group], zero[:, group] = s[:, 0], z[:, 0]
+            s, z = scale[:, group], zero[:, group].float()
+            x = W1[:, i]
+            q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
+            q = torch.where(keep_zero[:, i1 + i], z.expand_as(q), q)  # pruned weights stay exactly zero
+            Q[:, i1 + i] = q.to(torch.int8)
+            err = (x - (q - z) * s) / U1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)], scale, zero
+
+
+class _GPTQ:
+    """The calibration loop's view of GPTQ: a Hessian in, the dequantized weight out. The scales ride
+    on the Linear as buffers (so a block checkpoint carries them); the swap to QuantLinear happens
+    once the loop is done."""
+
+    def __init__(self, config: GPTQConfig):
+        self.config = config
+
+    def observer(self, name: str, module: torch.nn.Module) -> Hessian:
+        return Hessian(weight_matrix(module).shape[1])
+
+    def compress(self, name: str, module: torch.nn.Module, stat: Hessian, block: int) -> dict[str, Any]:
+        c = self.config
+        scheme = scheme_for(c, name, module)
+        q, scale, zero = gptq_quantize(weight_matrix(module), stat.H, scheme, damp=c.damp, block_size=c.block_size,
+                                       act_order=c.act_order, static_groups=c.static_groups)
+        with torch.no_grad():
+            weight_matrix(module).copy_(dequantize(q, scale, zero, scheme).to(module.weight.dtype))
+        module.register_buffer("gptq_scale", scale)
+        module.register_buffer("gptq_zero_point", zero)
+        return {"strategy": scheme.strategy}
+
+
+def apply(model: torch.nn.Module, config: GPTQConfig, ctx: Any) -> dict[str, Any]:
+    ids = calibration_ids(ctx, "gptq")
+    targets = select_modules(model, config.targets, config.ignore)
+    for name, module in targets.items():
+        check_linear(name, module)
+        scheme_for(config, name, module)  # a group size that does not divide fails before any work
+    result = sequential(model, ids, targets, _GPTQ(config), options_for(config, ctx), description="gptq")
+    for name, module in targets.items():
+        scheme = scheme_for(config, name, module)
+        scale, zero = module.gptq_scale, module.gptq_zero_point
+        del module.gptq_scale, module.gptq_zero_point
+        q = quantize(weight_matrix(module).detach().float(), scale, zero, scheme)  # exact: the weight is on the grid
+        replace(model, name, to_quant_linear(module, q, scale, zero, scheme, config.activations))
+    out = summary(result.layers, config)
+    out.update(calibration=result.settings, resumed_from_block=result.resumed_from,
+               loop_seconds=round(result.seconds, 3), peak_rss_mib=round(result.peak_rss_mib, 1))
+    return out
