@@ -204,6 +204,48 @@ def prune_cmd(model: str = typer.Argument(..., help="Model directory, artifact o
     _run(recipe, out_dir, dry_run, as_json, storage)
 
 
+@app.command("quantize")
+def quantize_cmd(model: str = typer.Argument(..., help="Model directory, artifact or hub id."),
+                 method: str = typer.Option("rtn", "--method", "-m", help="A quantization method (see `secateur methods`)."),
+                 bits: int = typer.Option(4, "--bits", "-b", help="Bits per weight."),
+                 group_size: Optional[int] = typer.Option(None, "--group-size", "-g",
+                                                          help="Input columns per scale (default: per channel)."),
+                 asymmetric: bool = typer.Option(False, "--asymmetric", help="Integer zero points."),
+                 observer: Optional[str] = typer.Option(None, "--observer", help="minmax | mse."),
+                 fallback: bool = typer.Option(False, "--fallback", help="Per-channel where the group size "
+                                                                          "does not divide a layer."),
+                 data: Optional[str] = typer.Option(None, "--data", "-d", help="Calibration data (name or path)."),
+                 samples: int = typer.Option(128, "--samples", help="Calibration sequences."),
+                 seq_len: int = typer.Option(256, "--seq-len", help="Calibration sequence length."),
+                 evals: List[str] = typer.Option([], "--eval", help="Evaluate before/after: TASK or TASK:DATA."),
+                 out_dir: Optional[Path] = typer.Option(None, "--out", help="Write the artifact here."),
+                 dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the modules touched."),
+                 as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Quantize a model with one method; prints the recipe it ran (the same step works in a recipe file)."""
+    from .recipe import Recipe
+
+    step: dict[str, Any] = {"method": method, "bits": bits}
+    if group_size is None:
+        step["strategy"] = "channel"
+    else:
+        step.update(strategy="group", group_size=group_size)
+    if asymmetric:
+        step["symmetric"] = False
+    if observer is not None:
+        step["observer"] = observer
+    if fallback:
+        step["fallback"] = True
+    spec: dict[str, Any] = {"model": model, "steps": [step]}
+    if data is not None:
+        spec["data"] = {"source": data, "samples": samples, "seq_len": seq_len}
+    spec["eval"] = [dict(zip(("task", "data"), e.split(":", 1))) for e in evals]
+    recipe = Recipe.from_dict(spec)
+    if not as_json:
+        err.print("[bold]recipe[/bold]")
+        err.print(recipe.dump(), markup=False, highlight=False)
+    _run(recipe, out_dir, dry_run, as_json)
+
+
 def _structured_step(heads: float, mlp: float, drop_layers: int, blocks: Optional[str], hidden: float,
                      importance: Optional[str], depth_importance: Optional[str], gqa: Optional[str],
                      non_uniform: bool) -> dict[str, Any]:

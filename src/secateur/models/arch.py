@@ -41,6 +41,10 @@ class Arch:
     # other modules of the base model on the residual stream, with the side that carries it:
     # "norm" (a norm over it), "in" (reads it), "out" (writes it), "both"; missing ones are skipped
     hidden_extra: tuple[tuple[str, str], ...] = field(default=())
+    # activation-aware scaling (AWQ, SmoothQuant): the op before each group of projections, into
+    # whose output a per-channel scale can be folded — a norm or a projection (its output rows)
+    # whose output feeds only that group (a post-norm model's norms also feed the residual: no)
+    smooth: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())
 
     # --- resolving paths on a concrete model ------------------------------------------------
     def base(self, model: nn.Module) -> nn.Module:
@@ -81,6 +85,8 @@ _LLAMA = Arch(
     block_kwargs=("attention_mask", "position_ids", "position_embeddings"), rotary="rotary_emb",
     shared_inputs=(("attn.q", "attn.k", "attn.v"), ("mlp.gate", "mlp.up")),
     attention="self_attn", head_attrs={"num_key_value_groups": "groups"},
+    smooth=(("input_layernorm", ("attn.q", "attn.k", "attn.v")), ("post_attention_layernorm", ("mlp.gate", "mlp.up")),
+            ("mlp.up_proj", ("mlp.down",)), ("self_attn.v_proj", ("attn.o",))),
 )
 
 _OPT = Arch(
@@ -96,6 +102,8 @@ _OPT = Arch(
     shared_inputs=(("attn.q", "attn.k", "attn.v"),),
     attention="self_attn", head_attrs={"num_heads": "heads"},
     hidden_extra=(("decoder.project_in", "out"), ("decoder.project_out", "in")),
+    smooth=(("self_attn_layer_norm", ("attn.q", "attn.k", "attn.v")), ("final_layer_norm", ("mlp.up",)),
+            ("self_attn.v_proj", ("attn.o",))),
 )
 
 _GPT2 = Arch(
@@ -107,6 +115,7 @@ _GPT2 = Arch(
             "vocab": "vocab_size", "context": "n_positions"},
     transposed=True,
     attention="attn", head_attrs={"num_heads": "heads", "split_size": "width"},
+    smooth=(("ln_1", ("attn.qkv",)), ("ln_2", ("mlp.up",))),
 )
 
 _BERT = Arch(
@@ -122,6 +131,7 @@ _BERT = Arch(
     shared_inputs=(("attn.q", "attn.k", "attn.v"),),
     attention="attention.self", head_attrs={"num_attention_heads": "heads", "all_head_size": "width"},
     hidden_extra=(("embeddings.LayerNorm", "norm"), ("pooler.dense", "both")),
+    smooth=(("attention.self.value", ("attn.o",)),),
 )
 
 ARCHS: dict[str, Arch] = {

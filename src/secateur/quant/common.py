@@ -68,7 +68,76 @@ def to_quant_linear(module: nn.Linear, q: torch.Tensor, scale: torch.Tensor, zer
     return new.to(module.weight.device)
 
 
-__all__ = ["WeightQuantConfig", "scheme_for", "check_linear", "replace", "to_quant_linear", "summary", "weight_matrix"]
+__all__ = ["WeightQuantConfig", "scheme_for", "check_linear", "replace", "to_quant_linear", "summary", "weight_matrix",
+           "stash", "swap_all", "smooth_groups", "fold_scales"]
+
+
+# --- calibrated methods: the dequantized weight stays in the Linear while the loop needs it -------
+def stash(module: nn.Module, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme) -> None:
+    """Write the dequantized weight into ``module`` and attach its scales as buffers, so the
+    calibration loop re-runs the quantized block and a block checkpoint carries the scales."""
+    from .primitives import dequantize
+
+    with torch.no_grad():
+        weight_matrix(module).copy_(dequantize(q, scale, zero, scheme).to(module.weight.dtype))
+    module.register_buffer("quant_scale", scale)
+    module.register_buffer("quant_zero_point", zero)
+
+
+def swap_all(model: nn.Module, targets: dict[str, nn.Module], config: WeightQuantConfig) -> None:
+    """After the loop: every stashed Linear becomes a QuantLinear (integers recovered exactly, as the
+    weight lies on its grid)."""
+    from .primitives import quantize
+
+    for name, module in targets.items():
+        scheme = scheme_for(config, name, module)
+        scale, zero = module.quant_scale, module.quant_zero_point
+        del module.quant_scale, module.quant_zero_point
+        q = quantize(weight_matrix(module).detach().float(), scale, zero, scheme)
+        replace(model, name, to_quant_linear(module, q, scale, zero, scheme, config.activations))
+
+
+# --- activation-aware scaling (AWQ, SmoothQuant) ----------------------------------------------------
+def smooth_groups(model: nn.Module, block: int, targets: dict[str, nn.Module]) -> list[tuple[nn.Module, list[str]]]:
+    """``(previous op, [targeted projection names])`` of block ``block`` from the table's ``smooth``
+    rows, for groups whose projections are all targeted and whose shapes allow folding."""
+    from ..models.arch import arch_of
+
+    arch = arch_of(model).arch
+    blocks = arch.get_blocks(model)
+    prefix = arch.block_prefix(model)
+    roles = arch.projections()
+    out = []
+    for prev_path, members in arch.smooth:
+        prev = blocks[block].get_submodule(prev_path)
+        if prev.weight.dim() == 1 and getattr(model.config, "do_layer_norm_before", True) is False:
+            continue  # OPT-350m is post-norm: its norms feed the residual too
+        names = [f"{prefix}.{block}.{roles[r]}" for r in members if r in roles]
+        if not names or any(n not in targets for n in names):
+            continue
+        width = weight_matrix(targets[names[0]]).shape[1]
+        prev_out = prev.weight.shape[0] if prev.weight.dim() == 1 else weight_matrix(prev).shape[0]
+        if prev_out != width:  # e.g. v -> o under grouped-query attention: not foldable
+            continue
+        out.append((prev, names))
+    return out
+
+
+@torch.no_grad()
+def fold_scales(prev: nn.Module, linears: list[nn.Module], s: torch.Tensor) -> None:
+    """``prev``'s output channel j divided by s_j, every linear's input column j multiplied by s_j:
+    the function computed is unchanged (up to float rounding)."""
+    s = s.to(prev.weight.dtype)
+    if prev.weight.dim() == 1:  # a norm
+        prev.weight.div_(s)
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.div_(s)
+    else:
+        weight_matrix(prev).div_(s.unsqueeze(1))
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.div_(s)
+    for m in linears:
+        weight_matrix(m).mul_(s.unsqueeze(0))
 
 
 def summary(layers: dict[str, dict[str, Any]], config: WeightQuantConfig) -> dict[str, Any]:

@@ -29,8 +29,8 @@ from ..calibrate import Hessian, sequential
 from ..config import CalibratedConfig, param
 from ..prune.calibrated import calibration_ids, options_for
 from ..targets import select_modules
-from .common import WeightQuantConfig, check_linear, replace, scheme_for, summary, to_quant_linear, weight_matrix
-from .primitives import Scheme, dequantize, qrange, quantize, weight_params
+from .common import WeightQuantConfig, check_linear, scheme_for, stash, summary, swap_all, weight_matrix
+from .primitives import Scheme, qrange, weight_params
 
 
 @register("gptq", kind="quantize", needs_data=True, paper="Frantar et al. 2023, arXiv:2210.17323")
@@ -111,10 +111,7 @@ class _GPTQ:
         scheme = scheme_for(c, name, module)
         q, scale, zero = gptq_quantize(weight_matrix(module), stat.H, scheme, damp=c.damp, block_size=c.block_size,
                                        act_order=c.act_order, static_groups=c.static_groups)
-        with torch.no_grad():
-            weight_matrix(module).copy_(dequantize(q, scale, zero, scheme).to(module.weight.dtype))
-        module.register_buffer("gptq_scale", scale)
-        module.register_buffer("gptq_zero_point", zero)
+        stash(module, q, scale, zero, scheme)
         return {"strategy": scheme.strategy}
 
 
@@ -125,12 +122,7 @@ def apply(model: torch.nn.Module, config: GPTQConfig, ctx: Any) -> dict[str, Any
         check_linear(name, module)
         scheme_for(config, name, module)  # a group size that does not divide fails before any work
     result = sequential(model, ids, targets, _GPTQ(config), options_for(config, ctx), description="gptq")
-    for name, module in targets.items():
-        scheme = scheme_for(config, name, module)
-        scale, zero = module.gptq_scale, module.gptq_zero_point
-        del module.gptq_scale, module.gptq_zero_point
-        q = quantize(weight_matrix(module).detach().float(), scale, zero, scheme)  # exact: the weight is on the grid
-        replace(model, name, to_quant_linear(module, q, scale, zero, scheme, config.activations))
+    swap_all(model, targets, config)
     out = summary(result.layers, config)
     out.update(calibration=result.settings, resumed_from_block=result.resumed_from,
                loop_seconds=round(result.seconds, 3), peak_rss_mib=round(result.peak_rss_mib, 1))
