@@ -26,6 +26,13 @@ Stock ``transformers`` cannot read that layout (it fails on a size mismatch rath
 wrong weights), so the default stays ``sparse="none"``: plain safetensors;
 ``export_dense(artifact, out)`` turns a compressed artifact back into one. The card's ``storage``
 entry says which format was used and what it saved.
+
+Quantized models (:class:`~secateur.quant.linear.QuantLinear` modules) are written in the
+compressed-tensors format (packed integers, scales and a ``quantization_config`` in
+``config.json``, see :mod:`secateur.quant.formats`), which stock ``transformers`` (with
+``compressed-tensors`` installed) and vLLM load and :func:`secateur.load` reads back into
+QuantLinear modules with the same integers; the card's ``quantization`` entry gives each layer's
+scheme and stored bytes, and the bytes of the weight files.
 """
 
 from __future__ import annotations
@@ -177,7 +184,11 @@ def _layout(model: Any) -> dict[str, Any] | None:
     if arch_of(model, strict=False) is None:
         return None
     from .prune.structure import layout
+    from .quant.formats import dense_view, has_quantized
 
+    if has_quantized(model):  # QuantLinear holds integers, not a weight: shapes from an nn.Linear stand-in
+        with dense_view(model):
+            return layout(model)
     return layout(model)
 
 
@@ -357,8 +368,10 @@ def _sparse_candidates(model: Any) -> set[str]:
     """State-dict names of the 2-D Linear and Conv1D weights: the ones compressed storage may take."""
     import torch.nn as nn
 
+    from .quant.formats import is_quantized
+
     return {f"{name}.weight" for name, module in model.named_modules()
-            if (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D")
+            if (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D") and not is_quantized(module)
             and getattr(module, "weight", None) is not None and module.weight.dim() == 2}
 
 
@@ -405,6 +418,7 @@ def save(model: Any, directory: str | os.PathLike, *, tokenizer: Any = None, rec
     :func:`secateur.load` reads (:func:`export_dense` converts back).
     """
     from . import sparse_format
+    from .quant import formats
 
     if sparse not in sparse_format.MODES:
         raise ArtifactError(f"sparse={sparse!r} is not a storage mode; valid modes: {one_of(sparse_format.MODES)}")
@@ -412,9 +426,15 @@ def save(model: Any, directory: str | os.PathLike, *, tokenizer: Any = None, rec
     _check_saveable(model)
     _check_target(target)
     card = build_card(model, recipe=recipe, metrics=metrics, extra=extra)  # fails before any write
+    quantized = formats.has_quantized(model)
+    if quantized:
+        formats.check(model)  # fails (compressed-tensors missing, an unsupported scheme) before any write
     with _staging(target, card) as tmp:
         with _save_settings(model):
-            model.save_pretrained(tmp, safe_serialization=True)
+            if quantized:  # QuantLinear modules: the compressed-tensors layout stock transformers and vLLM load
+                formats.write(model, tmp, safe_serialization=True)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if (tmp / CARD_NAME).exists():
@@ -425,6 +445,8 @@ def save(model: Any, directory: str | os.PathLike, *, tokenizer: Any = None, rec
             raise ArtifactError(f"save_pretrained did not write safetensors weights only (got {found}); "
                                 "secateur artifacts never contain pickles")
         card["storage"] = sparse_format.compress_files(tmp, _sparse_candidates(model), sparse)
+        if quantized:
+            card["quantization"] = formats.describe(model, tmp)
     log.info("saved artifact %s (%d files, %d bytes of weights)", target, len(card["files"]),
              card_summary(card)["weights_bytes"])
     return target
@@ -511,9 +533,13 @@ def load_pretrained(auto: Any, directory: str | os.PathLike, **kwargs: Any) -> A
 
     ``auto`` is a transformers Auto class (or a model class). A directory in the plain format goes
     straight to transformers; one with compressed weights is decoded to a dense state dict first
-    and handed to the model class with the directory's config and generation config.
+    and handed to the model class with the directory's config and generation config. A
+    compressed-tensors checkpoint (``quantization_config.quant_method == "compressed-tensors"``)
+    is built with :class:`~secateur.quant.linear.QuantLinear` modules holding its integers
+    (:func:`secateur.quant.formats.read`).
     """
     from . import sparse_format
+    from .quant import formats
 
     path = Path(directory)
     try:
@@ -522,7 +548,8 @@ def load_pretrained(auto: Any, directory: str | os.PathLike, **kwargs: Any) -> A
         raise ArtifactError(str(exc)) from None
     card_file = path / CARD_NAME
     recorded = json.loads(card_file.read_text(encoding="utf-8")).get("layout") if card_file.is_file() else None
-    if not compressed and not recorded:
+    quantized = formats.quantization_config_of(path) is not None
+    if not compressed and not recorded and not quantized:
         return auto.from_pretrained(path, **kwargs)
     from transformers import AutoConfig, GenerationConfig
 
@@ -530,7 +557,10 @@ def load_pretrained(auto: Any, directory: str | os.PathLike, **kwargs: Any) -> A
     kwargs.pop("use_safetensors", None)
     mapping = getattr(auto, "_model_mapping", None)  # Auto classes map a config type to a model class
     model_class = mapping[type(config)] if mapping is not None else auto
-    if recorded:  # per-module shapes the config cannot describe: rebuild them, then load the weights
+    if quantized:  # compressed-tensors integers: QuantLinear modules, without transformers' quantizer
+        model = formats.read(model_class, path, config, kwargs.get("dtype"), state=materialize_dense(path),
+                             layout=recorded)
+    elif recorded:  # per-module shapes the config cannot describe: rebuild them, then load the weights
         from .prune.structure import rebuild
 
         model = rebuild(model_class, config, recorded, materialize_dense(path), kwargs.get("dtype"))

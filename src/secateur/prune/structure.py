@@ -354,7 +354,10 @@ def layout(model: nn.Module) -> dict[str, Any] | None:
     ref_shapes = {n: tuple(p.shape) for n, p in reference.named_parameters(remove_duplicate=False)}
     diff = {n: list(p.shape) for n, p in model.named_parameters(remove_duplicate=False)
             if ref_shapes.get(n) != tuple(p.shape)}
-    missing = sorted(set(ref_shapes) - {n for n, _ in model.named_parameters(remove_duplicate=False)})
+    have = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    have |= {n for n, _ in model.named_buffers()}
+    quantized = {name for name, m in model.named_modules() if hasattr(m, "dequantized_weight")}
+    missing = sorted(n for n in set(ref_shapes) - have if n.rpartition(".")[0] not in quantized)
     if missing:
         raise SecateurError(f"the model lacks parameters its config describes ({missing[:3]}); cannot record a layout")
     if not diff:

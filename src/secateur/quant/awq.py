@@ -136,8 +136,9 @@ class _AWQ:
         from ..models.arch import arch_of
 
         arch = arch_of(self.model).arch
-        groups = input_groups(arch, arch.block_prefix(self.model), list(self.targets))
-        leader = next(lead for lead, members in groups.items() if name in members)
+        block_prefix = name[: len(arch.block_prefix(self.model)) + 1] + name[len(arch.block_prefix(self.model)) + 1:].split(".", 1)[0]
+        names = [n for n in self.targets if n.startswith(block_prefix + ".")]
+        leader = next(lead for lead, members in input_groups(arch, block_prefix, names).items() if name in members)
         return self.stats[leader]
 
     def _scale_block(self, block: int) -> None:
@@ -177,7 +178,7 @@ class _AWQ:
             scale, zero = minmax_params(w, scheme)
             self.inputs.pop(name, None)
         stash(module, quantize(w, scale, zero, scheme), scale, zero, scheme)
-        return dict(self.records.get(name, {}), strategy=scheme.strategy)
+        return dict(self.records.get(name, {}), bits=scheme.bits, strategy=scheme.strategy)
 
 
 def apply(model: torch.nn.Module, config: AWQConfig, ctx: Any) -> dict[str, Any]:

@@ -27,13 +27,19 @@ class WeightQuantConfig(TargetedConfig):
     symmetric: bool = param(True, "zero point 0 (symmetric) or an integer zero point per scale (asymmetric)")
     observer: Literal["minmax", "mse"] = param("minmax", "range of a scale: min/max, or the clipping ratio with "
                                                         "the smallest error (MSE search)")
-    fallback: bool = param(False, "per-channel scales for layers whose width the group size does not divide "
-                                  "(instead of an error)")
+    fallback: bool = param(True, "per-channel scales for layers whose width the group size does not divide "
+                                 "(false: an error); the card records each layer's strategy")
     activations: Optional[Literal["int8"]] = param(
         None, "activation quantization: None (weight-only, e.g. W4A16) or int8 (dynamic per-token, W8A8)")
+    overrides: dict[str, int] = param({}, "bits for some modules: pattern (class, name or re:regex) -> bits "
+                                          "(mixed precision)")
 
     def validate(self) -> None:
-        if self.activations == "int8" and (self.bits != 8 or self.strategy == "group"):
+        for pattern, bits in self.overrides.items():
+            if not 2 <= bits <= 8:
+                raise ConfigError(f"overrides.{pattern}", f"got {bits} bits, expected 2..8")
+        if self.activations == "int8" and (self.bits != 8 or self.strategy == "group" or
+                                           any(b != 8 for b in self.overrides.values())):
             raise ConfigError("activations", "int8 activations (W8A8) need bits: 8 and strategy: channel or tensor")
 
     @property
@@ -42,7 +48,17 @@ class WeightQuantConfig(TargetedConfig):
 
 
 def scheme_for(config: WeightQuantConfig, name: str, module: nn.Module) -> Scheme:
-    return resolve_group(weight_matrix(module).shape[1], config.scheme, config.fallback, where=name)
+    """The module's scheme: the config's, with its bits overridden by the last matching pattern."""
+    import dataclasses
+    import re
+
+    scheme = config.scheme
+    for pattern, bits in config.overrides.items():
+        hit = (re.search(pattern[3:], name) if pattern.startswith("re:") else
+               name == pattern or name.startswith(pattern + ".") or type(module).__name__ == pattern)
+        if hit:
+            scheme = dataclasses.replace(scheme, bits=bits)
+    return resolve_group(weight_matrix(module).shape[1], scheme, config.fallback, where=name)
 
 
 def check_linear(name: str, module: nn.Module) -> None:

@@ -112,7 +112,7 @@ class _GPTQ:
         q, scale, zero = gptq_quantize(weight_matrix(module), stat.H, scheme, damp=c.damp, block_size=c.block_size,
                                        act_order=c.act_order, static_groups=c.static_groups)
         stash(module, q, scale, zero, scheme)
-        return {"strategy": scheme.strategy}
+        return {"bits": scheme.bits, "strategy": scheme.strategy}
 
 
 def apply(model: torch.nn.Module, config: GPTQConfig, ctx: Any) -> dict[str, Any]:

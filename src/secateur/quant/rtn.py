@@ -36,5 +36,5 @@ def apply(model: torch.nn.Module, config: RTNConfig, ctx: Any = None) -> dict[st
         q, scale, zero = quantize_weight(w, scheme)
         err = float(((dequantize(q, scale, zero, scheme) - w) ** 2).sum() / (w ** 2).sum().clamp_min(1e-30))
         replace(model, name, to_quant_linear(module, q, scale, zero, scheme, config.activations))
-        layers[name] = {"strategy": scheme.strategy, "relative_weight_error": round(err, 8)}
+        layers[name] = {"bits": scheme.bits, "strategy": scheme.strategy, "relative_weight_error": round(err, 8)}
     return summary(layers, config)

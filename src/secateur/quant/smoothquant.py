@@ -79,7 +79,7 @@ class _SmoothQuant:
         scheme = scheme_for(self.config, name, module)
         q, scale, zero = quantize_weight(weight_matrix(module).detach().float(), scheme)
         stash(module, q, scale, zero, scheme)
-        return dict(self.records.get(name, {"smoothed": False}), strategy=scheme.strategy)
+        return dict(self.records.get(name, {"smoothed": False}), bits=scheme.bits, strategy=scheme.strategy)
 
 
 def apply(model: torch.nn.Module, config: SmoothQuantConfig, ctx: Any) -> dict[str, Any]:

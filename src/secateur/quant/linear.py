@@ -1,0 +1,205 @@
+"""``QuantLinear``: the module that replaces an ``nn.Linear`` once its weight is quantized.
+
+It holds the integers and their scales as buffers — the only state it saves:
+
+``weight_q``           int8 ``[out, in]``, the (unpacked) signed integers of ``bits`` bits
+``weight_scale``       float ``[out, G]``, ``G = 1`` per output channel or ``in / group_size``
+``weight_zero_point``  int8 ``[out, G]`` (zeros when symmetric)
+``bias``               the Linear's bias, or None
+
+with ``w = (weight_q - weight_zero_point) * weight_scale`` (:mod:`secateur.quant.primitives`'
+convention). ``activation`` is None (weight-only: W4A16, W8A16, ...) or ``"int8"`` (W8A8: the
+input is quantized per token on the fly, symmetric int8, one scale per row, so a token's output
+never depends on the rest of the batch).
+
+``forward`` runs the fastest real low-precision CPU kernel of :mod:`secateur.quant.kernels` that
+takes the module (W8A8 int8 GEMM, int4 / int8 weight-only GEMV), packed on first use and cached on
+the module (not in the state dict), and otherwise the reference: dequantize, then ``F.linear``
+(W8A8: on the fake-quantized input). The weight-only kernels compute in bfloat16 (bf16 activations,
+scales and outputs; float32 accumulation), so their outputs differ from the reference by bf16
+rounding; the W8A8 kernel only by float rounding. Set ``module.use_kernels = False`` or run inside
+``with reference_only():`` for the reference path.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import SecateurError
+from . import kernels
+
+log = logging.getLogger(__name__)
+
+ACTIVATIONS = (None, "int8")
+_FAST_DTYPES = (torch.float32, torch.bfloat16)
+_reference_only = False
+
+
+@contextmanager
+def reference_only() -> Iterator[None]:
+    """Every QuantLinear runs its reference path (dequantize, then ``F.linear``) inside the block."""
+    global _reference_only
+    previous, _reference_only = _reference_only, True
+    try:
+        yield
+    finally:
+        _reference_only = previous
+
+
+class QuantLinear(nn.Module):
+    """A Linear layer with integer weights (see the module docstring)."""
+
+    use_kernels = True  # False: always the reference path (per instance, or on the class)
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 8, group_size: Optional[int] = None,
+                 activation: Optional[str] = None, bias: bool = True, *, scale_dtype: torch.dtype = torch.float32,
+                 device: Any = None):
+        super().__init__()
+        _check_scheme(in_features, bits, group_size, activation)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.activation = bits, group_size, activation
+        groups = in_features // group_size if group_size else 1
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=scale_dtype, device=device))
+        self.register_buffer("weight_zero_point", torch.zeros(out_features, groups, dtype=torch.int8, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._kernel: Any = None  # (function, packed weight) once prepared, False where no kernel applies
+
+    @classmethod
+    def from_quantized(cls, q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], bits: int,
+                       group_size: Optional[int], bias: Optional[torch.Tensor] = None,
+                       activation: Optional[str] = None) -> "QuantLinear":
+        """The module holding ``q`` (int8 ``[out, in]``), ``scale`` (``[out, G]``), ``zero_point``
+        (integers ``[out, G]``, or None when symmetric) and ``bias``."""
+        if q.dim() != 2 or q.dtype != torch.int8:
+            raise SecateurError(f"q must be an int8 [out, in] tensor, got {q.dtype} of shape {tuple(q.shape)}")
+        out_features, in_features = q.shape
+        _check_scheme(in_features, bits, group_size, activation)
+        groups = in_features // group_size if group_size else 1
+        if not scale.is_floating_point() or tuple(scale.shape) != (out_features, groups):
+            raise SecateurError(f"scale must be a float [{out_features}, {groups}] tensor, got {scale.dtype} "
+                                f"of shape {tuple(scale.shape)}")
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
+            raise SecateurError(f"{bits}-bit integers must lie in [{lo}, {hi}], got [{int(q.min())}, {int(q.max())}]")
+        if zero_point is None:
+            zero_point = torch.zeros(out_features, groups, dtype=torch.int8, device=q.device)
+        elif tuple(zero_point.shape) != (out_features, groups) or zero_point.is_floating_point() or \
+                (zero_point.numel() and (int(zero_point.min()) < lo or int(zero_point.max()) > hi)):
+            raise SecateurError(f"zero_point must hold integers in [{lo}, {hi}] of shape [{out_features}, {groups}], "
+                                f"got {zero_point.dtype} of shape {tuple(zero_point.shape)}")
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise SecateurError(f"bias must have shape [{out_features}], got {tuple(bias.shape)}")
+        module = cls(in_features, out_features, bits, group_size, activation, bias is not None,
+                     scale_dtype=scale.dtype, device="meta")
+        module.weight_q = q.detach().contiguous()
+        module.weight_scale = scale.detach().contiguous()
+        module.weight_zero_point = zero_point.detach().to(torch.int8).contiguous()
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return module
+
+    # --- the reference ---------------------------------------------------------------------------
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(q - zero_point) * scale`` in float32 (each scale over its group), then ``dtype``."""
+        scale = self.weight_scale.float()
+        out, groups = scale.shape
+        q = self.weight_q.float().view(out, groups, -1)
+        weight = (q - self.weight_zero_point.float().unsqueeze(-1)) * scale.unsqueeze(-1)
+        return weight.view(out, -1).to(dtype)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize, then ``F.linear`` (W8A8: on ``x`` quantized per token and dequantized)."""
+        if self.activation == "int8":
+            xq, xs = kernels.quantize_per_token(x)
+            x = (xq.float() * xs).to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    # --- the kernels -----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _reference_only or not self.use_kernels or x.device.type != "cpu" or x.dtype not in _FAST_DTYPES \
+                or (x.requires_grad and torch.is_grad_enabled()):
+            return self.reference_forward(x)
+        kernel = self._kernel
+        if kernel is None:
+            kernel = self._kernel = self._prepare()
+        if not kernel:
+            return self.reference_forward(x)
+        function, packed = kernel
+        out = function(x.reshape(-1, self.in_features), packed, self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _prepare(self) -> Any:
+        """``(kernel function, packed weight)`` for this module, or False (reference path)."""
+        q, scale, zero = self.weight_q, self.weight_scale, self.weight_zero_point
+        if q.device.type != "cpu":
+            return False
+        try:
+            if self.activation == "int8":
+                function, packed = kernels.w8a8_linear, kernels.pack_w8a8(q, scale, zero)
+            elif self.bits <= 4:
+                function, packed = kernels.int4_linear, kernels.pack_int4(q, scale, zero, self.group_size)
+            else:
+                function, packed = kernels.int8_linear, kernels.pack_int8(q, scale, zero)
+        except (RuntimeError, NotImplementedError) as exc:  # a torch build without the op's CPU kernel
+            log.debug("QuantLinear %s: no low-precision kernel (%s); reference path", self.extra_repr(), exc)
+            return False
+        return (function, packed) if packed is not None else False
+
+    @property
+    def kernel(self) -> str:
+        """Name of the kernel ``forward`` runs on float32 CPU input (``"reference"`` when none applies)."""
+        if _reference_only or not self.use_kernels:
+            return "reference"
+        if self._kernel is None:
+            self._kernel = self._prepare()
+        return self._kernel[0].__name__ if self._kernel else "reference"
+
+    def reset_kernel(self) -> None:
+        """Drop the packed weights (repacked on the next forward): call after editing the buffers in place."""
+        self._kernel = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "QuantLinear":  # .to(), .cuda(), .half()...
+        self._kernel = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._kernel = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:  # copy / pickle without the packed (oneDNN) tensors
+        state = dict(super().__getstate__())
+        state["_kernel"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        group = f"group_size={self.group_size}" if self.group_size else "per-channel"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {group}, "
+                f"activation={self.activation}, bias={self.bias is not None}")
+
+
+def _check_scheme(in_features: int, bits: int, group_size: Optional[int], activation: Optional[str]) -> None:
+    if not 2 <= bits <= 8:
+        raise SecateurError(f"bits must be 2..8, got {bits}")
+    if activation not in ACTIVATIONS:
+        raise SecateurError(f"activation must be None (weight-only) or 'int8' (W8A8), got {activation!r}")
+    if group_size is not None and (group_size < 1 or in_features % group_size):
+        raise SecateurError(f"group_size {group_size} does not divide in_features {in_features}")
+    if activation == "int8" and group_size is not None:
+        raise SecateurError("int8 activations (W8A8) need per-channel weight scales (group_size None), "
+                            f"got group_size {group_size}")
+
+
+__all__ = ["QuantLinear", "reference_only"]
