@@ -34,7 +34,7 @@ METHODS: dict[str, Method] = {}
 # Files whose import registers methods. Importing them is cheap (torch only).
 _METHOD_MODULES = ("secateur.prune.magnitude", "secateur.prune.wanda", "secateur.prune.sparsegpt",
                    "secateur.prune.structured", "secateur.quant.rtn", "secateur.quant.gptq", "secateur.quant.awq",
-                   "secateur.quant.smoothquant", "secateur.quant.mixed")
+                   "secateur.quant.smoothquant", "secateur.quant.fp8", "secateur.quant.mixed")
 
 
 def register(name: str, *, kind: str, needs_data: bool = False, paper: str = "") -> Callable:

@@ -30,6 +30,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 pytest.importorskip("compressed_tensors")
 
@@ -447,3 +448,297 @@ def test_without_compressed_tensors_the_error_says_how_to_install(tmp_path, quan
     with pytest.raises(SecateurError, match=r"pip install 'secateur\[quant\]'"):
         secateur.save(model, tmp_path / "a")
     assert not (tmp_path / "a").exists() and not list(tmp_path.iterdir())
+
+
+# --- FP8 (FP8Linear, format float-quantized) -----------------------------------------------------
+#
+# FP8Linear modules are written as compressed-tensors' float-quantized layout: ``weight`` in
+# float8_e4m3fn, ``weight_scale`` float32 ``[out, 1]`` per channel or ``[1]`` per tensor. Stock
+# transformers (CPU) decompresses each weight to ``weight.float() * scale`` on the first forward
+# and, where the scheme has FP8 activations, fake-quantizes every Linear's input per token: scale
+# ``amax / 448``, ``x / scale`` clamped to [-448, 448], cast to float8_e4m3fn and back, times the
+# scale (calculate_qparams + _quantize_dequantize). The dense reference below does exactly that
+# and is bit-identical, and so is FP8Linear's reference path (``reference_only()``); its own
+# forward (an FP8 GEMM, scales applied to the float32 accumulator) differs by float rounding only.
+
+from secateur import compress_  # noqa: E402
+from secateur.quant.fp8 import FP8Config, FP8Linear  # noqa: E402
+
+FP8_MAX = 448.0
+
+
+def fp8(model, fmt="e4m3", strategy="channel", activations="fp8", targets=("Linear",)):
+    compress_(model, FP8Config(format=fmt, strategy=strategy, activations=activations, targets=targets))
+    return model.eval()
+
+
+def ct_fp8_token_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' dynamic symmetric per-token float8 QDQ on a [batch, seq, features] input."""
+    amax = torch.maximum(x.amin(-1, keepdim=True).clamp_max(0).abs(), x.amax(-1, keepdim=True).clamp_min(0))
+    scale = amax / torch.tensor(FP8_MAX, dtype=x.dtype)
+    scale = torch.where(scale == 0, torch.finfo(x.dtype).eps, scale)
+    return torch.clamp(x / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+
+def fp8_reference_model(quantized: nn.Module) -> nn.Module:
+    """A dense copy: every FP8Linear an nn.Linear with ``weight_fp8.float() * weight_scale`` (FP8
+    activations: and compressed-tensors' per-token fake quantization of its input); QuantLinear
+    modules as in :func:`reference_model`."""
+    dense = copy.deepcopy(quantized)
+    for name, module in list(dense.named_modules()):
+        if not isinstance(module, FP8Linear):
+            continue
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(module.weight_fp8.float() * module.weight_scale)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        if module.activations == "fp8":
+            linear.register_forward_pre_hook(lambda _, args: (ct_fp8_token_fake_quant(args[0]),))
+        parent, _, child = name.rpartition(".")
+        setattr(dense.get_submodule(parent), child, linear)
+    return reference_model(dense, "llama")
+
+
+def fp8_mixed(model):
+    """MLP in FP8 (per tensor, FP8 activations), attention W4 group 16 (first block) and W8A16."""
+    fp8(model, strategy="tensor", targets=(r"re:\.mlp\.",))
+    return rtn(model, lambda name: W8A16 if ".layers.1.self_attn." in name else W4G16, QuantLinear)
+
+
+FP8_PLANS = {
+    "e4m3-channel-a8": lambda m: fp8(m),
+    "e4m3-tensor-a8": lambda m: fp8(m, strategy="tensor"),
+    "e4m3-channel-w": lambda m: fp8(m, activations=None),
+    "e4m3-tensor-w": lambda m: fp8(m, strategy="tensor", activations=None),
+    "e5m2-channel-a8": lambda m: fp8(m, fmt="e5m2"),
+    "e5m2-tensor-w": lambda m: fp8(m, fmt="e5m2", strategy="tensor", activations=None),
+    "mixed": fp8_mixed,
+}
+FP8_CASES = [("llama", p) for p in FP8_PLANS] + [("qwen2", "e4m3-channel-a8"), ("qwen2", "e4m3-tensor-w")]
+STOCK_FP8_CASES = [c for c in FP8_CASES if "e5m2" not in c[1]]
+
+
+@pytest.fixture
+def fp8_saved(request, tmp_path):
+    family, plan = request.param
+    model = FP8_PLANS[plan](tiny_model(family))
+    path = secateur.save(model, tmp_path / f"{family}-{plan}")
+    return family, plan, model, path
+
+
+def fp8_modules(model) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)  # float8 compared bit for bit
+
+
+@pytest.mark.parametrize("fp8_saved", FP8_CASES, indirect=True, ids=[f"{f}-{p}" for f, p in FP8_CASES])
+def test_fp8_secateur_load_gives_the_same_bits_and_outputs(fp8_saved):
+    family, plan, model, path = fp8_saved
+    loaded = secateur.load(path).model
+    ours, theirs = fp8_modules(model), fp8_modules(loaded)
+    assert list(theirs) == list(ours) and len(ours) == (6 if plan == "mixed" else 14)
+    for name, module in ours.items():
+        back = theirs[name]
+        assert back.weight_fp8.dtype == module.weight_fp8.dtype
+        assert torch.equal(bits_of(back.weight_fp8), bits_of(module.weight_fp8))
+        assert back.weight_scale.dtype == torch.float32 and torch.equal(back.weight_scale, module.weight_scale)
+        assert (back.activations, back.strategy) == (module.activations, module.strategy)
+        assert (back.bias is None) == (module.bias is None)
+        if module.bias is not None:
+            assert torch.equal(back.bias, module.bias)
+    if plan == "mixed":
+        assert [type(m) for m in formats.quantized_modules(loaded).values()] == \
+            [type(m) for m in formats.quantized_modules(model).values()]
+    assert torch.equal(logits(loaded, IDS), logits(model, IDS))
+    with reference_only():
+        assert torch.equal(logits(loaded, IDS), logits(model, IDS))
+
+
+@pytest.mark.parametrize("fp8_saved", STOCK_FP8_CASES, indirect=True, ids=[f"{f}-{p}" for f, p in STOCK_FP8_CASES])
+def test_fp8_stock_transformers_loads_it(fp8_saved):
+    family, plan, model, path = fp8_saved
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    assert loaded.dtype == torch.float32
+    got = logits(loaded, IDS)
+    assert torch.equal(got, logits(fp8_reference_model(model), IDS))
+    for name, module in fp8_modules(model).items():
+        layer = loaded.get_submodule(name)
+        assert type(layer) is nn.Linear and layer.quantization_status == "decompressed"
+        assert torch.equal(layer.weight, module.dequantized_weight())
+        assert (layer.quantization_scheme.input_activations is not None) == (module.activations == "fp8")
+    with reference_only():  # FP8Linear's reference path: compressed-tensors' operations, in its order
+        assert torch.equal(got, logits(model, IDS))
+    ours = logits(model, IDS)  # the FP8 GEMM: the same products, scales applied after the accumulation
+    if plan == "mixed":
+        return  # QuantLinear's bf16 weight-only kernels: test_stock_transformers_loads_it
+    if plan.endswith("-w"):
+        assert torch.equal(got, ours)
+    else:
+        # float32 rounding only (measured ~1e-7 of the largest logit); one activation landing on a
+        # neighbouring FP8 value would move logits by ~1e-3, so 1e-5 catches a different grid
+        assert (got - ours).abs().max() <= 1e-5 * ours.abs().max()
+
+
+def test_fp8_stock_scales_a_2d_input_per_tensor(tmp_path):
+    """compressed-tensors 0.20's "token" strategy reduces over the dims after the first two: OPT
+    flattens its MLP input to [tokens, features], which therefore gets one scale for the whole
+    tensor. FP8Linear's reference path does the same (so stock outputs stay bit-identical); its
+    FP8 GEMM scales each token on its own (as vLLM does), so on OPT the two differ by more than
+    rounding."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    args = QuantizationArgs(num_bits=8, type="float", strategy="token", dynamic=True, symmetric=True)
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 7).unsqueeze(1)
+    scale, zero = compute_dynamic_scales_and_zp(x, args, None)
+    assert scale.shape == (1,)  # one scale for the 2-D tensor
+    assert compute_dynamic_scales_and_zp(x[None], args, None)[0].shape == (1, 6, 1)  # per token in 3-D
+    model = fp8(tiny_model("opt"))
+    layer = model.model.decoder.layers[0].fc1
+    expected = F.linear(fake_quantize(x, scale, zero, args), layer.dequantized_weight(), layer.bias)
+    with reference_only():
+        assert torch.equal(layer(x), expected)
+        assert torch.equal(layer(x[None]), F.linear(ct_fp8_token_fake_quant(x[None]), layer.dequantized_weight(),
+                                                    layer.bias))
+    path = secateur.save(model, tmp_path / "opt")
+    stock = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with reference_only():
+        assert torch.equal(logits(stock, IDS), logits(model, IDS))
+
+
+@pytest.mark.parametrize("fp8_saved", [("llama", "mixed"), ("qwen2", "e4m3-channel-a8"), ("llama", "e4m3-tensor-w")],
+                         indirect=True, ids=["llama-mixed", "qwen2-e4m3-channel-a8", "llama-e4m3-tensor-w"])
+def test_fp8_config_json_and_tensors(fp8_saved):
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import is_match
+
+    family, plan, model, path = fp8_saved
+    raw = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert raw["quant_method"] == "compressed-tensors" and raw["quantization_status"] == "compressed"
+    assert raw["ignore"] == ["lm_head"]
+    parsed = QuantizationConfig.model_validate(raw)
+    float_groups = [g for g in parsed.config_groups.values() if g.weights.type == "float"]
+    assert len(float_groups) == 1
+    (group,) = float_groups
+    assert group.format == "float-quantized" and group.weights.num_bits == 8 and group.weights.symmetric
+    assert group.weights.dynamic is False and group.weights.group_size is None
+    if plan == "mixed":
+        assert raw["format"] == "mixed-precision" and len(parsed.config_groups) == 3
+        assert group.targets == [r"re:^model\.layers\.\d+\.mlp\.gate_proj$", r"re:^model\.layers\.\d+\.mlp\.up_proj$",
+                                 r"re:^model\.layers\.\d+\.mlp\.down_proj$"]
+        assert sorted(g.format for g in parsed.config_groups.values()) == ["float-quantized", "pack-quantized",
+                                                                           "pack-quantized"]
+    else:
+        assert raw["format"] == "float-quantized" and len(parsed.config_groups) == 1
+    strategy = "channel" if "channel" in plan else "tensor"
+    assert group.weights.strategy == strategy
+    a = group.input_activations
+    if plan.endswith("-w"):
+        assert a is None
+    else:
+        assert (a.type, a.num_bits, a.strategy, a.dynamic, a.symmetric) == ("float", 8, "token", True, True)
+    tensors = tensors_of(path)
+    for name, module in fp8_modules(model).items():
+        (scheme,) = [g for g in parsed.config_groups.values() if is_match(name, module, g.targets)]
+        assert scheme is group
+        local = {k[len(name) + 1:] for k in tensors if k.startswith(name + ".")} - {"bias"}
+        assert local == set(BaseCompressor.get_value_from_registry(scheme.format).compression_param_names(scheme))
+        weight, scale = tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"]
+        assert weight.dtype == torch.float8_e4m3fn and weight.shape == (module.out_features, module.in_features)
+        assert torch.equal(bits_of(weight), bits_of(module.weight_fp8))
+        assert scale.dtype == torch.float32
+        assert scale.shape == ((module.out_features, 1) if strategy == "channel" else (1,))
+        assert torch.equal(scale.reshape(-1, 1).expand(module.out_features, 1), module.weight_scale)
+    assert not any(k.endswith(".weight_fp8") for k in tensors)
+
+
+@pytest.mark.parametrize("fp8_saved", [("llama", "e4m3-channel-a8"), ("llama", "e4m3-tensor-w"), ("llama", "mixed")],
+                         indirect=True, ids=["e4m3-channel-a8", "e4m3-tensor-w", "mixed"])
+def test_fp8_card_reports_bits_format_and_true_bytes(fp8_saved, tmp_path):
+    family, plan, model, path = fp8_saved
+    entry = secateur.artifacts.verify(path)["quantization"]
+    assert entry["stock_transformers"] is True and entry["modules"] == 14
+    tensors = tensors_of(path)
+    layers = entry["layers"]
+    for name, module in fp8_modules(model).items():
+        layer = layers[name]
+        assert (layer["bits"], layer["type"], layer["fp8_format"], layer["format"]) == \
+            (8, "float", "e4m3", "float-quantized")
+        assert layer["strategy"] == module.strategy and layer["activations"] == module.activations
+        stored = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(name + "."))
+        assert layer["bytes"] == stored
+    weights = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    assert entry["weights_bytes"] == weights
+    dense = sum(p.stat().st_size for p in dense_artifact(tmp_path, family).glob("*.safetensors"))
+    assert abs((dense - weights) - (entry["quantized_dense_bytes"] - entry["quantized_bytes"])) < 4096
+    if plan == "e4m3-channel-a8":  # a byte a weight + a float32 scale per row: 1/4 + 1/in of float32
+        assert entry["bits"] == {"8": 14} and entry["compression_format"] == "float-quantized"
+        modules = fp8_modules(model).values()
+        assert entry["quantized_bytes"] == sum(m.out_features * (m.in_features + 4) for m in modules)
+        assert entry["quantized_ratio"] == pytest.approx(1 / 4 + 1 / 32, abs=0.02)
+    if plan == "e4m3-tensor-w":  # a byte a weight + one float32 scale a layer
+        assert entry["quantized_bytes"] == entry["quantized_dense_bytes"] / 4 + 4 * 14
+    if plan == "mixed":
+        assert entry["bits"] == {"4": 4, "8": 10} and entry["compression_format"] == "mixed-precision"
+
+
+def test_fp8_e5m2_round_trips_but_is_flagged_not_stock_loadable(tmp_path, caplog):
+    """compressed-tensors' 8-bit float is E4M3 (pytorch_dtype, the [-448, 448] range, vLLM): an
+    E5M2 checkpoint keeps its float8_e5m2 tensors, which secateur.load reads back exactly, and
+    transformers would cast to E4M3 (wrong values), so the save warns and the card says so."""
+    model = fp8(tiny_model("llama"), fmt="e5m2")
+    with caplog.at_level("WARNING", logger="secateur.quant.formats"):
+        path = secateur.save(model, tmp_path / "a")
+    assert "E5M2" in caplog.text and "use format e4m3" in caplog.text
+    entry = secateur.artifacts.verify(path)["quantization"]
+    assert entry["stock_transformers"] is False and len(entry["not_stock_loadable"]) == 14
+    assert entry["not_stock_loadable_reasons"] == [formats.E5M2]
+    assert {layer["fp8_format"] for layer in entry["layers"].values()} == {"e5m2"}
+    tensors = tensors_of(path)
+    assert tensors["model.layers.0.mlp.up_proj.weight"].dtype == torch.float8_e5m2
+    assert torch.equal(logits(secateur.load(path).model, IDS), logits(model, IDS))
+
+
+def test_fp8_on_gpt2_conv1d_round_trips_and_is_flagged(tmp_path):
+    model = fp8(tiny_model("gpt2"))
+    assert len(fp8_modules(model)) == 8
+    path = secateur.save(model, tmp_path / "a")
+    entry = secateur.artifacts.verify(path)["quantization"]
+    assert entry["stock_transformers"] is False and entry["not_stock_loadable_reasons"] == [formats.NOT_LINEAR]
+    loaded = secateur.load(path).model
+    assert all(torch.equal(bits_of(a.weight_fp8), bits_of(b.weight_fp8))
+               for a, b in zip(fp8_modules(loaded).values(), fp8_modules(model).values()))
+    assert torch.equal(logits(loaded, IDS), logits(model, IDS))
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda g: g["weights"].update(strategy="group", group_size=16), "weights are not supported"),
+    (lambda g: g["weights"].update(num_bits=4), "weights are not supported"),
+    (lambda g: g["input_activations"].update(type="int"), "input activations int 8-bit"),
+    (lambda g: g["input_activations"].update(strategy="tensor", dynamic=False), "input activations float 8-bit"),
+    (lambda g: g.update(format="pack-quantized"), "weights are not supported"),
+], ids=["group", "fp4", "int-activations", "static-activations", "packed"])
+def test_fp8_unsupported_config_is_one_line(tmp_path, edit, needle):
+    path = secateur.save(fp8(tiny_model("llama")), tmp_path / "a")
+    path = plain_copy(path, tmp_path, lambda q: edit(q["config_groups"]["group_0"]))
+    with pytest.raises(SecateurError) as info:
+        secateur.load(path)
+    message = str(info.value)
+    assert "\n" not in message and needle in message and "'float-quantized'" in message
+
+
+def test_fp8_tensor_strategy_with_unequal_rows_is_refused(tmp_path):
+    model = fp8(tiny_model("llama"), strategy="tensor")
+    layer = model.model.layers[0].mlp.up_proj
+    layer.weight_scale = layer.weight_scale.clone()  # (apply stores the tensor scale expanded: one element)
+    with torch.no_grad():
+        layer.weight_scale[0] *= 2
+    with pytest.raises(SecateurError, match="strategy 'tensor' but its rows carry different scales"):
+        secateur.save(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()

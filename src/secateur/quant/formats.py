@@ -3,7 +3,8 @@
 A model whose Linear layers were replaced by :class:`~secateur.quant.linear.QuantLinear` is saved
 the way llm-compressor saves it, so ``transformers.AutoModelForCausalLM.from_pretrained`` (with
 ``compressed-tensors`` installed) and vLLM read it, and :func:`secateur.load` reads it back into
-QuantLinear modules holding the very same integers, without compressed-tensors' runtime.
+QuantLinear modules holding the very same integers, without compressed-tensors' runtime. FP8
+models (:class:`~secateur.quant.fp8.FP8Linear`) are saved and read back the same way.
 
 What is written for a quantized module ``<m>`` (``b`` bits, ``[out, in]``, ``G`` scales per row:
 1 per channel, ``in / group_size`` per group):
@@ -28,11 +29,13 @@ FP8 activations), format ``float-quantized``
     ``<m>.weight_scale``       float32 ``[out, 1]`` per channel, ``[1]`` per tensor
 
 and ``<m>.bias`` as it is. Symmetric schemes store no zero point (compressed-tensors drops it
-too). compressed-tensors' 8-bit float is E4M3 only (``QuantizationArgs.pytorch_dtype``, the
+too). Integer per-tensor scales are stored per channel (the rows repeat the value; QuantLinear
+keeps them that way); FP8 per-tensor scales as the single value compressed-tensors expects.
+compressed-tensors' 8-bit float is E4M3 only (``QuantizationArgs.pytorch_dtype``, the
 ``[-448, 448]`` range of its activation quantization, vLLM's kernels): E5M2 weights are written
-in the same layout as float8_e5m2 tensors, which :func:`read` takes back exactly, but stock
-tools cannot run them, so the save warns and the card lists them in ``not_stock_loadable``. Integer per-tensor scales are stored per channel (the rows repeat the value; QuantLinear
-keeps them that way); FP8 per-tensor scales as the single value compressed-tensors expects. ``config.json`` gets a ``quantization_config`` with ``quant_method:
+in the same layout as float8_e5m2 tensors, which :func:`read` takes back exactly, but stock tools
+cannot run them (transformers casts them to E4M3 on load), so the save warns and the card lists
+them in ``not_stock_loadable``. ``config.json`` gets a ``quantization_config`` with ``quant_method:
 "compressed-tensors"``, ``quantization_status: "compressed"``, one config group per distinct
 scheme (each with its ``format``; the top-level ``format`` is that format, or
 ``"mixed-precision"`` when groups differ), ``targets`` naming the modules (a ``re:`` pattern
@@ -443,7 +446,7 @@ def not_stock_loadable(model: nn.Module) -> list[str]:
     ``nn.Linear`` (and Embedding) modules, so where the model class builds something else (GPT-2's
     ``Conv1D``) it leaves the module dense and initialises its weight at random, with only a
     warning; and its 8-bit float is E4M3, so E5M2 FP8 weights do not run (transformers casts
-    them to E4M3 on load: wrong values, NaN past 448). :func:`read` loads them all."""
+    them to E4M3 on load: wrong values, clipped at 448). :func:`read` loads them all."""
     return list(_not_stock_loadable(model))
 
 

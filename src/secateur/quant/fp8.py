@@ -63,10 +63,16 @@ class FP8Linear(nn.Module):
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x`` per token (FP8 activations), then ``F.linear`` with the dequantized
         weight: compressed-tensors' CPU forward, step by step, in ``x``'s dtype (scale ``amax /
-        fmax``, ``x / scale`` clamped and cast to FP8 and back, times the scale)."""
+        fmax``, ``x / scale`` clamped and cast to FP8 and back, times the scale).
+
+        Like compressed-tensors (0.20), "per token" means per index of the first two dimensions
+        (``[batch, seq, features]``): a 2-D input (OPT flattens its MLP input to ``[tokens,
+        features]``) gets one scale for the whole tensor there, so it does here too. ``forward``
+        (the FP8 GEMM) always scales each row on its own."""
         if self.activations == "fp8":
             fmax = torch.finfo(self.weight_fp8.dtype).max
-            amax = x.abs().amax(-1, keepdim=True)
+            dims = tuple(range(2, x.dim()))
+            amax = x.abs().amax(dims, keepdim=True) if dims else x.abs().amax()
             scale = amax / torch.tensor(fmax, dtype=x.dtype)
             scale = torch.where(scale == 0, torch.tensor(torch.finfo(x.dtype).eps, dtype=x.dtype), scale)
             x = (x / scale).clamp(-fmax, fmax).to(self.weight_fp8.dtype).to(x.dtype) * scale
