@@ -4,6 +4,7 @@ integers (and runs them on real low-precision kernels)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -14,6 +15,8 @@ from ..config import TargetedConfig, param
 from ..errors import ConfigError, SecateurError
 from ..prune.masks import weight_matrix
 from .primitives import Scheme, resolve_group
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,8 +108,15 @@ def swap_all(model: nn.Module, targets: dict[str, nn.Module], config: WeightQuan
     weight lies on its grid)."""
     from .primitives import quantize
 
+    from .primitives import quantize_weight
+
     for name, module in targets.items():
         scheme = scheme_for(config, name, module)
+        if not hasattr(module, "quant_scale"):  # outside the blocks (BERT's pooler): the loop never saw it
+            log.info("%s is outside the transformer blocks: rounded to nearest (no calibration)", name)
+            q, scale, zero = quantize_weight(weight_matrix(module).detach().float(), scheme)
+            replace(model, name, to_quant_linear(module, q, scale, zero, scheme, config.activations))
+            continue
         scale, zero = module.quant_scale, module.quant_zero_point
         del module.quant_scale, module.quant_zero_point
         q = quantize(weight_matrix(module).detach().float(), scale, zero, scheme)
