@@ -1,4 +1,4 @@
-"""Structured pruning on the real models in ../shared and from the command line."""
+"""Structured pruning and quantization on the real models in ../shared and from the command line."""
 
 from __future__ import annotations
 
@@ -75,3 +75,28 @@ def test_cli_structured_bad_input_is_one_line(capsys, stories_dir):
     code, _, err = run_cli(capsys, "prune", str(stories_dir), "--structured", "--drop-layers", "5",
                            "--data", "tinystories", "--samples", "4")
     assert code != 0 and "at least one must stay" in err
+
+
+def test_cli_quantize_gptq_writes_a_packed_checkpoint(capsys, stories_dir, data_dir, tmp_path):
+    out_dir = tmp_path / "q"
+    code, out, err = run_cli(capsys, "quantize", str(stories_dir), "--method", "gptq", "--bits", "4",
+                             "--data", "tinystories", "--samples", "8", "--out", str(out_dir))
+    assert code == 0, err
+    assert "method: gptq" in err and "bits: 4" in err  # the recipe it ran
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    card = json.loads((out_dir / "compression.json").read_text())
+    assert card["quantization"]["layers"] and all(v["bits"] == 4 for v in card["quantization"]["layers"].values())
+    from secateur.quant.linear import QuantLinear
+
+    model = secateur.load(out_dir).model
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 35
+
+
+def test_cli_quantize_bad_input_is_one_line(capsys, stories_dir):
+    code, _, err = run_cli(capsys, "quantize", str(stories_dir), "--method", "gptqq")
+    assert code != 0 and "did you mean 'gptq'" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "quantize", str(stories_dir), "--method", "gptq", "--bits", "4")
+    assert code != 0 and "needs calibration data" in err.strip().splitlines()[-1]
+    code, _, err = run_cli(capsys, "quantize", str(stories_dir), "--bits", "9")
+    assert code != 0 and "bits" in err.strip().splitlines()[-1]
