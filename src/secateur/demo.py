@@ -25,11 +25,13 @@ CASES: tuple[dict[str, Any], ...] = (
      "data": {"source": "tinystories", "samples": 128, "seq_len": 256},            # P1 calibration windows
      "variants": _UNSTRUCTURED + (
          ("structured heads 25% + MLP 25%", {"method": "structured", "heads": 0.25, "mlp": 0.25,
-                                             "importance": "activation"}),)},
+                                             "importance": "activation"}),
+         ("GPTQ W4 per channel", {"method": "gptq", "bits": 4, "strategy": "channel"}))},
     {"label": "all-MiniLM-L6-v2", "path": "all-MiniLM-L6-v2", "quality": {"task": "sts", "data": "stsb"},
      "data": {"source": "stsb", "split": "train", "samples": 128, "seq_len": 128},  # STS-B train sentences
      "variants": _UNSTRUCTURED + (
-         ("structured 3 of 6 layers", {"method": "structured", "mlp": 0.0, "drop_layers": 3}),)},  # ShortGPT
+         ("structured 3 of 6 layers", {"method": "structured", "mlp": 0.0, "drop_layers": 3}),  # ShortGPT
+         ("SmoothQuant W8A8", {"method": "smoothquant"}))},
 )
 SPEED_OPTIONS = {"prompt_len": 128, "new_tokens": 32, "runs": 10}
 SPEED_ROUNDS = 3  # dense and variants measured alternately, median over rounds (P4: compare in one run)
