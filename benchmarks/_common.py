@@ -39,6 +39,16 @@ def write_json(name: str, data: dict[str, Any], path: str | None = None) -> Path
     return out
 
 
+def add_p4_arguments(parser: Any, name: str) -> None:
+    """The options every P4 speed script takes: alternating rounds, threads, prompt and decode lengths."""
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the variants")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
+    parser.add_argument("--new", type=int, default=64, help="greedy tokens decoded with the KV cache")
+    parser.add_argument("--runs", type=int, default=10, help="measured prefill runs per round")
+    parser.add_argument("--out", default=None, help=f"JSON path (default benchmarks/results/{name}.json)")
+
+
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     from rich.console import Console
     from rich.table import Table

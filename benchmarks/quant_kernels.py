@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, print_table, setup_env, write_json  # noqa: E402
+from _common import add_p4_arguments, environment, print_table, setup_env, write_json  # noqa: E402
 
 VARIANTS = {  # name -> (bits, group_size, activation); None = the fp32 model
     "fp32": None,
@@ -173,13 +173,8 @@ def profile(model, prompt, new: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--new", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=10)
+    add_p4_arguments(parser, "quant_kernels")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one decode per variant")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quant_kernels.json)")
     args = parser.parse_args()
     setup_env()
     import torch

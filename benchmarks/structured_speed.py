@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, print_table, setup_env, write_json  # noqa: E402
+from _common import add_p4_arguments, environment, print_table, setup_env, write_json  # noqa: E402
 
 VARIANTS = {
     "dense": None,
@@ -44,12 +44,7 @@ def decode_weights(model) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--new", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/structured_speed.json)")
+    add_p4_arguments(parser, "structured_speed")
     args = parser.parse_args()
     setup_env()
     import torch

@@ -283,6 +283,25 @@ def _load_checkpoint(model: nn.Module, directory: Path, store: Activations) -> t
     return int(state["next_block"]), state["layers"]
 
 
+# --- a whole-model quality on calibration data (structured depth scores, mixed precision) --------
+@torch.no_grad()
+def calibration_loss(model: nn.Module, batches: list[torch.Tensor], kind: str,
+                     reference: list[torch.Tensor] | None = None) -> tuple[float, list[torch.Tensor]]:
+    """``(loss, outputs)`` over calibration ``batches``: for a causal LM the mean language-model
+    loss; for an encoder 1 − mean token cosine between its final hidden states and ``reference``
+    (the dense model's, returned as ``outputs`` by a call without one; the loss is then 0)."""
+    total, outputs = 0.0, []
+    for i, batch in enumerate(batches):
+        if kind == "causal":
+            total += float(model(input_ids=batch, labels=batch, use_cache=False).loss)
+        else:
+            h = model(input_ids=batch, attention_mask=torch.ones_like(batch)).last_hidden_state.float()
+            outputs.append(h)
+            if reference is not None:
+                total += float(1 - torch.nn.functional.cosine_similarity(h, reference[i], dim=-1).mean())
+    return total / len(batches), outputs
+
+
 # --- the loop ----------------------------------------------------------------------------------
 def input_groups(arch: Any, block_prefix: str, names: list[str]) -> dict[str, list[str]]:
     """Targeted module names grouped by the input they read: group leader -> members."""

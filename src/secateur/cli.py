@@ -180,8 +180,6 @@ def prune_cmd(model: str = typer.Argument(..., help="Model directory, artifact o
               storage: str = typer.Option("dense", "--storage", help=STORAGE_HELP),
               as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Prune a model with one method; prints the recipe it ran (the same step works in a recipe file)."""
-    from .recipe import Recipe
-
     if structured:
         step = _structured_step(heads, mlp, drop_layers, blocks, hidden, importance, depth_importance, gqa,
                                 non_uniform)
@@ -193,15 +191,7 @@ def prune_cmd(model: str = typer.Argument(..., help="Model directory, artifact o
         step["scope"] = scope
     if owl:
         step["owl"] = True
-    spec: dict[str, Any] = {"model": model, "steps": [step]}
-    if data is not None:
-        spec["data"] = {"source": data, "samples": samples, "seq_len": seq_len}
-    spec["eval"] = [dict(zip(("task", "data"), e.split(":", 1))) for e in evals]
-    recipe = Recipe.from_dict(spec)
-    if not as_json:
-        err.print("[bold]recipe[/bold]")
-        err.print(recipe.dump(), markup=False, highlight=False)
-    _run(recipe, out_dir, dry_run, as_json, storage)
+    _run_step(model, step, data, samples, seq_len, evals, out_dir, dry_run, as_json, storage)
 
 
 @app.command("quantize")
@@ -222,8 +212,6 @@ def quantize_cmd(model: str = typer.Argument(..., help="Model directory, artifac
                  dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the modules touched."),
                  as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Quantize a model with one method; prints the recipe it ran (the same step works in a recipe file)."""
-    from .recipe import Recipe
-
     step: dict[str, Any] = {"method": method, "bits": bits}
     if group_size is None:
         step["strategy"] = "channel"
@@ -235,6 +223,14 @@ def quantize_cmd(model: str = typer.Argument(..., help="Model directory, artifac
         step["observer"] = observer
     if fallback:
         step["fallback"] = True
+    _run_step(model, step, data, samples, seq_len, evals, out_dir, dry_run, as_json)
+
+
+def _run_step(model: str, step: dict[str, Any], data: Optional[str], samples: int, seq_len: int, evals: List[str],
+              out_dir: Optional[Path], dry_run: bool, as_json: bool, storage: str = "dense") -> None:
+    """The one-step recipe of ``prune``/``quantize``: printed (it works as it is in a recipe file), then run."""
+    from .recipe import Recipe
+
     spec: dict[str, Any] = {"model": model, "steps": [step]}
     if data is not None:
         spec["data"] = {"source": data, "samples": samples, "seq_len": seq_len}
@@ -243,7 +239,7 @@ def quantize_cmd(model: str = typer.Argument(..., help="Model directory, artifac
     if not as_json:
         err.print("[bold]recipe[/bold]")
         err.print(recipe.dump(), markup=False, highlight=False)
-    _run(recipe, out_dir, dry_run, as_json)
+    _run(recipe, out_dir, dry_run, as_json, storage)
 
 
 def _structured_step(heads: float, mlp: float, drop_layers: int, blocks: Optional[str], hidden: float,

@@ -26,8 +26,7 @@ Depth (blocks):
                 same calibration loop.
 ``loss``        measured: the quality drop on calibration data when only that block is skipped
                 (causal: language-model loss; encoder: 1 − mean cosine between the final hidden
-                states and the dense ones). ``depth_scores(..., greedy=True)`` removes one block at
-                a time and re-measures, so interactions between removed blocks count.
+                states and the dense ones).
 ``taylor``      the Taylor score summed over the block's parameters.
 ``magnitude``   the L2 norm of the block's parameters (for completeness; rarely a good choice).
 """
@@ -41,7 +40,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..calibrate import Options, sequential
+from ..calibrate import Options, calibration_loss, sequential
 from ..errors import SecateurError, one_of
 from ..progress import track
 from .structure import _is_conv1d, block_shape, head_dim
@@ -323,72 +322,19 @@ def _skip(block: nn.Module) -> Any:
     return block.register_forward_hook(hook, with_kwargs=True)
 
 
-@torch.no_grad()
-def _quality(model: nn.Module, batches: list[torch.Tensor], kind: str,
-             reference: list[torch.Tensor] | None) -> tuple[float, list[torch.Tensor]]:
-    """(loss, outputs): causal — mean LM loss; encoder — 1 − mean token cosine to ``reference``."""
-    total, outputs = 0.0, []
-    for i, batch in enumerate(batches):
-        if kind == "causal":
-            total += float(model(input_ids=batch, labels=batch, use_cache=False).loss)
-        else:
-            h = _encoder_call(model, batch).float()
-            outputs.append(h)
-            if reference is not None:
-                total += float(1 - torch.nn.functional.cosine_similarity(h, reference[i], dim=-1).mean())
-    return total / len(batches), outputs
-
-
-def skip_losses(model: nn.Module, ids: torch.Tensor, n: int = 1, batch_size: int = 8) -> tuple[list[int], list[float]]:
-    """Greedy measured-loss selection of ``n`` blocks: skip each remaining block in turn, measure
-    the calibration loss, remove the cheapest, repeat. Returns (blocks in removal order, the loss
-    after each removal); also logs every candidate."""
-    from ..models.arch import arch_of
-
-    facts = arch_of(model)
-    blocks = facts.arch.get_blocks(model)
-    batches = _batches(ids, batch_size)
-    was_training = model.training
-    model.eval()
-    dense, reference = _quality(model, batches, facts.kind, None)
-    chosen: list[int] = []
-    losses: list[float] = []
-    handles = []
-    try:
-        for _ in track(range(n), "measured-loss depth search (block)"):
-            trial = {}
-            for i in range(len(blocks)):
-                if i in chosen:
-                    continue
-                handle = _skip(blocks[i])
-                try:
-                    trial[i] = _quality(model, batches, facts.kind, reference)[0]
-                finally:
-                    handle.remove()
-            best = min(trial, key=trial.get)
-            log.info("skip losses: %s (dense %.4f)", {i: round(v, 4) for i, v in trial.items()}, dense)
-            chosen.append(best)
-            losses.append(trial[best])
-            handles.append(_skip(blocks[best]))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return chosen, losses
-
-
 def single_skip_losses(model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """The measured loss of skipping each block alone (higher = more important)."""
     from ..models.arch import arch_of
 
     facts = arch_of(model)
     batches = _batches(ids, batch_size)
-    dense, reference = _quality(model, batches, facts.kind, None)
+    dense, reference = calibration_loss(model, batches, facts.kind)
     values = []
     for block in track(list(facts.arch.get_blocks(model)), "measured-loss scores (block)"):
         handle = _skip(block)
         try:
-            values.append(_quality(model, batches, facts.kind, reference)[0] - (dense if facts.kind == "causal" else 0.0))
+            values.append(calibration_loss(model, batches, facts.kind, reference)[0] -
+                          (dense if facts.kind == "causal" else 0.0))
         finally:
             handle.remove()
     return torch.tensor(values, dtype=torch.float64)

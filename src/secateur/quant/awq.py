@@ -23,13 +23,9 @@ from typing import Any
 import torch
 
 from ..api import register
-from ..calibrate import sequential
 from ..config import CalibratedConfig, param
-from ..prune.calibrated import calibration_ids, options_for
-from ..targets import select_modules
-from .common import (WeightQuantConfig, check_linear, fold_scales, scheme_for, smooth_groups, stash, summary,
-                     swap_all, weight_matrix)
-from .primitives import Scheme, _grouped, dequantize, params_from_range, quantize
+from .common import WeightQuantConfig, fold_scales, run_calibrated, scheme_for, smooth_groups, stash, weight_matrix
+from .primitives import Scheme, _grouped, dequantize, minmax_params, params_from_range, qrange, quantize
 
 
 @register("awq", kind="quantize", needs_data=True, paper="Lin et al. 2024, arXiv:2306.00978")
@@ -45,8 +41,6 @@ class AWQConfig(WeightQuantConfig, CalibratedConfig):
 
 
 def fake_quant(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
-    from .primitives import minmax_params
-
     scale, zero = minmax_params(w, scheme)
     return dequantize(quantize(w, scale, zero, scheme), scale, zero, scheme)
 
@@ -78,8 +72,6 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, scheme: Scheme, grid: int, max
     ref = torch.einsum("rgc,tgc->rgt", g, xg)
     best = torch.full(lo.shape, float("inf"))
     scale, zero = params_from_range(lo, hi, scheme.bits, scheme.symmetric)
-    from .primitives import qrange
-
     qmin, qmax = qrange(scheme.bits)
     for k in range(int(max_shrink * grid) + 1):
         r = 1 - k / grid
@@ -128,6 +120,11 @@ class _AWQ:
         self.stats[name] = _Inputs(weight_matrix(module).shape[1], self.config.tokens)
         return self.stats[name]
 
+    def _block_prefix(self, block: int | str) -> str:
+        from ..models.arch import arch_of
+
+        return f"{arch_of(self.model).arch.block_prefix(self.model)}.{block}"
+
     def _stat(self, name: str) -> _Inputs:
         """The statistic of ``name``'s input (shared with its input group's leader)."""
         if name in self.stats:
@@ -135,16 +132,16 @@ class _AWQ:
         from ..calibrate import input_groups
         from ..models.arch import arch_of
 
-        arch = arch_of(self.model).arch
-        block_prefix = name[: len(arch.block_prefix(self.model)) + 1] + name[len(arch.block_prefix(self.model)) + 1:].split(".", 1)[0]
+        prefix = arch_of(self.model).arch.block_prefix(self.model)
+        block_prefix = self._block_prefix(name[len(prefix) + 1:].split(".", 1)[0])
         names = [n for n in self.targets if n.startswith(block_prefix + ".")]
-        leader = next(lead for lead, members in input_groups(arch, block_prefix, names).items() if name in members)
-        return self.stats[leader]
+        groups = input_groups(arch_of(self.model).arch, block_prefix, names)
+        return self.stats[next(lead for lead, members in groups.items() if name in members)]
 
     def _scale_block(self, block: int) -> None:
         """All of the block's scales from its dense inputs, folded before any weight is rounded."""
         for name in self.targets:
-            if self._is_in(name, block):
+            if name.startswith(self._block_prefix(block) + "."):
                 self.inputs[name] = self._stat(name).x
         for prev, names in smooth_groups(self.model, block, self.targets):
             modules = [self.targets[n] for n in names]
@@ -158,12 +155,6 @@ class _AWQ:
                 self.inputs[n] = self.inputs[n] / s
                 self.records[n] = {"alpha": alpha}
 
-    def _is_in(self, name: str, block: int) -> bool:
-        from ..models.arch import arch_of
-
-        prefix = arch_of(self.model).arch.block_prefix(self.model)
-        return name.startswith(f"{prefix}.{block}.")
-
     def compress(self, name: str, module: torch.nn.Module, stat: _Inputs, block: int) -> dict[str, Any]:
         if block != self.scaled_block:
             self._scale_block(block)
@@ -173,8 +164,6 @@ class _AWQ:
         if self.config.clip:
             scale, zero = search_clip(w, self.inputs.pop(name), scheme, self.config.clip_grid, self.config.max_shrink)
         else:
-            from .primitives import minmax_params
-
             scale, zero = minmax_params(w, scheme)
             self.inputs.pop(name, None)
         stash(module, quantize(w, scale, zero, scheme), scale, zero, scheme)
@@ -182,15 +171,4 @@ class _AWQ:
 
 
 def apply(model: torch.nn.Module, config: AWQConfig, ctx: Any) -> dict[str, Any]:
-    ids = calibration_ids(ctx, "awq")
-    targets = select_modules(model, config.targets, config.ignore)
-    for name, module in targets.items():
-        check_linear(name, module)
-        scheme_for(config, name, module)
-    result = sequential(model, ids, targets, _AWQ(model, targets, config), options_for(config, ctx),
-                        description="awq")
-    swap_all(model, targets, config)
-    out = summary(result.layers, config)
-    out.update(calibration=result.settings, resumed_from_block=result.resumed_from,
-               loop_seconds=round(result.seconds, 3), peak_rss_mib=round(result.peak_rss_mib, 1))
-    return out
+    return run_calibrated(model, config, ctx, lambda targets: _AWQ(model, targets, config))

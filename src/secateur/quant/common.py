@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -88,7 +88,7 @@ def to_quant_linear(module: nn.Linear, q: torch.Tensor, scale: torch.Tensor, zer
 
 
 __all__ = ["WeightQuantConfig", "scheme_for", "check_linear", "replace", "to_quant_linear", "summary", "weight_matrix",
-           "stash", "swap_all", "smooth_groups", "fold_scales"]
+           "stash", "swap_all", "run_calibrated", "smooth_groups", "fold_scales"]
 
 
 # --- calibrated methods: the dequantized weight stays in the Linear while the loop needs it -------
@@ -121,6 +121,27 @@ def swap_all(model: nn.Module, targets: dict[str, nn.Module], config: WeightQuan
         del module.quant_scale, module.quant_zero_point
         q = quantize(weight_matrix(module).detach().float(), scale, zero, scheme)
         replace(model, name, to_quant_linear(module, q, scale, zero, scheme, config.activations))
+
+
+def run_calibrated(model: nn.Module, config: Any, ctx: Any, make: Callable[[dict[str, nn.Module]], Any]) -> dict[str, Any]:
+    """What every calibrated quantizer's ``apply`` does: select and check the targets (a group size
+    that does not divide fails before any work), run the one calibration loop with the method
+    ``make(targets)``, swap the stashed Linears for QuantLinears, report."""
+    from ..calibrate import sequential
+    from ..prune.calibrated import calibration_ids, options_for
+    from ..targets import select_modules
+
+    ids = calibration_ids(ctx, config.method)
+    targets = select_modules(model, config.targets, config.ignore)
+    for name, module in targets.items():
+        check_linear(name, module)
+        scheme_for(config, name, module)
+    result = sequential(model, ids, targets, make(targets), options_for(config, ctx), description=config.method)
+    swap_all(model, targets, config)
+    out = summary(result.layers, config)
+    out.update(calibration=result.settings, resumed_from_block=result.resumed_from,
+               loop_seconds=round(result.seconds, 3), peak_rss_mib=round(result.peak_rss_mib, 1))
+    return out
 
 
 # --- activation-aware scaling (AWQ, SmoothQuant) ----------------------------------------------------

@@ -25,11 +25,9 @@ from typing import Any
 import torch
 
 from ..api import register
-from ..calibrate import Hessian, sequential
+from ..calibrate import Hessian
 from ..config import CalibratedConfig, param
-from ..prune.calibrated import calibration_ids, options_for
-from ..targets import select_modules
-from .common import WeightQuantConfig, check_linear, scheme_for, stash, summary, swap_all, weight_matrix
+from .common import WeightQuantConfig, run_calibrated, scheme_for, stash, weight_matrix
 from .primitives import Scheme, qrange, weight_params
 
 
@@ -116,14 +114,4 @@ class _GPTQ:
 
 
 def apply(model: torch.nn.Module, config: GPTQConfig, ctx: Any) -> dict[str, Any]:
-    ids = calibration_ids(ctx, "gptq")
-    targets = select_modules(model, config.targets, config.ignore)
-    for name, module in targets.items():
-        check_linear(name, module)
-        scheme_for(config, name, module)  # a group size that does not divide fails before any work
-    result = sequential(model, ids, targets, _GPTQ(config), options_for(config, ctx), description="gptq")
-    swap_all(model, targets, config)
-    out = summary(result.layers, config)
-    out.update(calibration=result.settings, resumed_from_block=result.resumed_from,
-               loop_seconds=round(result.seconds, 3), peak_rss_mib=round(result.peak_rss_mib, 1))
-    return out
+    return run_calibrated(model, config, ctx, lambda targets: _GPTQ(config))

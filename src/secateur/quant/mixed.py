@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from ..api import get_method, register
+from ..calibrate import calibration_loss
 from ..config import CalibratedConfig, param
 from ..errors import ConfigError
 from ..prune.calibrated import calibration_ids
@@ -91,29 +92,14 @@ def allocate(sizes: dict[str, int], loss: dict[str, dict[int, float]], choices: 
 
 
 @torch.no_grad()
-def _loss(model: torch.nn.Module, ids: torch.Tensor, kind: str, reference: list[torch.Tensor] | None,
-          batch_size: int) -> tuple[float, list[torch.Tensor]]:
-    total, outs = 0.0, []
-    batches = [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
-    for i, b in enumerate(batches):
-        if kind == "causal":
-            total += float(model(input_ids=b, labels=b, use_cache=False).loss)
-        else:
-            h = model(input_ids=b, attention_mask=torch.ones_like(b)).last_hidden_state.float()
-            outs.append(h)
-            if reference is not None:
-                total += float(1 - torch.nn.functional.cosine_similarity(h, reference[i], dim=-1).mean())
-    return total / len(batches), outs
-
-
-@torch.no_grad()
 def sensitivities(model: torch.nn.Module, targets: dict[str, torch.nn.Module], config: MixedPrecisionConfig,
                   ids: torch.Tensor) -> dict[str, dict[int, float]]:
     """Calibration loss with only one layer quantized (RTN) at each candidate width."""
     from ..models.arch import arch_of
 
     kind = arch_of(model).kind
-    dense, reference = _loss(model, ids, kind, None, config.batch_size)
+    batches = [ids[i:i + config.batch_size] for i in range(0, ids.shape[0], config.batch_size)]
+    dense, reference = calibration_loss(model, batches, kind)
     out: dict[str, dict[int, float]] = {}
     for name, module in track(list(targets.items()), "mixed precision: sensitivity (layer)"):
         w = weight_matrix(module)
@@ -123,7 +109,7 @@ def sensitivities(model: torch.nn.Module, targets: dict[str, torch.nn.Module], c
             scheme = resolve_group(w.shape[1], dataclasses.replace(config.scheme, bits=bits), config.fallback, name)
             q, scale, zero = quantize_weight(original.float(), scheme)
             w.copy_(dequantize(q, scale, zero, scheme).to(w.dtype))
-            value = _loss(model, ids, kind, reference, config.batch_size)[0]
+            value = calibration_loss(model, batches, kind, reference)[0]
             out[name][bits] = value - dense if kind == "causal" else value
         w.copy_(original)
     return out

@@ -21,12 +21,8 @@ from typing import Any, Literal, Optional
 import torch
 
 from ..api import register
-from ..calibrate import sequential
 from ..config import CalibratedConfig, param
-from ..prune.calibrated import calibration_ids, options_for
-from ..targets import select_modules
-from .common import (WeightQuantConfig, check_linear, fold_scales, scheme_for, smooth_groups, stash, summary,
-                     swap_all, weight_matrix)
+from .common import WeightQuantConfig, fold_scales, run_calibrated, scheme_for, smooth_groups, stash, weight_matrix
 from .primitives import quantize_weight
 
 
@@ -83,14 +79,5 @@ class _SmoothQuant:
 
 
 def apply(model: torch.nn.Module, config: SmoothQuantConfig, ctx: Any) -> dict[str, Any]:
-    ids = calibration_ids(ctx, "smoothquant")
-    targets = select_modules(model, config.targets, config.ignore)
-    for name, module in targets.items():
-        check_linear(name, module)
-        scheme_for(config, name, module)
-    result = sequential(model, ids, targets, _SmoothQuant(model, targets, config), options_for(config, ctx),
-                        description="smoothquant")
-    swap_all(model, targets, config)
-    out = summary(result.layers, config)
-    out.update(alpha=config.alpha, calibration=result.settings, loop_seconds=round(result.seconds, 3))
-    return out
+    return {**run_calibrated(model, config, ctx, lambda targets: _SmoothQuant(model, targets, config)),
+            "alpha": config.alpha}
