@@ -100,3 +100,12 @@ def test_cli_quantize_bad_input_is_one_line(capsys, stories_dir):
     assert code != 0 and "needs calibration data" in err.strip().splitlines()[-1]
     code, _, err = run_cli(capsys, "quantize", str(stories_dir), "--bits", "9")
     assert code != 0 and "bits" in err.strip().splitlines()[-1]
+
+
+def test_cli_quantize_no_fallback_refuses_a_group_size_that_does_not_divide(capsys, stories_dir, tmp_path):
+    code, _, err = run_cli(capsys, "quantize", str(stories_dir), "--method", "rtn", "--bits", "4", "--group-size",
+                           "128", "--no-fallback", "--out", str(tmp_path / "q"))
+    assert code != 0 and "does not divide its 64 input columns" in err.strip().splitlines()[-1]
+    code, _, err = run_cli(capsys, "quantize", str(stories_dir), "--method", "rtn", "--bits", "4", "--group-size",
+                           "128", "--out", str(tmp_path / "q"))
+    assert code == 0, err

@@ -202,8 +202,8 @@ def quantize_cmd(model: str = typer.Argument(..., help="Model directory, artifac
                                                           help="Input columns per scale (default: per channel)."),
                  asymmetric: bool = typer.Option(False, "--asymmetric", help="Integer zero points."),
                  observer: Optional[str] = typer.Option(None, "--observer", help="minmax | mse."),
-                 fallback: bool = typer.Option(False, "--fallback", help="Per-channel where the group size "
-                                                                          "does not divide a layer."),
+                 no_fallback: bool = typer.Option(False, "--no-fallback", help="Fail where the group size does "
+                                                  "not divide a layer (default: per-channel there)."),
                  data: Optional[str] = typer.Option(None, "--data", "-d", help="Calibration data (name or path)."),
                  samples: int = typer.Option(128, "--samples", help="Calibration sequences."),
                  seq_len: int = typer.Option(256, "--seq-len", help="Calibration sequence length."),
@@ -221,8 +221,8 @@ def quantize_cmd(model: str = typer.Argument(..., help="Model directory, artifac
         step["symmetric"] = False
     if observer is not None:
         step["observer"] = observer
-    if fallback:
-        step["fallback"] = True
+    if no_fallback:
+        step["fallback"] = False
     _run_step(model, step, data, samples, seq_len, evals, out_dir, dry_run, as_json)
 
 
