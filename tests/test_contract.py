@@ -16,7 +16,8 @@ from secateur.api import methods
 from secateur.recipe import Recipe, example_yaml
 from secateur.testing import FAMILIES, tiny_model
 
-DATA_FREE = [name for name, m in methods().items() if not m.needs_data]
+DATA_FREE = [name for name, m in methods().items() if not m.needs_data and not m.trains]
+TRAINING = [name for name, m in methods().items() if m.trains]
 
 
 def outputs(model, ids):
@@ -35,8 +36,17 @@ def test_config_round_trip_and_example(name):
     assert Recipe.from_yaml(recipe.dump()) == recipe
 
 
+def _training_run(name, family):
+    """Training steps read token windows and imitate a teacher: two short steps on random windows."""
+    from secateur.data.calibration import CalibrationSet
+
+    ids = torch.randint(3, 100, (4, 12), generator=torch.Generator().manual_seed(0))
+    config = methods()[name].config(steps=2, batch_size=2, eval_every=0, checkpoint_every=0, holdout=0.0)
+    return config, {"data": CalibrationSet(ids, "contract"), "teacher": tiny_model(family, seed=1)}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", DATA_FREE)
+@pytest.mark.parametrize("name", DATA_FREE + TRAINING)
 def test_apply_save_stock_reload(name, family, tmp_path):
     """Quantized models are compared on their reference path (dequantize, then a float matmul), which
     is what stock transformers computes; a card that says its checkpoint is not stock-loadable (GPT-2's
@@ -45,7 +55,8 @@ def test_apply_save_stock_reload(name, family, tmp_path):
 
     model = tiny_model(family)
     ids = torch.randint(3, 100, (2, 12))
-    compress_(model, methods()[name].config())
+    config, extra = _training_run(name, family) if name in TRAINING else (methods()[name].config(), {})
+    compress_(model, config, **extra)
     with reference_only():
         expected = outputs(model, ids)
     assert torch.isfinite(expected).all()

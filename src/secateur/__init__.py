@@ -29,6 +29,15 @@ _EXPORTS = {
     "WandaConfig": "secateur.prune.wanda",
     "SparseGPTConfig": "secateur.prune.sparsegpt",
     "StructuredConfig": "secateur.prune.structured",
+    "RTNConfig": "secateur.quant.rtn",
+    "GPTQConfig": "secateur.quant.gptq",
+    "AWQConfig": "secateur.quant.awq",
+    "SmoothQuantConfig": "secateur.quant.smoothquant",
+    "FP8Config": "secateur.quant.fp8",
+    "MixedPrecisionConfig": "secateur.quant.mixed",
+    "DistillConfig": "secateur.distill.distill",
+    "QATConfig": "secateur.distill.qat",
+    "GradualConfig": "secateur.distill.gradual",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -27,6 +27,7 @@ class Method:
     kind: str            # "prune" | "quantize" | "distill" | ...
     needs_data: bool
     paper: str
+    trains: bool = False  # runs the training loop (needs a teacher; checkpoints like calibrated steps)
 
 
 METHODS: dict[str, Method] = {}
@@ -34,10 +35,11 @@ METHODS: dict[str, Method] = {}
 # Files whose import registers methods. Importing them is cheap (torch only).
 _METHOD_MODULES = ("secateur.prune.magnitude", "secateur.prune.wanda", "secateur.prune.sparsegpt",
                    "secateur.prune.structured", "secateur.quant.rtn", "secateur.quant.gptq", "secateur.quant.awq",
-                   "secateur.quant.smoothquant", "secateur.quant.fp8", "secateur.quant.mixed")
+                   "secateur.quant.smoothquant", "secateur.quant.fp8", "secateur.quant.mixed",
+                   "secateur.distill.distill", "secateur.distill.qat", "secateur.distill.gradual")
 
 
-def register(name: str, *, kind: str, needs_data: bool = False, paper: str = "") -> Callable:
+def register(name: str, *, kind: str, needs_data: bool = False, paper: str = "", trains: bool = False) -> Callable:
     """Class decorator for a step config; ``apply`` is the config's module-level function.
 
     Usage, in the method's own file::
@@ -51,7 +53,7 @@ def register(name: str, *, kind: str, needs_data: bool = False, paper: str = "")
 
     def decorate(cls: type[StepConfig]) -> type[StepConfig]:
         cls.method = name
-        METHODS[name] = Method(name, cls, _module_apply(cls.__module__), kind, needs_data, paper)
+        METHODS[name] = Method(name, cls, _module_apply(cls.__module__), kind, needs_data, paper, trains)
         return cls
 
     return decorate
@@ -100,18 +102,27 @@ def _step_checkpoint(root: Any, index: int, step: StepConfig, data: Any, model: 
 
 
 def compress_(model: Any, recipe_or_step: Any, data: Any = None, teacher: Any = None,
-              checkpoint_dir: Any = None) -> Any:
+              checkpoint_dir: Any = None, *, tokenizer: Any = None) -> Any:
     """Apply a step, a list of steps, or a :class:`~secateur.recipe.Recipe` to ``model`` in place.
 
-    With ``checkpoint_dir``, calibrated steps checkpoint after every block there, and a re-run of
-    the same call on the same model and data resumes where a killed run stopped.
+    With ``checkpoint_dir``, calibrated steps checkpoint after every block there and training
+    steps every ``checkpoint_every`` steps, and a re-run of the same call on the same model and
+    data resumes where a killed run stopped. Training steps (distill, qat, gradual) imitate
+    ``teacher``, or their own ``teacher:``, or else a frozen copy of ``model`` taken before the
+    first step; ``tokenizer`` reads their ``data:`` sources.
     """
+    import copy
+
     from .models.arch import arch_of
 
-    steps = getattr(recipe_or_step, "steps", recipe_or_step)
-    if isinstance(steps, StepConfig):
-        steps = [steps]
-    ctx = Context(data=data, teacher=teacher, arch=arch_of(model, strict=False))
+    steps = [recipe_or_step] if isinstance(recipe_or_step, StepConfig) else getattr(recipe_or_step, "steps",
+                                                                                      recipe_or_step)
+    ctx = Context(data=data, teacher=teacher, arch=arch_of(model, strict=False), extra={"tokenizer": tokenizer})
+    if teacher is None and any(isinstance(s, StepConfig) and get_method(s.method).trains
+                               and getattr(s, "teacher", None) is None for s in steps):
+        ctx.teacher = copy.deepcopy(model).eval()  # the input model, frozen, for every step without a teacher
+        for p in ctx.teacher.parameters():
+            p.requires_grad_(False)
     history = getattr(model, "secateur_history", None)
     if history is None:
         history = []
@@ -123,7 +134,7 @@ def compress_(model: Any, recipe_or_step: Any, data: Any = None, teacher: Any = 
         if method.needs_data and data is None:
             raise SecateurError(f"steps[{index}]: method '{step.method}' needs calibration data; pass data=...")
         ctx.extra["checkpoint_dir"] = (_step_checkpoint(checkpoint_dir, index, step, data, model)
-                                       if checkpoint_dir is not None and method.needs_data else None)
+                                       if checkpoint_dir is not None and (method.needs_data or method.trains) else None)
         start = time.perf_counter()
         try:
             result = method.apply(model, step, ctx) or {}

@@ -226,6 +226,87 @@ def quantize_cmd(model: str = typer.Argument(..., help="Model directory, artifac
     _run_step(model, step, data, samples, seq_len, evals, out_dir, dry_run, as_json)
 
 
+@app.command("distill")
+def distill_cmd(student: str = typer.Argument(..., help="Student: a model directory, artifact or hub id (with "
+                                                       "--keep-layers/--drop-layers: the model to cut it from)."),
+                teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Teacher model (default: the "
+                                                      "STUDENT model as loaded, before --keep-layers/--drop-layers)."),
+                data: str = typer.Option(..., "--data", "-d", help="Training text, comma-separated: dataset[:split] "
+                                         "or files, e.g. stsb:train,wikitext2:validation,c4."),
+                keep_layers: Optional[str] = typer.Option(None, "--keep-layers", help="Student = these blocks of "
+                                                          "STUDENT, e.g. 0,4,5."),
+                drop_layers: int = typer.Option(0, "--drop-layers", help="Student = STUDENT without this many blocks, "
+                                                "chosen by block influence on the first data source."),
+                steps: int = typer.Option(500, "--steps", help="Optimizer steps."),
+                lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate."),
+                batch_size: int = typer.Option(16, "--batch-size", help="Sequences per step."),
+                seq_len: int = typer.Option(256, "--seq-len", help="Tokens per window (causal) or per text (encoder)."),
+                generate: int = typer.Option(0, "--generate", help="Add this many teacher-sampled sequences (causal)."),
+                sets: List[str] = typer.Option([], "--set", help="Any other field of the distill step, KEY=VALUE "
+                                               "(see `secateur explain distill`), e.g. --set hidden=1."),
+                evals: List[str] = typer.Option([], "--eval", help="Evaluate before/after: TASK or TASK:DATA."),
+                out_dir: Optional[Path] = typer.Option(None, "--out", help="Write the artifact here."),
+                dry_run: bool = typer.Option(False, "--dry-run", help="Validate the recipe and stop."),
+                as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Distill a student from a teacher; prints the recipe it ran (resumes if killed, with the same --out)."""
+    from .recipe import _parse_scalar
+
+    sources = [d.strip() for d in data.split(",") if d.strip()]
+    step: dict[str, Any] = {"method": "distill", "teacher": teacher, "data": sources, "steps": steps, "lr": lr,
+                            "batch_size": batch_size, "seq_len": seq_len, "generate": generate}
+    for text in sets:
+        key, sep, raw = text.partition("=")
+        if not sep or not key.strip():
+            raise SecateurError(f"--set: got {text!r}, expected KEY=VALUE such as hidden=1")
+        step[key.strip()] = _parse_scalar(raw, text)
+    plan: list[dict[str, Any]] = []
+    if keep_layers and drop_layers:
+        raise SecateurError("give either --keep-layers or --drop-layers, not both")
+    if keep_layers or drop_layers:
+        cut: dict[str, Any] = {"method": "structured", "mlp": 0.0}
+        if keep_layers:
+            try:
+                cut["keep"] = [int(b) for b in keep_layers.split(",") if b.strip()]
+            except ValueError:
+                raise SecateurError(f"--keep-layers: got {keep_layers!r}, expected block indices such as 0,4,5") from None
+        else:
+            cut["drop_layers"] = drop_layers
+        plan.append(cut)
+    plan.append(step)
+    spec: dict[str, Any] = {"model": student, "steps": plan,
+                            "eval": [dict(zip(("task", "data"), e.split(":", 1))) for e in evals]}
+    if drop_layers:
+        spec["data"] = {"source": sources[0].split(":")[0], "samples": 128, "seq_len": min(seq_len, 256)}
+        if ":" in sources[0]:
+            spec["data"]["split"] = sources[0].split(":", 1)[1]
+    recipe = _keep_to_blocks(spec)
+    if not as_json:
+        err.print("[bold]recipe[/bold]")
+        err.print(recipe.dump(), markup=False, highlight=False)
+    _run(recipe, out_dir, dry_run, as_json)
+
+
+def _keep_to_blocks(spec: dict[str, Any]) -> Any:
+    """``keep: [0, 4, 5]`` of the CLI becomes the structured step's ``blocks`` to remove."""
+    from transformers import AutoConfig
+
+    from .models import _resolve
+    from .recipe import Recipe
+
+    for step in spec["steps"]:
+        keep = step.pop("keep", None)
+        if keep is not None:
+            n = AutoConfig.from_pretrained(_resolve(spec["model"])).num_hidden_layers
+            bad = [b for b in keep if not 0 <= b < n]
+            if bad or not keep:
+                raise SecateurError(f"--keep-layers: the model has blocks 0..{n - 1}; got {keep}")
+            step["blocks"] = [b for b in range(n) if b not in keep]
+            if not step["blocks"]:
+                step.pop("blocks")
+                spec["steps"].remove(step)
+    return Recipe.from_dict(spec)
+
+
 def _run_step(model: str, step: dict[str, Any], data: Optional[str], samples: int, seq_len: int, evals: List[str],
               out_dir: Optional[Path], dry_run: bool, as_json: bool, storage: str = "dense") -> None:
     """The one-step recipe of ``prune``/``quantize``: printed (it works as it is in a recipe file), then run."""

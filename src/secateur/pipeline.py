@@ -121,7 +121,7 @@ def run_recipe(recipe: Any, out: str | Path | None = None, loaded: Any = None,
         log.info("evaluating %s before compression", result.model)
         result.before = evaluate_all(model, tokenizer, recipe.eval)
     resume = _resume_dir(out)
-    compress_(model, recipe, data=data, checkpoint_dir=resume)
+    compress_(model, recipe, data=data, checkpoint_dir=resume, tokenizer=tokenizer)
     result.steps = list(model.secateur_history)
     result.after = evaluate_all(model, tokenizer, recipe.eval)
     if out is not None:

@@ -1,0 +1,152 @@
+"""Training text for distillation: token sequences from any text source, from the recipe's
+calibration windows, or sampled from the teacher (sequence-level distillation, Kim & Rush 2016).
+
+A :class:`TrainingSet` is a list of token sequences split into train and held-out parts, read in
+a fixed order per epoch (a seeded permutation): micro-batch ``k`` of a run is a pure function of
+``k``, so a resumed run reads exactly the batches the killed one would have read.
+
+Causal LMs train on consecutive windows of ``seq_len`` tokens cut from each source's text stream
+(``BOS + paragraph``, concatenated, as in P1); encoders on one sequence per text (a sentence, a
+line), truncated to ``seq_len`` tokens and padded per batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+
+from ..errors import SecateurError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingSet:
+    train: list[torch.Tensor]
+    holdout: list[torch.Tensor]
+    pad_id: int = 0
+    seed: int = 0
+    describe: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise SecateurError("the training set is empty; give more text (data sources, samples) or a shorter seq_len")
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for part in (self.train, self.holdout):
+            for seq in part:
+                digest.update(seq.to(torch.int64).numpy().tobytes())
+                digest.update(b"|")
+            digest.update(b"#")
+        return digest.hexdigest()[:16]
+
+    def order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def batch(self, k: int, size: int) -> dict[str, torch.Tensor]:
+        """Micro-batch ``k`` (0-based) of ``size`` sequences: positions ``k·size …`` of the stream of
+        per-epoch permutations."""
+        n = len(self.train)
+        rows, epoch, order = [], -1, None
+        for p in range(k * size, (k + 1) * size):
+            if p // n != epoch:
+                epoch = p // n
+                order = self.order(epoch)
+            rows.append(self.train[int(order[p % n])])
+        return collate(rows, self.pad_id)
+
+    def holdout_batches(self, size: int) -> Iterable[dict[str, torch.Tensor]]:
+        for start in range(0, len(self.holdout), size):
+            yield collate(self.holdout[start:start + size], self.pad_id)
+
+
+def collate(rows: list[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` (1 on real tokens)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+        mask[i, :len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def split(sequences: list[torch.Tensor], holdout: float, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A seeded held-out fraction (at least one sequence when ``holdout > 0`` and there are two)."""
+    if holdout <= 0 or len(sequences) < 2:
+        return sequences, []
+    order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_hold = max(1, min(len(sequences) - 1, round(holdout * len(sequences))))
+    hold = sorted(order[:n_hold])
+    keep = sorted(order[n_hold:])
+    return [sequences[i] for i in keep], [sequences[i] for i in hold]
+
+
+def parse_source(spec: str) -> tuple[str, Optional[str]]:
+    """``name[:split]`` (``stsb:train``, ``wikitext2:validation``, ``c4``) or a file path."""
+    from pathlib import Path
+
+    from ..data.sources import NAMED
+
+    name, sep, part = spec.partition(":")
+    if sep and name.lower() in NAMED and not Path(spec).exists():
+        return name.lower(), part or None
+    return spec, None
+
+
+def source_sequences(spec: str, tokenizer: Any, kind: str, seq_len: int) -> list[torch.Tensor]:
+    """The sequences of one source: windows (causal) or one per text (encoder)."""
+    from ..data import source
+    from ..data.calibration import paragraph_stream
+
+    name, split_name = parse_source(spec)
+    src = source(name)
+    texts = src.texts(split_name or src.calib_split)
+    texts = [t for t in (t.strip() for t in texts) if t]
+    if kind == "causal":
+        stream = paragraph_stream(tokenizer, texts)
+        n = len(stream) // seq_len
+        if n == 0:
+            raise SecateurError(f"data '{spec}' holds {len(stream)} tokens, fewer than one window of {seq_len}; "
+                                "use a shorter seq_len or more text")
+        return list(torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len))
+    encoded = tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"]
+    return [torch.tensor(ids, dtype=torch.long) for ids in encoded if len(ids) > 2]
+
+
+@torch.no_grad()
+def generate(teacher: Any, tokenizer: Any, n: int, length: int, *, temperature: float = 1.0, seed: int = 0,
+             batch: int = 32) -> list[torch.Tensor]:
+    """``n`` sequences of ``length`` tokens sampled from a causal teacher, each starting at BOS,
+    with a KV cache and a seeded generator (the same seed gives the same text). Sampling runs
+    past the end of a story into the next one, as the training stream does."""
+    from ..progress import track
+
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise SecateurError("generating text needs a tokenizer with a BOS token")
+    generator = torch.Generator().manual_seed(seed)
+    out: list[torch.Tensor] = []
+    was_training = teacher.training
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    starts = range(0, n, batch)
+    for start in track(starts, "generating", total=len(starts)):
+        b = min(batch, n - start)
+        ids = torch.full((b, 1), bos, dtype=torch.long, device=device)
+        past, step_input = None, ids
+        for _ in range(length - 1):
+            result = teacher(input_ids=step_input, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            probs = torch.softmax(result.logits[:, -1].float() / temperature, dim=-1).cpu()
+            step_input = torch.multinomial(probs, 1, generator=generator).to(device)
+            ids = torch.cat([ids, step_input], dim=1)
+        out.extend(ids.cpu())
+    teacher.train(was_training)
+    return out

@@ -1,0 +1,143 @@
+"""Knowledge distillation — train the model (the student) to imitate a teacher: recovery after
+pruning, a smaller student from a subset of layers, a quantized student.
+
+Hinton et al. 2015 (soft targets with a temperature); DistilBERT (Sanh et al. 2019: a student
+from every other layer, cosine loss on hidden states); TinyBERT (Jiao et al. 2020: hidden-state
+losses through learned projections); MiniLLM (Gu et al. 2024: reverse KL); sequence-level
+distillation on teacher-generated text (Kim & Rush 2016).
+
+The student is whatever the recipe has made so far: a pruned model (its zeros stay zero), a
+model with whole blocks removed (``structured`` with ``drop_layers``, which picks them by depth
+importance), a quantized model (trained through fake quantization from its integers, then packed
+again), or a fresh smaller model (:mod:`secateur.distill.students`). The teacher is ``teacher:``
+in the step, else compress_'s ``teacher`` argument, else the model as it was before the recipe's
+first step. All the optimisation happens in the one loop of :mod:`secateur.distill.train`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from ..api import register
+from ..errors import SecateurError
+from .data import TrainingSet, generate, source_sequences, split
+from .train import TrainingConfig, train
+
+log = logging.getLogger(__name__)
+
+
+@register("distill", kind="distill", trains=True,
+          paper="Hinton et al. 2015; DistilBERT arXiv:1910.01108; TinyBERT arXiv:1909.10351")
+@dataclass(frozen=True)
+class DistillConfig(TrainingConfig):
+    """Train the model to imitate a teacher (KL on logits, hidden states, sentence embeddings)."""
+
+
+# --- the glue every training step shares -----------------------------------------------------------
+def kind_of(model: nn.Module) -> str:
+    from ..models.arch import arch_of
+
+    facts = arch_of(model, strict=False)
+    if facts is None:
+        raise SecateurError(f"training steps support the architectures of the table (Llama, OPT, GPT-2, BERT); "
+                            f"got {type(model).__name__}")
+    return facts.kind
+
+
+def resolve_teacher(config: TrainingConfig, ctx: Any) -> Optional[nn.Module]:
+    """The step's ``teacher`` path, else the context's teacher (compress_'s argument or the input
+    model's snapshot)."""
+    if config.teacher is not None:
+        from ..models import load
+
+        cache = ctx.extra.setdefault("teachers", {})
+        if config.teacher not in cache:
+            cache[config.teacher] = load(config.teacher).model
+        return cache[config.teacher]
+    return ctx.teacher
+
+
+def training_set(config: TrainingConfig, ctx: Any, teacher: Optional[nn.Module], kind: str) -> TrainingSet:
+    """Sequences from the step's ``data`` sources (needs the tokenizer), else the context's
+    calibration windows; plus ``generate`` sequences sampled from the teacher; a held-out split."""
+    tokenizer = ctx.extra.get("tokenizer")
+    sequences: list[torch.Tensor] = []
+    described: dict[str, Any] = {}
+    if config.data:
+        if tokenizer is None:
+            raise SecateurError("the step names data sources but no tokenizer was given; pass tokenizer=... to "
+                                "compress_ (the pipeline and the CLI do)")
+        for spec in config.data:
+            found = source_sequences(spec, tokenizer, kind, config.seq_len)
+            described[spec] = len(found)
+            sequences += found
+    elif ctx.data is not None:
+        sequences = list(ctx.data.input_ids)
+        described["calibration"] = {"sequences": len(sequences), "fingerprint": getattr(ctx.data, "fingerprint", None)}
+    elif not config.generate:
+        raise SecateurError("a training step needs data: set 'data: [tinystories:calibration, ...]' in the step, "
+                            "give the recipe calibration data, or set generate: N to sample from the teacher")
+    if config.samples and len(sequences) > config.samples:
+        pick = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(config.seed))[:config.samples]
+        sequences = [sequences[int(i)] for i in sorted(pick.tolist())]
+    train_part, hold = split(sequences, config.holdout, config.seed)
+    if config.generate:
+        if kind != "causal" or teacher is None:
+            raise SecateurError("generate needs a causal teacher (text is sampled from it)")
+        if tokenizer is None:
+            raise SecateurError("generate needs the tokenizer (for the BOS token); pass tokenizer=... to compress_")
+        cache = ctx.extra.get("checkpoint_dir")
+        generated = _cached_generation(teacher, tokenizer, config, cache)
+        described["generated"] = {"sequences": len(generated), "temperature": config.generate_temperature}
+        train_part = train_part + generated   # the held-out split stays real text
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    return TrainingSet(train_part, hold, pad_id=pad or 0, seed=config.seed, describe=described)
+
+
+def _cached_generation(teacher: nn.Module, tokenizer: Any, config: TrainingConfig, checkpoint_dir: Any) -> list:
+    """Teacher samples, saved beside the training checkpoint so a resumed run reads the same text."""
+    from pathlib import Path
+
+    path = Path(checkpoint_dir) / "generated.pt" if checkpoint_dir is not None else None
+    if path is not None and path.exists():
+        return list(torch.load(path, weights_only=True))
+    seqs = generate(teacher, tokenizer, config.generate, config.seq_len, temperature=config.generate_temperature,
+                    seed=config.seed)
+    if path is not None:
+        from .train import _save_atomic
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_atomic(torch.stack(seqs), path)
+    return seqs
+
+
+def run_training(model: nn.Module, config: TrainingConfig, ctx: Any, hooks: tuple = ()) -> dict[str, Any]:
+    """Teacher, data, then the loop; returns what the compression card records."""
+    kind = kind_of(model)
+    teacher = resolve_teacher(config, ctx)
+    data = training_set(config, ctx, teacher, kind)
+    result = train(model, teacher, data, config, kind=kind, checkpoint_dir=ctx.extra.get("checkpoint_dir"),
+                   hooks=hooks, evaluate=ctx.extra.get("evaluate"))
+    out = result.to_dict()
+    out["history"] = out["history"][-1:]   # the card keeps the last step; the full curve is in the result JSON
+    ctx.extra.setdefault("training", []).append(result)
+    return out
+
+
+def apply(model: nn.Module, config: DistillConfig, ctx: Any) -> dict[str, Any]:
+    from ..quant.common import replace
+    from ..quant.fakequant import FakeQuantLinear, convert_qat
+    from ..quant.linear import QuantLinear
+
+    quantized = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for name in quantized:  # a quantized student trains through fake quantization from its integers
+        replace(model, name, FakeQuantLinear.from_quant_linear(model.get_submodule(name)))
+    out = run_training(model, config, ctx)
+    if quantized:
+        out["quantized_layers"] = convert_qat(model)
+    return out

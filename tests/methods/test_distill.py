@@ -1,0 +1,305 @@
+"""Distillation: losses against explicit per-position formulas, the data order, the one training
+loop (schedule, accumulation, early stopping, bit-exact resume after a kill) and the distill step."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from secateur import compress_
+from secateur.api import Context
+from secateur.data.calibration import CalibrationSet
+from secateur.distill import losses
+from secateur.distill.data import TrainingSet, collate, generate, split
+from secateur.distill.distill import DistillConfig
+from secateur.distill.train import TrainingConfig, lr_at, train
+from secateur.errors import ConfigError, SecateurError
+from secateur.testing import tiny_model
+
+
+# --- losses against explicit formulas -----------------------------------------------------------------
+def _softmax(row, t):
+    m = max(row)
+    e = [math.exp((v - m) / t) for v in row]
+    return [x / sum(e) for x in e]
+
+
+def _kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "mix"])
+def test_kl_loss_matches_per_position_formula(direction):
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    T = 2.0
+    total, count = 0.0, 0
+    for b in range(2):
+        for i in range(3):
+            if not mask[b, i]:
+                continue
+            p, q = _softmax(t[b, i].tolist(), T), _softmax(s[b, i].tolist(), T)
+            value = {"forward": _kl(p, q), "reverse": _kl(q, p), "mix": 0.3 * _kl(p, q) + 0.7 * _kl(q, p)}[direction]
+            total, count = total + value, count + 1
+    expected = total / count * T * T
+    got = losses.kl_loss(s, t, T, direction, 0.3, mask)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_kl_is_zero_for_identical_logits_and_ce_matches_formula():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 4, 6)
+    assert float(losses.kl_loss(logits, logits.clone(), 3.0)) == pytest.approx(0.0, abs=1e-6)
+    ids = torch.randint(0, 6, (2, 4))
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    nll = []
+    for b in range(2):
+        for i in range(3):
+            if mask[b, i + 1]:
+                p = _softmax(logits[b, i].tolist(), 1.0)
+                nll.append(-math.log(p[int(ids[b, i + 1])]))
+    assert float(losses.ce_loss(logits, ids, mask)) == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+
+
+def test_hidden_and_embedding_losses_match_formulas():
+    torch.manual_seed(2)
+    s, t = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    mask = torch.tensor([[1, 0, 1], [1, 1, 1]])
+    rows = [(b, i) for b in range(2) for i in range(3) if mask[b, i]]
+    mse = sum(float(((s[b, i] - t[b, i]) ** 2).mean()) for b, i in rows) / len(rows)
+    cos = sum(1 - float(s[b, i] @ t[b, i] / (s[b, i].norm() * t[b, i].norm())) for b, i in rows) / len(rows)
+    assert float(losses.hidden_loss(s, t, "mse", mask)) == pytest.approx(mse, rel=1e-5)
+    assert float(losses.hidden_loss(s, t, "cosine", mask)) == pytest.approx(cos, rel=1e-5)
+    pooled = torch.stack([sum(s[0, i] for i in (0, 2)) / 2, s[1].mean(0)])
+    assert torch.allclose(losses.mean_pool(s, mask), pooled, atol=1e-6)
+    es, et = torch.randn(3, 4), torch.randn(3, 4)
+    rel = float(((es - et) ** 2).sum() / (et ** 2).sum())
+    cosd = sum(1 - float(es[r] @ et[r] / (es[r].norm() * et[r].norm())) for r in range(3)) / 3
+    assert float(losses.embedding_loss(es, et)) == pytest.approx(rel + cosd, rel=1e-5)
+
+
+def test_layer_map_even_and_explicit():
+    assert losses.layer_map(3, 6) == [(1, 2), (2, 4), (3, 6)]
+    assert losses.layer_map(2, 2) == [(1, 1), (2, 2)]
+    assert losses.layer_map(3, 6, (1, 5, 6)) == [(1, 1), (2, 5), (3, 6)]
+
+
+# --- data ---------------------------------------------------------------------------------------------
+def test_training_set_order_is_a_function_of_the_batch_index():
+    seqs = [torch.full((4,), i) for i in range(10)]
+    data = TrainingSet(seqs, [], seed=3)
+    first = [int(data.batch(k, 3)["input_ids"][r, 0]) for k in range(10) for r in range(3)]
+    assert sorted(first[:10]) == list(range(10)) and sorted(first[10:20]) == list(range(10))  # epochs cover all
+    again = TrainingSet(seqs, [], seed=3)
+    assert torch.equal(again.batch(7, 3)["input_ids"], data.batch(7, 3)["input_ids"])
+    assert not torch.equal(TrainingSet(seqs, [], seed=4).batch(0, 10)["input_ids"], data.batch(0, 10)["input_ids"])
+
+
+def test_collate_pads_right_and_split_holds_out_a_seeded_fraction():
+    batch = collate([torch.tensor([5, 6, 7]), torch.tensor([8])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    seqs = [torch.tensor([i]) for i in range(20)]
+    train_part, hold = split(seqs, 0.1, 0)
+    assert len(hold) == 2 and len(train_part) == 18
+    assert {int(s) for s in train_part} | {int(s) for s in hold} == set(range(20))
+    assert [int(s) for s in hold] == [int(s) for s in split(seqs, 0.1, 0)[1]]
+
+
+def test_generation_is_seeded_and_starts_at_bos():
+    model, tok = tiny_model("llama", with_tokenizer=True)
+    a = generate(model, tok, 3, 8, seed=5, batch=2)
+    b = generate(model, tok, 3, 8, seed=5, batch=2)
+    assert len(a) == 3 and all(len(x) == 8 and int(x[0]) == tok.bos_token_id for x in a)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, generate(model, tok, 3, 8, seed=6, batch=2)))
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+def _windows(n=24, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return list(torch.randint(3, 120, (n, length), generator=g))
+
+
+def _cfg(**kw):
+    base = dict(steps=12, batch_size=4, lr=3e-3, eval_every=4, checkpoint_every=4, holdout=0.0, warmup=0.25)
+    base.update(kw)
+    return TrainingConfig(**base)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    c = _cfg(steps=10, warmup=0.2, lr=1.0, min_lr=0.1)
+    assert [round(lr_at(s, c), 6) for s in (0, 1)] == [0.5, 1.0]
+    for s in range(2, 10):
+        progress = (s - 2) / 8
+        assert lr_at(s, c) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def test_distillation_lowers_kl_to_the_teacher():
+    teacher, student = tiny_model("llama", seed=1), tiny_model("llama", seed=2)
+    data = TrainingSet(_windows(32), _windows(8, seed=1))
+    with torch.no_grad():
+        before = float(sum(losses.kl_loss(student(**b).logits, teacher(**b).logits) for b in data.holdout_batches(8)))
+    result = train(student, teacher, data, _cfg(steps=30, lr=1e-2, temperature=1.0, checkpoint_every=0, holdout=0.1))
+    with torch.no_grad():
+        after = float(sum(losses.kl_loss(student(**b).logits, teacher(**b).logits) for b in data.holdout_batches(8)))
+    assert after < 0.7 * before
+    assert result.steps == 30 and len(result.history) == 30 and result.evals[-1]["step"] == 30
+
+
+def test_accumulation_equals_a_bigger_batch():
+    teacher = tiny_model("llama", seed=1)
+    a, b = tiny_model("llama", seed=2), tiny_model("llama", seed=2)
+    data = TrainingSet(_windows(), [])
+    train(a, teacher, data, _cfg(batch_size=8, accumulate=1, clip=0.0, checkpoint_every=0))
+    train(b, teacher, data, _cfg(batch_size=4, accumulate=2, clip=0.0, checkpoint_every=0))
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-5), n
+
+
+class _Kill:
+    """Raises after a given optimizer step, as a killed process would stop there."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def after_step(self, step):
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_resume_after_a_kill_is_bit_exact(family, tmp_path):
+    """bert has dropout: the random state must be restored too."""
+    teacher = tiny_model(family, seed=1)
+    kind = "encoder" if family == "bert" else "causal"
+    data = TrainingSet(_windows(), _windows(4, seed=9))
+    config = _cfg(holdout=0.1, hidden=1.0, generate=0)
+    whole = tiny_model(family, seed=2)
+    expected = train(whole, teacher, data, config, kind=kind)
+    killed = tiny_model(family, seed=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(killed, teacher, data, config, kind=kind, checkpoint_dir=tmp_path, hooks=(_Kill(7),))
+    resumed = tiny_model(family, seed=2)
+    result = train(resumed, teacher, data, config, kind=kind, checkpoint_dir=tmp_path)
+    assert result.resumed_from_step == 4
+    for (n, p), (_, q) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert result.history == expected.history
+
+
+def test_a_checkpoint_of_another_job_is_refused(tmp_path):
+    teacher = tiny_model("llama", seed=1)
+    data = TrainingSet(_windows(), [])
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model("llama", seed=2), teacher, data, _cfg(), checkpoint_dir=tmp_path, hooks=(_Kill(5),))
+    with pytest.raises(SecateurError, match="different training job"):
+        train(tiny_model("llama", seed=2), teacher, data, _cfg(lr=1e-3), checkpoint_dir=tmp_path)
+
+
+def test_early_stopping_restores_the_best_weights():
+    teacher, student = tiny_model("llama", seed=1), tiny_model("llama", seed=2)
+    data = TrainingSet(_windows(), _windows(6, seed=3))
+    config = _cfg(steps=40, lr=5.0, warmup=0.0, min_lr=1.0, eval_every=2, patience=2, clip=0.0, holdout=0.1,
+                  checkpoint_every=0)
+    result = train(student, teacher, data, config)
+    assert result.stopped_early and result.steps < 40
+    best = min(e["holdout_loss"] for e in result.evals)
+    assert result.best["holdout_loss"] == best
+    from secateur.distill.train import Objective
+
+    objective = Objective(student, teacher, config, "causal")
+    student.eval()
+    with torch.no_grad():
+        total = sum(float(objective(student, b)[0]) * len(b["input_ids"]) for b in data.holdout_batches(4))
+    assert total / len(data.holdout) == pytest.approx(best, rel=1e-5)
+
+
+def test_zeros_of_a_pruned_student_stay_zero():
+    from secateur import MagnitudeConfig
+
+    teacher = tiny_model("llama", seed=1)
+    student = compress_(tiny_model("llama", seed=1), MagnitudeConfig(sparsity=0.5))
+    zeros = {n: (m.weight == 0) for n, m in student.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    train(student, teacher, TrainingSet(_windows(), []), _cfg(checkpoint_every=0))
+    for n, z in zeros.items():
+        w = student.get_submodule(n).weight
+        assert bool((w[z] == 0).all()) and float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.01), n
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="patience"):
+        TrainingConfig(patience=2, eval_every=0)
+    with pytest.raises(ConfigError, match="encoder has no logits"):
+        TrainingConfig(kl=1.0).weights("encoder")
+    with pytest.raises(ConfigError, match="every loss weight is 0"):
+        TrainingConfig(kl=0.0).weights("causal")
+    with pytest.raises(ConfigError, match="layer_map"):
+        train(tiny_model("llama", seed=2), tiny_model("llama"), TrainingSet(_windows(), []),
+              _cfg(hidden=1.0, layer_map=(1,)))
+
+
+# --- the step ---------------------------------------------------------------------------------------------
+def _calibration(n=16, length=12):
+    ids = torch.stack(_windows(n, length))
+    return CalibrationSet(ids, "test-fingerprint")
+
+
+def test_recipe_structured_then_distill_uses_the_input_model_as_teacher():
+    from secateur.prune.structured import StructuredConfig
+
+    model = tiny_model("llama", seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)  # peaked outputs: a random tiny model is otherwise nearly uniform
+    original = copy.deepcopy(model)
+    data = _calibration()
+    batch = {"input_ids": data.input_ids[:4]}
+    cut = compress_(copy.deepcopy(model), StructuredConfig(mlp=0.0, blocks=(1,)))
+    with torch.no_grad():
+        kl_cut = float(losses.kl_loss(cut(**batch).logits, original(**batch).logits))
+    steps = [StructuredConfig(mlp=0.0, blocks=(1,)), DistillConfig(steps=40, batch_size=4, lr=3e-3, temperature=1.0,
+                                                                   eval_every=0, checkpoint_every=0, holdout=0.0)]
+    compress_(model, steps, data=data)
+    assert model.config.num_hidden_layers == 1
+    with torch.no_grad():
+        kl_distilled = float(losses.kl_loss(model(**batch).logits, original(**batch).logits))
+    assert kl_distilled < 0.6 * kl_cut
+    record = model.secateur_history[-1]
+    assert record["step"]["method"] == "distill" and record["result"]["steps"] == 40
+
+
+def test_distill_step_reads_sources_through_the_tokenizer_and_generates(tmp_path):
+    model, tok = tiny_model("llama", seed=3, with_tokenizer=True)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"once upon a time there was a cat number {i} who liked fish" for i in range(40)))
+    config = DistillConfig(data=(str(text),), seq_len=16, generate=6, steps=3, batch_size=4, eval_every=0,
+                           checkpoint_every=0)
+    compress_(model, config, teacher=tiny_model("llama", seed=4), tokenizer=tok)
+    settings = model.secateur_history[-1]["result"]["settings"]
+    assert settings["data"]["generated"]["sequences"] == 6 and settings["data"][str(text)] > 0
+    with pytest.raises(SecateurError, match="tokenizer"):
+        compress_(model, config, teacher=tiny_model("llama", seed=4))
+    with pytest.raises(SecateurError, match="needs data"):
+        compress_(model, DistillConfig(steps=1), teacher=tiny_model("llama"))
+
+
+def test_a_quantized_student_trains_through_fake_quantization_and_stays_packed():
+    from secateur import RTNConfig
+    from secateur.quant.linear import QuantLinear, reference_only
+
+    teacher = tiny_model("llama", seed=1)
+    student = compress_(tiny_model("llama", seed=1), RTNConfig(bits=4, strategy="channel"))
+    batch = {"input_ids": _calibration().input_ids[:8]}
+    with torch.no_grad(), reference_only():
+        before = float(losses.kl_loss(student(**batch).logits, teacher(**batch).logits))
+    compress_(student, DistillConfig(steps=30, batch_size=8, lr=1e-3, temperature=1.0, eval_every=0,
+                                     checkpoint_every=0, holdout=0.0), data=_calibration(), teacher=teacher)
+    names = [n for n, m in student.named_modules() if isinstance(m, QuantLinear)]
+    assert len(names) == 14 and student.get_submodule(names[0]).bits == 4
+    with torch.no_grad(), reference_only():
+        after = float(losses.kl_loss(student(**batch).logits, teacher(**batch).logits))
+    assert after < before
