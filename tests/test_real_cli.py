@@ -109,3 +109,28 @@ def test_cli_quantize_no_fallback_refuses_a_group_size_that_does_not_divide(caps
     code, _, err = run_cli(capsys, "quantize", str(stories_dir), "--method", "rtn", "--bits", "4", "--group-size",
                            "128", "--out", str(tmp_path / "q"))
     assert code == 0, err
+
+
+def test_cli_distill_cuts_layers_trains_and_resumes(capsys, stories_dir, data_dir, tmp_path):
+    """`secateur distill` keeps blocks 0,1,2,4 of stories260K, distills it from the full model on
+    the P1 calibration text; the artifact is a plain 4-block checkpoint; the card holds the run."""
+    out_dir = tmp_path / "student"
+    code, out, err = run_cli(capsys, "distill", str(stories_dir), "--keep-layers", "0,1,2,4", "--data",
+                             "tinystories:calibration", "--steps", "4", "--batch-size", "4", "--seq-len", "64",
+                             "--set", "eval_every=2", "--set", "temperature=1.5", "--out", str(out_dir))
+    assert code == 0, err
+    assert "method: distill" in err and "blocks:" in err and "temperature: 1.5" in err
+    loaded = secateur.load(out_dir)
+    assert loaded.model.config.num_hidden_layers == 4
+    step = loaded.info["card"]["recipe"]["steps"][-1]
+    assert step["method"] == "distill" and step["temperature"] == 1.5
+    assert not (tmp_path / ".student.resume").exists()  # the training checkpoints go once the artifact is written
+
+
+def test_cli_distill_bad_input_is_one_line(capsys, stories_dir, data_dir):
+    for args, expected in ((("--data", "tinystorie"), "did you mean 'tinystories'"),
+                           (("--data", "tinystories", "--keep-layers", "0,9"), "blocks 0..4"),
+                           (("--data", "tinystories", "--set", "temprature=2"), "did you mean 'temperature'"),
+                           (("--data", "tinystories", "--set", "kl=0", "--set", "ce=0"), "every loss weight is 0")):
+        code, _, err = run_cli(capsys, "distill", str(stories_dir), *args, "--steps", "1")
+        assert code == 2 and expected in err and "Traceback" not in err, (args, err)
