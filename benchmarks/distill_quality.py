@@ -90,7 +90,7 @@ def minilm(section: str, scale: float) -> dict[str, Any]:
     report = student.secateur_history[-1]["result"]
     start_value = m.metric(student)
     log(f"[{section}] dense {m.dense:.2f}, start {start_value:.2f} (kept blocks {report.get('kept_blocks')})")
-    steps = max(1, int((3000 if section == "minilm-depth" else 1500) * scale))
+    steps = max(1, int((1500 if section == "minilm-depth" else 600) * scale))
     config = DistillConfig(data=MINILM_DATA, seq_len=128, steps=steps, batch_size=64, lr=1e-4 if section ==
                            "minilm-depth" else 5e-5, warmup=0.05, embedding=1.0, hidden=0.0, eval_every=max(1, steps // 10),
                            checkpoint_every=0, holdout=0.02, dtype="bfloat16")
@@ -125,7 +125,7 @@ def stories(section: str, scale: float) -> dict[str, Any]:
         student = m.fresh()
         compress_(student, StructuredConfig(mlp=0.0, drop_layers=1), data=calib)
         out["start"] = m.metric(student)
-        config = DistillConfig(steps=max(1, int(3000 * scale)), lr=2e-3, generate=4000, **common)
+        config = DistillConfig(steps=max(1, int(4000 * scale)), lr=2e-3, generate=6000, **common)
         out["bar"] = 5.75
     elif section == "stories-qat":
         baseline = m.fresh()

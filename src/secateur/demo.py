@@ -18,7 +18,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# (label, model folder under --models, quality eval, calibration data, variants: (label, step))
+# (label, model folder under --models, quality eval, calibration data, variants: (label, step or steps))
 _UNSTRUCTURED = tuple((f"{m} 50%", {"method": m, "sparsity": 0.5}) for m in ("magnitude", "wanda", "sparsegpt"))
 CASES: tuple[dict[str, Any], ...] = (
     {"label": "stories260K", "path": "stories260K/hf", "quality": {"task": "perplexity", "data": "tinystories"},
@@ -26,12 +26,18 @@ CASES: tuple[dict[str, Any], ...] = (
      "variants": _UNSTRUCTURED + (
          ("structured heads 25% + MLP 25%", {"method": "structured", "heads": 0.25, "mlp": 0.25,
                                              "importance": "activation"}),
-         ("GPTQ W4 per channel", {"method": "gptq", "bits": 4, "strategy": "channel"}))},
+         ("GPTQ W4 per channel", {"method": "gptq", "bits": 4, "strategy": "channel"}),
+         ("1 block removed + distilled", [{"method": "structured", "mlp": 0.0, "drop_layers": 1},
+                                          {"method": "distill", "data": ["tinystories:calibration"], "steps": 300,
+                                           "lr": 2e-3, "temperature": 1.0, "eval_every": 0}]))},
     {"label": "all-MiniLM-L6-v2", "path": "all-MiniLM-L6-v2", "quality": {"task": "sts", "data": "stsb"},
      "data": {"source": "stsb", "split": "train", "samples": 128, "seq_len": 128},  # STS-B train sentences
      "variants": _UNSTRUCTURED + (
          ("structured 3 of 6 layers", {"method": "structured", "mlp": 0.0, "drop_layers": 3}),  # ShortGPT
-         ("SmoothQuant W8A8", {"method": "smoothquant"}))},
+         ("SmoothQuant W8A8", {"method": "smoothquant"}),
+         ("3 of 6 layers + distilled", [{"method": "structured", "mlp": 0.0, "drop_layers": 3},
+                                        {"method": "distill", "data": ["stsb:train"], "seq_len": 128, "steps": 150,
+                                         "batch_size": 64, "dtype": "bfloat16", "eval_every": 0}]))},
 )
 SPEED_OPTIONS = {"prompt_len": 128, "new_tokens": 32, "runs": 10}
 SPEED_ROUNDS = 3  # dense and variants measured alternately, median over rounds (P4: compare in one run)
@@ -92,8 +98,9 @@ def run_demo(models_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
         dense_quality, variants = None, []
         for label, variant in case["variants"]:
             name = f"{case['label']}-" + "".join(c if c.isalnum() else "-" for c in label).strip("-")
-            spec = {"name": name, "model": str(path), "steps": [variant], "eval": [case["quality"]]}
-            if get_method(variant["method"]).needs_data or variant["method"] == "structured":
+            steps = variant if isinstance(variant, list) else [variant]
+            spec = {"name": name, "model": str(path), "steps": steps, "eval": [case["quality"]]}
+            if any(get_method(s["method"]).needs_data or s["method"] == "structured" for s in steps):
                 spec["data"] = case["data"]  # structured: activation and depth scores read it
             result = run_recipe(Recipe.from_dict(spec), out=out_dir / name, evaluate_before=dense_quality is None,
                                 storage="sparse")

@@ -303,3 +303,27 @@ def test_a_quantized_student_trains_through_fake_quantization_and_stays_packed()
     with torch.no_grad(), reference_only():
         after = float(losses.kl_loss(student(**batch).logits, teacher(**batch).logits))
     assert after < before
+
+
+def test_hidden_loss_maps_a_cut_student_to_the_blocks_it_kept():
+    import transformers
+
+    from secateur.distill.train import Objective
+    from secateur.prune.structured import StructuredConfig
+    from secateur.testing import _config
+
+    config3 = _config("llama")
+    config3.num_hidden_layers = 3
+    torch.manual_seed(0)
+    teacher = transformers.LlamaForCausalLM(config3).eval()
+    student = compress_(copy.deepcopy(teacher), StructuredConfig(mlp=0.0, blocks=(1,)))   # keeps blocks 0 and 2
+    objective = Objective(student, teacher, TrainingConfig(hidden=1.0), "causal")
+    assert objective.pairs == [(1, 1), (2, 3)]
+    explicit = Objective(student, teacher, TrainingConfig(hidden=1.0, layer_map=(2, 3)), "causal")
+    assert explicit.pairs == [(1, 2), (2, 3)]
+    assert Objective(tiny_model("llama"), teacher, TrainingConfig(hidden=1.0), "causal").pairs == [(1, 2), (2, 3)]
+    ids = torch.randint(3, 100, (2, 8))
+    with torch.no_grad():
+        hs_s = student(ids, output_hidden_states=True).hidden_states
+        hs_t = teacher(ids, output_hidden_states=True).hidden_states
+    assert torch.equal(hs_s[1], hs_t[1])    # the kept first block imitates itself: nothing to learn there

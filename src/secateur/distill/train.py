@@ -57,8 +57,9 @@ class TrainingConfig(StepConfig):
     ce: Optional[float] = param(None, "weight of the hard-label next-token cross-entropy (causal LMs)", range=(0.0, 1e6))
     hidden: Optional[float] = param(None, "weight of the hidden-state loss", range=(0.0, 1e6))
     hidden_loss: Literal["mse", "cosine"] = param("mse", "distance between hidden states")
-    layer_map: tuple[int, ...] = param((), "teacher block each student block imitates (one per student block); "
-                                           "empty: evenly spaced, last to last")
+    layer_map: tuple[int, ...] = param((), "for each student block, the teacher block whose output it imitates "
+                                           "(1-based); empty: the block it was cut from when a structured step "
+                                           "removed blocks, else evenly spaced, last to last")
     embedding: Optional[float] = param(None, "weight of the sentence-embedding loss (relative MSE + cosine; encoders)",
                                        range=(0.0, 1e6))
     # data
@@ -129,7 +130,7 @@ class Objective(nn.Module):
                 raise ConfigError("layer_map", f"got {len(config.layer_map)} entries for a student of {s_layers} blocks")
             if any(not 0 <= t <= t_layers for t in config.layer_map):
                 raise ConfigError("layer_map", f"teacher block indices must lie in 0..{t_layers}")
-            self.pairs = losses.layer_map(s_layers, t_layers, config.layer_map)
+            self.pairs = losses.layer_map(s_layers, t_layers, config.layer_map or _kept_blocks(student, t_layers))
             ds, dt = student.config.hidden_size, teacher.config.hidden_size
             for _ in self.pairs:
                 self.proj.append(nn.Identity() if ds == dt else nn.Linear(ds, dt, bias=False))
@@ -165,6 +166,21 @@ class Objective(nn.Module):
                                                        losses.mean_pool(getattr(out_t, last), mask))
         total = sum(w[k] * v for k, v in parts.items())
         return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def _kept_blocks(student: nn.Module, teacher_layers: int) -> tuple[int, ...]:
+    """For a student made by removing blocks from a teacher-sized model (a structured step earlier
+    in this recipe), the 1-based teacher block each student block was, the last one mapped to the
+    teacher's last (transformers applies the final norm to the last hidden state); else ()."""
+    for record in reversed(getattr(student, "secateur_history", None) or []):
+        result = record.get("result") or {}
+        kept = result.get("kept_blocks")
+        if record["step"].get("method") == "structured" and kept is not None:
+            if (result.get("before") or {}).get("layers") == teacher_layers \
+                    and len(kept) == student.config.num_hidden_layers:
+                return tuple(k + 1 for k in kept[:-1]) + (teacher_layers,)
+            return ()
+    return ()
 
 
 # --- 3. the loop -------------------------------------------------------------------------------------
