@@ -185,6 +185,11 @@ def main() -> None:
     bad = [s for s in chosen if s not in SECTIONS]
     if bad:
         sys.exit(f"error: unknown section(s) {bad}; valid: {', '.join(SECTIONS)}")
+    if "minilm-depth" in chosen:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            sys.exit("error: the minilm-depth curve is plotted with matplotlib: pip install 'secateur[plot]'")
     out_path = Path(args.out) if args.out else RESULTS / "distill_quality.json"
     results: dict[str, Any] = json.loads(out_path.read_text()).get("sections", {}) if out_path.exists() else {}
     for section in chosen:

@@ -134,3 +134,13 @@ def test_cli_distill_bad_input_is_one_line(capsys, stories_dir, data_dir):
                            (("--data", "tinystories", "--set", "kl=0", "--set", "ce=0"), "every loss weight is 0")):
         code, _, err = run_cli(capsys, "distill", str(stories_dir), *args, "--steps", "1")
         assert code == 2 and expected in err and "Traceback" not in err, (args, err)
+
+
+def test_cli_distill_a_fresh_smaller_student(capsys, stories_dir, data_dir, tmp_path):
+    out_dir = tmp_path / "fresh"
+    code, _, err = run_cli(capsys, "distill", str(stories_dir), "--fresh", "num_hidden_layers=2", "--data",
+                           "tinystories:calibration", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+                           "--out", str(out_dir))
+    assert code == 0, err
+    assert "fresh student" in err and f"teacher: {stories_dir}" in err
+    assert secateur.load(out_dir).model.config.num_hidden_layers == 2

@@ -237,6 +237,9 @@ def distill_cmd(student: str = typer.Argument(..., help="Student: a model direct
                                                           "STUDENT, e.g. 0,4,5."),
                 drop_layers: int = typer.Option(0, "--drop-layers", help="Student = STUDENT without this many blocks, "
                                                 "chosen by block influence on the first data source."),
+                fresh: Optional[str] = typer.Option(None, "--fresh", help="Student = a new, randomly initialised model "
+                                                    "with STUDENT's config changed, e.g. num_hidden_layers=2,"
+                                                    "hidden_size=256 (teacher: STUDENT unless --teacher)."),
                 steps: int = typer.Option(500, "--steps", help="Optimizer steps."),
                 lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate."),
                 batch_size: int = typer.Option(16, "--batch-size", help="Sequences per step."),
@@ -260,8 +263,17 @@ def distill_cmd(student: str = typer.Argument(..., help="Student: a model direct
             raise SecateurError(f"--set: got {text!r}, expected KEY=VALUE such as hidden=1")
         step[key.strip()] = _parse_scalar(raw, text)
     plan: list[dict[str, Any]] = []
-    if keep_layers and drop_layers:
-        raise SecateurError("give either --keep-layers or --drop-layers, not both")
+    if sum(map(bool, (keep_layers, drop_layers, fresh))) > 1:
+        raise SecateurError("give one of --keep-layers, --drop-layers and --fresh")
+    loaded = None
+    if fresh:
+        from .distill.students import fresh as fresh_student, parse_overrides
+        from .models import load
+
+        loaded = load(student)
+        loaded.model = fresh_student(loaded.model, **parse_overrides(fresh))
+        loaded.model.secateur_source = None
+        step["teacher"] = teacher or student
     if keep_layers or drop_layers:
         cut: dict[str, Any] = {"method": "structured", "mlp": 0.0}
         if keep_layers:
@@ -281,9 +293,9 @@ def distill_cmd(student: str = typer.Argument(..., help="Student: a model direct
             spec["data"]["split"] = sources[0].split(":", 1)[1]
     recipe = _keep_to_blocks(spec)
     if not as_json:
-        err.print("[bold]recipe[/bold]")
+        err.print("[bold]recipe[/bold]" + (f" (on a fresh student: {fresh})" if fresh else ""))
         err.print(recipe.dump(), markup=False, highlight=False)
-    _run(recipe, out_dir, dry_run, as_json)
+    _run(recipe, out_dir, dry_run, as_json, loaded=loaded)
 
 
 def _keep_to_blocks(spec: dict[str, Any]) -> Any:
@@ -362,7 +374,8 @@ def export_cmd(artifact: Path = typer.Argument(..., help="A secateur artifact (p
     out.print(f"wrote {export_dense(artifact, out_dir)}")
 
 
-def _run(recipe: Any, out_dir: Optional[Path], dry_run: bool, as_json: bool, storage: str = "dense") -> None:
+def _run(recipe: Any, out_dir: Optional[Path], dry_run: bool, as_json: bool, storage: str = "dense",
+         loaded: Any = None) -> None:
     from .pipeline import dry_run as plan_recipe, run_recipe
 
     if dry_run:
@@ -374,7 +387,7 @@ def _run(recipe: Any, out_dir: Optional[Path], dry_run: bool, as_json: bool, sto
             table.add_row(str(entry["step"]), entry["method"], shown)
         _emit({"recipe": recipe.to_dict(), "plan": plan}, as_json, table)
         return
-    result = run_recipe(recipe, out=out_dir, storage=storage)
+    result = run_recipe(recipe, out=out_dir, storage=storage, loaded=loaded)
     table = Table("step", "method", "seconds", "result", title="compress")
     for i, h in enumerate(result.steps):
         summary = {k: v for k, v in h["result"].items() if not isinstance(v, (dict, list))}

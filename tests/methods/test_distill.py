@@ -327,3 +327,18 @@ def test_hidden_loss_maps_a_cut_student_to_the_blocks_it_kept():
         hs_s = student(ids, output_hidden_states=True).hidden_states
         hs_t = teacher(ids, output_hidden_states=True).hidden_states
     assert torch.equal(hs_s[1], hs_t[1])    # the kept first block imitates itself: nothing to learn there
+
+
+def test_a_fresh_student_takes_the_teachers_config_with_overrides():
+    from secateur.distill.students import fresh, parse_overrides
+
+    teacher = tiny_model("llama", seed=1)
+    student = fresh(teacher, **parse_overrides("num_hidden_layers=1,intermediate_size=32"))
+    assert type(student) is type(teacher) and student.config.num_hidden_layers == 1
+    assert student.model.layers[0].mlp.up_proj.weight.shape == (32, 32)
+    assert teacher.config.num_hidden_layers == 2   # the teacher's config is not touched
+    assert torch.equal(fresh(teacher, num_hidden_layers=1).lm_head.weight, fresh(teacher, num_hidden_layers=1).lm_head.weight)
+    with pytest.raises(SecateurError, match="did you mean 'num_hidden_layers'"):
+        fresh(teacher, num_hidden_layer=1)
+    with pytest.raises(SecateurError, match="KEY=VALUE"):
+        parse_overrides("layers")
