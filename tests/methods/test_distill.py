@@ -342,3 +342,30 @@ def test_a_fresh_student_takes_the_teachers_config_with_overrides():
         fresh(teacher, num_hidden_layer=1)
     with pytest.raises(SecateurError, match="KEY=VALUE"):
         parse_overrides("layers")
+
+
+def test_gradual_pruning_resumes_bit_exactly_through_the_loop(tmp_path):
+    """A killed gradual-pruning run resumes with the same masks, movement scores and weights."""
+    from secateur.distill.gradual import GradualPruner
+    from secateur.targets import select_modules
+
+    teacher = tiny_model("llama", seed=1)
+    data = TrainingSet(_windows(), [])
+    config = _cfg(steps=16, checkpoint_every=5, eval_every=0)
+
+    def run(model, checkpoint_dir=None, extra=()):
+        pruner = GradualPruner(select_modules(model, ("Linear",), ("lm_head",)), 0.5, 16, end=0.75, every=2,
+                               score="movement")
+        pruner.attach()
+        train(model, teacher, data, config, checkpoint_dir=checkpoint_dir, hooks=(pruner, *extra))
+        return pruner.finalize()
+
+    whole = tiny_model("llama", seed=2)
+    expected = run(whole)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_model("llama", seed=2), tmp_path, (_Kill(8),))
+    resumed = tiny_model("llama", seed=2)
+    assert run(resumed, tmp_path) == expected
+    for (n, p), (_, q) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert expected["sparsity"] == pytest.approx(0.5, abs=0.01)

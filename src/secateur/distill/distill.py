@@ -124,7 +124,8 @@ def run_training(model: nn.Module, config: TrainingConfig, ctx: Any, hooks: tupl
     result = train(model, teacher, data, config, kind=kind, checkpoint_dir=ctx.extra.get("checkpoint_dir"),
                    hooks=hooks, evaluate=ctx.extra.get("evaluate"))
     out = result.to_dict()
-    out["history"] = out["history"][-1:]   # the card keeps the last step; the full curve is in the result JSON
+    every = max(1, len(result.history) // 100)   # the card keeps about 100 points of the loss curve
+    out["history"] = [h for i, h in enumerate(result.history) if (i + 1) % every == 0 or i + 1 == len(result.history)]
     ctx.extra.setdefault("training", []).append(result)
     return out
 
