@@ -369,3 +369,32 @@ def test_gradual_pruning_resumes_bit_exactly_through_the_loop(tmp_path):
     for (n, p), (_, q) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(p, q), n
     assert expected["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_qat_w8a8_trains_and_saves_a_checkpoint_stock_transformers_loads(tmp_path):
+    import transformers
+
+    from secateur import QATConfig, load, save
+    from secateur.quant.linear import QuantLinear, reference_only
+
+    teacher = tiny_model("llama", seed=1)
+    model = tiny_model("llama", seed=1)
+    config = QATConfig(bits=8, strategy="channel", activations="int8", steps=4, batch_size=4, lr=1e-4,
+                       eval_every=0, checkpoint_every=0, holdout=0.0)
+    compress_(model, config, data=_calibration(), teacher=teacher)
+    modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(modules) == 14 and all(m.activation == "int8" and m.bits == 8 for m in modules)
+    result = model.secateur_history[-1]["result"]
+    assert result["bits"] == 8 and result["activations"] == "int8" and result["steps"] == 4
+    ids = torch.randint(3, 100, (2, 10))
+    with torch.no_grad(), reference_only():
+        expected = model(ids).logits
+    path = save(model, tmp_path / "qat")
+    stock = transformers.AutoModelForCausalLM.from_pretrained(path).eval()   # compressed-tensors' int8 runtime
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            theirs = stock.get_submodule(name)
+            assert torch.equal(theirs.weight, module.weight_q), name
+            assert torch.equal(theirs.weight_scale.float().view(-1), module.weight_scale.view(-1)), name
+    with torch.no_grad(), reference_only():
+        assert torch.equal(load(path).model(ids).logits, expected)
