@@ -398,3 +398,15 @@ def test_qat_w8a8_trains_and_saves_a_checkpoint_stock_transformers_loads(tmp_pat
             assert torch.equal(theirs.weight_scale.float().view(-1), module.weight_scale.view(-1)), name
     with torch.no_grad(), reference_only():
         assert torch.equal(load(path).model(ids).logits, expected)
+
+
+def test_texts_of_different_lengths_are_batched_by_length_and_each_epoch_reads_all():
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.arange(int(n)) for n in torch.randint(2, 60, (300,), generator=g)]
+    data = TrainingSet(seqs, [], seed=1)
+    batches = [data.batch(k, 10) for k in range(30)]               # one epoch
+    seen = sorted(int(b["attention_mask"][r].sum()) for b in batches for r in range(10))
+    assert seen == sorted(len(s) for s in seqs)
+    padded = sum(b["input_ids"].numel() for b in batches)
+    assert padded < 1.3 * sum(len(s) for s in seqs)                # little padding
+    assert torch.equal(TrainingSet(seqs, [], seed=1).batch(17, 10)["input_ids"], batches[17]["input_ids"])

@@ -23,6 +23,8 @@ from ..errors import SecateurError
 
 log = logging.getLogger(__name__)
 
+GROUP = 50  # batches sorted together by length (texts of different lengths only)
+
 
 @dataclass
 class TrainingSet:
@@ -33,6 +35,7 @@ class TrainingSet:
     describe: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._orders: dict[tuple[int, int], list[int]] = {}
         if not self.train:
             raise SecateurError("the training set is empty; give more text (data sources, samples) or a shorter seq_len")
 
@@ -46,19 +49,35 @@ class TrainingSet:
             digest.update(b"#")
         return digest.hexdigest()[:16]
 
-    def order(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+    def order(self, epoch: int, size: int = 1) -> list[int]:
+        """The reading order of ``epoch``: a seeded permutation. When lengths differ (sentences), each
+        window of ``GROUP`` batches is sorted by length, cut into batches and the batches shuffled,
+        so a batch pads to about its own length instead of the longest text (same texts per epoch)."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(self.train), generator=generator).tolist()
+        if len({len(s) for s in self.train}) == 1:
+            return perm
+        out: list[int] = []
+        window = size * GROUP
+        for start in range(0, len(perm), window):
+            chunk = sorted(perm[start:start + window], key=lambda i: len(self.train[i]))
+            batches = [chunk[b:b + size] for b in range(0, len(chunk), size)]
+            for b in torch.randperm(len(batches), generator=generator).tolist():
+                out += batches[b]
+        return out
 
     def batch(self, k: int, size: int) -> dict[str, torch.Tensor]:
         """Micro-batch ``k`` (0-based) of ``size`` sequences: positions ``k·size …`` of the stream of
-        per-epoch permutations."""
+        per-epoch orders."""
         n = len(self.train)
         rows, epoch, order = [], -1, None
         for p in range(k * size, (k + 1) * size):
             if p // n != epoch:
                 epoch = p // n
-                order = self.order(epoch)
-            rows.append(self.train[int(order[p % n])])
+                if (epoch, size) not in self._orders:  # keep the current epoch's order only
+                    self._orders = {(epoch, size): self.order(epoch, size)}
+                order = self._orders[(epoch, size)]
+            rows.append(self.train[order[p % n]])
         return collate(rows, self.pad_id)
 
     def holdout_batches(self, size: int) -> Iterable[dict[str, torch.Tensor]]:

@@ -103,7 +103,8 @@ def _cached_generation(teacher: nn.Module, tokenizer: Any, config: TrainingConfi
     """Teacher samples, saved beside the training checkpoint so a resumed run reads the same text."""
     from pathlib import Path
 
-    path = Path(checkpoint_dir) / "generated.pt" if checkpoint_dir is not None else None
+    name = f"generated-{config.generate}x{config.seq_len}-t{config.generate_temperature}-s{config.seed}.pt"
+    path = Path(checkpoint_dir) / name if checkpoint_dir is not None else None
     if path is not None and path.exists():
         return list(torch.load(path, weights_only=True))
     seqs = generate(teacher, tokenizer, config.generate, config.seq_len, temperature=config.generate_temperature,
