@@ -90,9 +90,9 @@ def minilm(section: str, scale: float) -> dict[str, Any]:
     report = student.secateur_history[-1]["result"]
     start_value = m.metric(student)
     log(f"[{section}] dense {m.dense:.2f}, start {start_value:.2f} (kept blocks {report.get('kept_blocks')})")
-    steps = max(1, int((1500 if section == "minilm-depth" else 600) * scale))
+    steps = max(1, int((600 if section == "minilm-depth" else 400) * scale))
     config = DistillConfig(data=MINILM_DATA, seq_len=128, steps=steps, batch_size=64, lr=1e-4 if section ==
-                           "minilm-depth" else 5e-5, warmup=0.05, embedding=1.0, hidden=0.0, eval_every=max(1, steps // 10),
+                           "minilm-depth" else 5e-5, warmup=0.05, embedding=1.0, hidden=0.0, eval_every=max(1, steps // 8),
                            checkpoint_every=0, holdout=0.02, dtype="bfloat16")
     curve: list[tuple[int, float]] = []
 
