@@ -390,8 +390,10 @@ def train(student: nn.Module, teacher: Optional[nn.Module], data: TrainingSet, c
                     hook.after_step(step)
             result.history.append({"step": step, "lr": lr, "grad_norm": round(norm, 6),
                                    **{k: round(v, 6) for k, v in running.items()}})
-            bar.update(step, **{k: running[k] for k in ("loss",)}, **{k: v for h in hooks if hasattr(h, "metrics")
-                                                                      for k, v in h.metrics().items()})
+            shown = {"loss": running["loss"], "lr": lr}
+            for hook in hooks:
+                shown.update(hook.metrics() if hasattr(hook, "metrics") else {})
+            bar.update(step, **shown)
             stop = False
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 stop = evaluation(step)
