@@ -70,25 +70,32 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, scheme: Scheme, *, damp: flo
     Q = torch.zeros_like(W, dtype=torch.int8)
     if g:
         block_size = max(g, block_size // g * g)  # a group never straddles two blocks
+    order, pruned = perm.tolist(), bool(keep_zero.any())
+    params: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # group -> (scale, float zero point)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        E1 = torch.zeros_like(W1)
+        E1, Q1 = torch.zeros_like(W1), torch.zeros_like(W1)
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
+            col = order[i1 + i]
             group = 0 if not g else col // g
             if not fixed and col % g == 0:  # GPTQ: the group's scale from its current (updated) weights
                 s, z = weight_params(W1[:, i:i + g], Scheme(scheme.bits, scheme.symmetric, "channel",
                                                             observer=scheme.observer))
                 scale[:, group], zero[:, group] = s[:, 0], z[:, 0]
-            s, z = scale[:, group], zero[:, group].float()
+                params.pop(group, None)
+            if group not in params:
+                params[group] = (scale[:, group], zero[:, group].float())
+            s, z = params[group]
             x = W1[:, i]
             q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
-            q = torch.where(keep_zero[:, i1 + i], z.expand_as(q), q)  # pruned weights stay exactly zero
-            Q[:, i1 + i] = q.to(torch.int8)
+            if pruned:
+                q = torch.where(keep_zero[:, i1 + i], z, q)  # pruned weights stay exactly zero
+            Q1[:, i] = q
             err = (x - (q - z) * s) / U1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             E1[:, i] = err
+        Q[:, i1:i2] = Q1.to(torch.int8)
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     return Q[:, torch.argsort(perm)], scale, zero
 
