@@ -162,3 +162,24 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_hessian_of_bfloat16_activations_matches_float64():
+    """bf16 activations take the fast path (a float32 GEMM run on bf16 units where oneDNN has them):
+    products of bf16 values are exact, so the result must agree with a float64 xᵀx to float32
+    accumulation error, and the global matmul precision must be left as it was."""
+    import torch.backends.mkldnn as mkldnn
+
+    torch.manual_seed(0)
+    before = mkldnn.matmul.fp32_precision if hasattr(mkldnn, "matmul") else None
+    stat = Hessian(96)
+    batches = [torch.randn(3, 50, 96).to(torch.bfloat16) for _ in range(3)]
+    for x in batches:
+        stat.update(x)
+    flat = torch.cat([x.reshape(-1, 96) for x in batches]).double()
+    ref = flat.T @ flat
+    assert stat.tokens == 450
+    assert float((stat.xtx.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+    assert torch.allclose(stat.H.double(), ref * 2 / 450, rtol=1e-5, atol=1e-6)
+    if before is not None:
+        assert mkldnn.matmul.fp32_precision == before

@@ -30,9 +30,11 @@ import resource
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from functools import lru_cache
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.nn as nn
@@ -63,6 +65,26 @@ class ColumnNorms:
         self.tokens += x.shape[0]
 
 
+@lru_cache(maxsize=None)
+def _bf16_matmul() -> bool:
+    """Whether oneDNN runs bfloat16 matmuls natively on this CPU (and torch lets us ask for it)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and hasattr(torch.backends.mkldnn, "matmul")
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - an older or stripped torch
+        return False
+
+
+@contextmanager
+def _fp32_matmul_precision(precision: str) -> Iterator[None]:
+    previous = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = previous
+
+
 class Hessian:
     """H = 2/n Σ xᵀx over the n calibration tokens (SparseGPT, GPTQ), accumulated in float32."""
 
@@ -71,8 +93,16 @@ class Hessian:
         self.tokens = 0
 
     def update(self, x: torch.Tensor) -> None:
+        exact_bf16 = x.dtype == torch.bfloat16 and x.device.type == "cpu" and _bf16_matmul()
         x = x.reshape(-1, x.shape[-1]).float()
-        self.xtx.addmm_(x.t(), x)
+        if exact_bf16:
+            # bf16 values multiply exactly in float32 and oneDNN accumulates in float32, so letting
+            # it run this float32 product on bf16 units (AMX / AVX-512 BF16) changes no result but
+            # the summation order, and is ~2.5x faster than the float32 GEMM
+            with _fp32_matmul_precision("bf16"):
+                self.xtx.addmm_(x.t(), x)
+        else:
+            self.xtx.addmm_(x.t(), x)
         self.tokens += x.shape[0]
 
     @property

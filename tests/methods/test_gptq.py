@@ -104,3 +104,23 @@ def test_zeros_of_a_pruned_weight_stay_zero_and_dead_inputs_are_handled():
         deq = dequantize(q, scale, zero, scheme)
         assert torch.all(deq[:, ::2] == 0)
         assert torch.isfinite(deq).all()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_shared_hessian_factor_gives_the_same_result(act_order):
+    """Projections reading one input (q/k/v) reuse one Cholesky factor: same integers and scales as
+    factoring the Hessian for each of them, dead columns included."""
+    from secateur.quant.gptq import hessian_factor
+
+    torch.manual_seed(3)
+    X = torch.randn(200, 64)
+    X[:, 5] = 0  # a dead input column
+    H = 2 * X.T @ X / 200
+    factor = hessian_factor(H, damp=0.01, act_order=act_order)
+    scheme = Scheme(4, True, "group", 16)
+    for rows in (8, 24):
+        w = torch.randn(rows, 64)
+        alone = gptq_quantize(w, H, scheme, act_order=act_order, block_size=32)
+        shared = gptq_quantize(w, H, scheme, act_order=act_order, block_size=32, factor=factor)
+        for a, b in zip(alone, shared):
+            assert torch.equal(a, b)

@@ -20,7 +20,7 @@ weight (a pruned model) stay zero.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -42,15 +42,34 @@ class GPTQConfig(WeightQuantConfig, CalibratedConfig):
     static_groups: bool = param(False, "group scales from the original weights, before the sweep")
 
 
-def gptq_quantize(w: torch.Tensor, H: torch.Tensor, scheme: Scheme, *, damp: float = 0.01, block_size: int = 128,
-                  act_order: bool = False, static_groups: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ of ``w [out, in]`` with Hessian ``H [in, in]``: ``(q int8, scale, zero_point)``."""
-    W = w.detach().float().clone()
+class Factor(NamedTuple):
+    """What GPTQ needs from a Hessian alone, so projections sharing one compute it once."""
+    perm: torch.Tensor  # column order of the sweep
+    U: torch.Tensor  # upper Cholesky factor of the inverse of the dampened, permuted Hessian
+    dead: torch.Tensor  # bool [in]: columns no calibration token ever activated
+
+
+def hessian_factor(H: torch.Tensor, *, damp: float = 0.01, act_order: bool = False) -> Factor:
     H = H.detach().float().clone()
-    rows, cols = W.shape
-    keep_zero = W == 0
+    cols = H.shape[0]
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(cols)
+    H = H[perm][:, perm]
+    H += damp * torch.mean(torch.diagonal(H)) * torch.eye(cols)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    return Factor(perm, U, dead)
+
+
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, scheme: Scheme, *, damp: float = 0.01, block_size: int = 128,
+                  act_order: bool = False, static_groups: bool = False,
+                  factor: Optional[Factor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ of ``w [out, in]`` with Hessian ``H [in, in]``: ``(q int8, scale, zero_point)``.
+    ``factor``: :func:`hessian_factor` of the same ``H``, ``damp`` and ``act_order``, if computed."""
+    perm, U, dead = factor or hessian_factor(H, damp=damp, act_order=act_order)
+    W = w.detach().float().clone()
+    rows, cols = W.shape
+    keep_zero = W == 0
     W[:, dead] = 0
     g = scheme.group
     qmin, qmax = qrange(scheme.bits)
@@ -63,40 +82,40 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, scheme: Scheme, *, damp: flo
     elif fixed:
         scale, zero = weight_params(W, scheme)  # per group of the original columns
 
-    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(cols)
-    W, H, keep_zero = W[:, perm], H[perm][:, perm], keep_zero[:, perm]
-    H += damp * torch.mean(torch.diagonal(H)) * torch.eye(cols)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    W, keep_zero = W[:, perm], keep_zero[:, perm]
     Q = torch.zeros_like(W, dtype=torch.int8)
     if g:
         block_size = max(g, block_size // g * g)  # a group never straddles two blocks
     order, pruned = perm.tolist(), bool(keep_zero.any())
     params: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # group -> (scale, float zero point)
-    for i1 in range(0, cols, block_size):
+    kept = keep_zero.t().contiguous() if pruned else None
+    for i1 in range(0, cols, block_size):  # the block's columns are rows here: contiguous vectors
         i2 = min(i1 + block_size, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        W1, U1 = W[:, i1:i2].t().contiguous(), U[i1:i2, i1:i2]
         E1, Q1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        diag = torch.diagonal(U1).tolist()
         for i in range(i2 - i1):
             col = order[i1 + i]
             group = 0 if not g else col // g
             if not fixed and col % g == 0:  # GPTQ: the group's scale from its current (updated) weights
-                s, z = weight_params(W1[:, i:i + g], Scheme(scheme.bits, scheme.symmetric, "channel",
-                                                            observer=scheme.observer))
+                s, z = weight_params(W1[i:i + g].t(), Scheme(scheme.bits, scheme.symmetric, "channel",
+                                                             observer=scheme.observer))
                 scale[:, group], zero[:, group] = s[:, 0], z[:, 0]
                 params.pop(group, None)
             if group not in params:
-                params[group] = (scale[:, group], zero[:, group].float())
+                params[group] = (scale[:, group].contiguous(), zero[:, group].float().contiguous())
             s, z = params[group]
-            x = W1[:, i]
-            q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
-            if pruned:
-                q = torch.where(keep_zero[:, i1 + i], z, q)  # pruned weights stay exactly zero
-            Q1[:, i] = q
-            err = (x - (q - z) * s) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            E1[:, i] = err
-        Q[:, i1:i2] = Q1.to(torch.int8)
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+            x = W1[i]
+            q = torch.div(x, s).round_().add_(z).clamp_(qmin, qmax)
+            if kept is not None:
+                q = torch.where(kept[i1 + i], z, q)  # pruned weights stay exactly zero
+            Q1[i] = q
+            err = E1[i]
+            torch.mul(q.sub_(z), s, out=err)
+            err.sub_(x).div_(-diag[i])  # (x - dequantized) / U_ii
+            W1[i:].addr_(U1[i, i:], err, alpha=-1)
+        Q[:, i1:i2] = Q1.t().to(torch.int8)
+        W[:, i2:] -= E1.t() @ U[i1:i2, i2:]
     return Q[:, torch.argsort(perm)], scale, zero
 
 
@@ -114,8 +133,10 @@ class _GPTQ:
     def compress(self, name: str, module: torch.nn.Module, stat: Hessian, block: int) -> dict[str, Any]:
         c = self.config
         scheme = scheme_for(c, name, module)
+        if getattr(stat, "gptq_factor", None) is None:  # q/k/v (gate/up) share one Hessian: factor it once
+            stat.gptq_factor = hessian_factor(stat.H, damp=c.damp, act_order=c.act_order)
         q, scale, zero = gptq_quantize(weight_matrix(module), stat.H, scheme, damp=c.damp, block_size=c.block_size,
-                                       act_order=c.act_order, static_groups=c.static_groups)
+                                       act_order=c.act_order, static_groups=c.static_groups, factor=stat.gptq_factor)
         stash(module, q, scale, zero, scheme)
         return {"bits": scheme.bits, "strategy": scheme.strategy}
 
