@@ -175,6 +175,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_p4_arguments(parser, "quant_kernels")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one decode per variant")
+    parser.add_argument("--compile", action="store_true",
+                        help="time every variant (fp32 too) compiled: static KV cache + torch.compile (max-autotune)")
     args = parser.parse_args()
     setup_env()
     import torch
@@ -200,10 +202,16 @@ def main() -> None:
     models[FLOOR] = floor_model(dense)
     info[FLOOR] = {"scheme": None, "kernels": {}, "decode_bytes": 0, "kernel_vs_reference": None}
 
+    compiled = {}
+    if args.compile:  # one compiled runtime per variant, compiled in its first warm-up, reused every round
+        from secateur.evaluate.compiled import CompiledLM
+
+        compiled = {name: CompiledLM(model, args.prompt + args.new) for name, model in models.items()}
     rounds: dict[str, list[dict]] = {name: [] for name in models}
     for r in range(args.rounds):
         for name, model in models.items():  # alternate: every round times every variant
-            res = speed(model, prompt_len=args.prompt, new_tokens=args.new, runs=args.runs)
+            res = speed(model, prompt_len=args.prompt, new_tokens=args.new, runs=args.runs,
+                        compile=compiled.get(name, False))
             nbytes = info[name]["decode_bytes"]
             rounds[name].append({"prefill_ms": res.extra["prefill_ms_median"],
                                  "decode_tokens_per_s": res.extra["decode_tokens_per_s"],
@@ -233,8 +241,9 @@ def main() -> None:
         rows.append([name, f"{nbytes / 2**20:.0f}" if nbytes else "—", prefill, prefill_x, decode, decode_x,
                      1000 / decode, linear_ms, bw, limit, results[name]["fraction_of_limit"],
                      results[name]["linear_fraction_of_limit"]])
-    print_table(f"P4 timing model, batch 1, prompt {args.prompt}, {args.new} new tokens, {args.threads} threads, "
-                f"{args.rounds} alternating rounds",
+    runtime = "compiled (static KV cache, torch.compile max-autotune, freezing)" if args.compile else "eager"
+    print_table(f"P4 timing model, {runtime}, batch 1, prompt {args.prompt}, {args.new} new tokens, "
+                f"{args.threads} threads, {args.rounds} alternating rounds",
                 ["variant", "MiB/step", "prefill ms", "prefill ×", "decode tok/s", "decode ×", "ms/token",
                  "Linear ms", "GB/s", "limit tok/s", "of limit", "Linear of limit"], rows)
     targets = {}
@@ -248,7 +257,7 @@ def main() -> None:
         prompt = torch.randint(0, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
         for name, model in models.items():
             print(f"--- {name}: one decode of {args.new} tokens\n{profile(model, prompt, args.new)}", file=sys.stderr)
-    path = write_json("quant_kernels", {"environment": environment(), "settings": settings, "args": vars(args),
+    path = write_json("quant_kernels_compiled" if args.compile else "quant_kernels", {"environment": environment(), "settings": settings, "args": vars(args),
                                         "variants": results, "targets": targets}, args.out)
     print(f"wrote {path}")
 

@@ -98,6 +98,8 @@ def eval_cmd(model: str = typer.Argument(..., help="Model directory, artifact or
              max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Quick run on the first windows."),
              prompt_len: Optional[int] = typer.Option(None, "--prompt-len", help="Speed: prompt tokens."),
              new_tokens: Optional[int] = typer.Option(None, "--new-tokens", help="Speed: generated tokens."),
+             compile_: bool = typer.Option(False, "--compile",
+                                           help="Speed: static KV cache + torch.compile (batch 1, causal LMs)."),
              output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the JSON result here."),
              as_json: bool = typer.Option(False, "--json", help="Print the JSON result instead of a table.")) -> None:
     """Evaluate a model: perplexity (P1/P3), sentence similarity (P2) or speed and memory (P4)."""
@@ -105,7 +107,7 @@ def eval_cmd(model: str = typer.Argument(..., help="Model directory, artifact or
     from .models import load
 
     given = {"split": split, "seq_len": seq_len, "batch": batch, "max_windows": max_windows,
-             "prompt_len": prompt_len, "new_tokens": new_tokens}
+             "prompt_len": prompt_len, "new_tokens": new_tokens, "compile": compile_ or None}
     options = {k: v for k, v in given.items() if v is not None}
     loaded = load(model)
     result = evaluate(loaded.model, loaded.tokenizer, task, data, **options)

@@ -122,11 +122,16 @@ def peak_rss_mib() -> float:
 
 
 def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int = 128, new_tokens: int = 64,
-          runs: int = P4_RUNS, warmup: int = P4_WARMUP, path: str | None = None, seed: int = 0) -> EvalResult:
+          runs: int = P4_RUNS, warmup: int = P4_WARMUP, path: str | None = None, seed: int = 0,
+          compile: Any = False) -> EvalResult:
     """Latency, decode throughput, memory, size and sparsity of ``model`` (P4).
 
     The tokenizer is not needed (inputs are seeded random ids). ``path`` is the model directory
     whose safetensors are counted (default: where ``secateur.load`` found the model).
+    ``compile``: causal LMs, batch 1 — prefill and decode through
+    :class:`~secateur.evaluate.compiled.CompiledLM` (static KV cache, Inductor-compiled forward;
+    compiling takes about a minute, in the warm-up, untimed). A :class:`CompiledLM` of ``model``
+    may be passed instead of True, to time it again without recompiling.
     """
     import torch
 
@@ -141,6 +146,13 @@ def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int 
     if context is not None and needed > context:
         raise SecateurError(f"prompt_len {prompt_len}" + (f" + new_tokens {new_tokens}" if causal else "") +
                             f" = {needed} exceeds the model's context of {context}; pass smaller values")
+    if compile and not causal:
+        raise SecateurError("--compile times compiled decoding and needs a causal LM; "
+                            f"{type(model).__name__} is not one")
+    if compile and warmup < 1:
+        raise SecateurError("--compile needs at least one warm-up run (compilation happens there)")
+    if compile and batch != 1:
+        raise SecateurError(f"--compile measures batch 1 (one static KV cache), got batch {batch}")
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(seed)
@@ -152,21 +164,39 @@ def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
+        if compile:
+            from .compiled import CompiledLM
+
+            compiled = compile if isinstance(compile, CompiledLM) else CompiledLM(model, prompt_len + new_tokens)
+            if compiled.model is not model or compiled.max_len < prompt_len + new_tokens:
+                raise SecateurError(f"the CompiledLM passed is not of this model or holds fewer than "
+                                    f"{prompt_len + new_tokens} positions")
+            decode = compiled.greedy
+
+            def forward() -> None:
+                compiled.reset()
+                compiled(ids, 0)
+        else:
+            def decode(prompt: Any, n: int) -> tuple[Any, float, list[float]]:
+                return greedy_decode(model, prompt, n)
+
+            def forward() -> None:
+                model(input_ids=ids, **call)
         times = []
         with torch.inference_mode():
             for i in range(warmup + runs):
                 start = time.perf_counter()
-                model(input_ids=ids, **call)
+                forward()
                 _sync(device)
                 if i >= warmup:
                     times.append(time.perf_counter() - start)
         extra: dict[str, Any] = _percentiles(times, "prefill" if causal else "latency")
         if causal and new_tokens > 0:
             prompt = ids[:1]
-            greedy_decode(model, prompt, min(new_tokens, 8))  # warm-up
+            decode(prompt, min(new_tokens, 8))  # warm-up
             rates, steps = [], []
             for _ in range(DECODE_RUNS):
-                _, _, step_times = greedy_decode(model, prompt, new_tokens)
+                _, _, step_times = decode(prompt, new_tokens)
                 rates.append(new_tokens / sum(step_times))
                 steps.extend(step_times)
             rates.sort()
@@ -200,6 +230,7 @@ def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int 
         "decode": (f"manual greedy loop with past_key_values, batch 1, {DECODE_RUNS} runs after 1 warm-up; "
                    "tokens/s = new_tokens / time of the new_tokens single-token steps, prefill excluded")
         if causal and new_tokens > 0 else None,
+        "runtime": "torch.compile (Inductor, max-autotune, freezing), static KV cache" if compile else "eager",
         "disk_path": str(source_path) if source_path else None,
         **environment(model), "deviations": deviations,
     }

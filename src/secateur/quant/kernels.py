@@ -146,6 +146,8 @@ def _finish(out: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype)
 def _bf16(x: torch.Tensor) -> torch.Tensor:
     """``x`` as contiguous, 64-byte aligned bf16 (the packed kernels use aligned vector loads)."""
     x = x.to(torch.bfloat16).contiguous()
+    if torch.compiler.is_compiling():  # no data pointers while tracing; compiled buffers are 64-byte aligned
+        return x
     return x if x.data_ptr() % 64 == 0 else x.clone()
 
 
