@@ -257,8 +257,9 @@ def main() -> None:
         prompt = torch.randint(0, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
         for name, model in models.items():
             print(f"--- {name}: one decode of {args.new} tokens\n{profile(model, prompt, args.new)}", file=sys.stderr)
-    path = write_json("quant_kernels_compiled" if args.compile else "quant_kernels", {"environment": environment(), "settings": settings, "args": vars(args),
-                                        "variants": results, "targets": targets}, args.out)
+    json_name = "quant_kernels_compiled" if args.compile else "quant_kernels"
+    path = write_json(json_name, {"environment": environment(), "settings": settings, "args": vars(args),
+                                  "variants": results, "targets": targets}, args.out)
     print(f"wrote {path}")
 
 

@@ -11,27 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import secateur
 from secateur.errors import SecateurError
 from secateur.evaluate.compiled import CompiledLM
 from secateur.evaluate.speed import greedy_decode, speed
+from secateur.quant.linear import QuantLinear
+from secateur.quant.rtn import RTNConfig
 from secateur.testing import tiny_model
-
-
-def _quantize_all(model, bits, group, activation):
-    from secateur.quant.linear import QuantLinear
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear):
-            w = module.weight.detach()
-            out, cols = w.shape
-            g = group or cols
-            qmax = 2 ** (bits - 1) - 1
-            scale = (w.reshape(out, -1, g).abs().amax(-1) / qmax).clamp_min(1e-8)
-            q = torch.round(w.reshape(out, -1, g) / scale.unsqueeze(-1)).clamp(-qmax - 1, qmax).to(torch.int8)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child,
-                    QuantLinear.from_quantized(q.reshape(out, cols), scale, None, bits, group, module.bias, activation))
-    return model
 
 
 @pytest.mark.parametrize("variant", ["fp32", "W4A16", "W8A8"])
@@ -39,9 +25,10 @@ def test_compiled_greedy_matches_eager(variant):
     torch.manual_seed(0)
     model = tiny_model("llama").eval()
     if variant == "W4A16":
-        _quantize_all(model, 4, 32, None)
+        secateur.compress_(model, RTNConfig(bits=4, strategy="group", group_size=32))
     elif variant == "W8A8":
-        _quantize_all(model, 8, None, "int8")
+        secateur.compress_(model, RTNConfig(bits=8, strategy="channel", activations="int8"))
+    assert variant == "fp32" or any(isinstance(m, QuantLinear) for m in model.modules())
     prompt = torch.randint(0, model.config.vocab_size, (1, 12))
     eager, _, _ = greedy_decode(model, prompt, 10)
     compiled = CompiledLM(model, 12 + 10, mode=None)

@@ -30,7 +30,7 @@ import resource
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from functools import lru_cache
@@ -95,13 +95,10 @@ class Hessian:
     def update(self, x: torch.Tensor) -> None:
         exact_bf16 = x.dtype == torch.bfloat16 and x.device.type == "cpu" and _bf16_matmul()
         x = x.reshape(-1, x.shape[-1]).float()
-        if exact_bf16:
-            # bf16 values multiply exactly in float32 and oneDNN accumulates in float32, so letting
-            # it run this float32 product on bf16 units (AMX / AVX-512 BF16) changes no result but
-            # the summation order, and is ~2.5x faster than the float32 GEMM
-            with _fp32_matmul_precision("bf16"):
-                self.xtx.addmm_(x.t(), x)
-        else:
+        # bf16 values multiply exactly in float32 and oneDNN accumulates in float32, so letting it
+        # run this float32 product on bf16 units (AMX / AVX-512 BF16) changes no result but the
+        # summation order, and is ~2.5x faster than the float32 GEMM
+        with _fp32_matmul_precision("bf16") if exact_bf16 else nullcontext():
             self.xtx.addmm_(x.t(), x)
         self.tokens += x.shape[0]
 
