@@ -41,7 +41,7 @@ def test_compiled_greedy_matches_eager(variant):
         compiled(prompt, 15)
 
 
-def test_speed_compile_errors_and_settings():
+def test_speed_compile_refuses_what_it_cannot_time():
     model = tiny_model("llama")
     with pytest.raises(SecateurError, match="batch 1"):
         speed(model, batch=2, prompt_len=8, new_tokens=2, compile=True)
@@ -49,3 +49,16 @@ def test_speed_compile_errors_and_settings():
         speed(model, prompt_len=8, new_tokens=2, warmup=0, compile=True)
     with pytest.raises(SecateurError, match="causal LM"):
         speed(tiny_model("bert"), prompt_len=8, compile=True)
+
+
+def test_speed_times_a_compiled_lm_and_says_so():
+    model = tiny_model("llama")
+    compiled = CompiledLM(model, 8 + 6, mode=None)
+    result = speed(model, prompt_len=8, new_tokens=6, runs=2, compile=compiled)
+    assert result.settings["runtime"].startswith("torch.compile") and result.protocol is None  # 2 runs < P4's 10
+    assert result.extra["decode_tokens_per_s"] > 0 and result.extra["prefill_ms_median"] > 0
+    assert speed(model, prompt_len=8, new_tokens=2, runs=2).settings["runtime"] == "eager"
+    with pytest.raises(SecateurError, match="fewer than 16 positions"):
+        speed(model, prompt_len=8, new_tokens=8, compile=compiled)
+    with pytest.raises(SecateurError, match="not of this model"):
+        speed(tiny_model("llama"), prompt_len=8, new_tokens=6, compile=compiled)
