@@ -125,7 +125,8 @@ def stories(section: str, scale: float) -> dict[str, Any]:
         student = m.fresh()
         compress_(student, StructuredConfig(mlp=0.0, drop_layers=1), data=calib)
         out["start"] = m.metric(student)
-        config = DistillConfig(steps=max(1, int(4000 * scale)), lr=2e-3, generate=6000, **common)
+        config = DistillConfig(steps=max(1, int(2500 * scale)), lr=3e-3, generate=20000,
+                               **{**common, "batch_size": 64})
         out["bar"] = 5.75
     elif section == "stories-qat":
         baseline = m.fresh()
