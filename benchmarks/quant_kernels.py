@@ -118,8 +118,11 @@ def decode_bytes(model) -> int:
         else:
             n, k = module.out_features, module.in_features
             kernel = module.kernel
+            gemv = getattr(module._kernel[1], "gemv", None) if module._kernel else None  # secateur's decode kernel
             if kernel == "w8a8_linear":
-                total += n * k + 4 * n  # int8 weight, fp32 scale
+                total += n * k + (8 if gemv is not None else 4) * n  # int8 weight, fp32 scale (+ int32 row sums)
+            elif kernel == "int4_linear" and gemv is not None:
+                total += n * k // 2 + 8 * n * (k // gemv.group)  # nibbles, fp32 (s, s * (136 + zp))
             elif kernel == "int4_linear":
                 total += n * k // 2 + 4 * n * (k // kernels.int4_group(module.group_size, k))  # nibbles, bf16 (s, z)
             elif kernel == "int8_linear":

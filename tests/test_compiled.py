@@ -62,3 +62,25 @@ def test_speed_times_a_compiled_lm_and_says_so():
         speed(model, prompt_len=8, new_tokens=8, compile=compiled)
     with pytest.raises(SecateurError, match="not of this model"):
         speed(tiny_model("llama"), prompt_len=8, new_tokens=6, compile=compiled)
+
+
+def test_each_compiled_lm_keeps_its_own_graphs():
+    """Module guards are dropped for speed, so graphs must never be shared between instances:
+    interleaved calls on three models each give that model's own logits, from its own graph."""
+    from torch._dynamo.utils import counters
+
+    models = [tiny_model("llama", seed=seed).eval() for seed in range(3)]
+    prompt = torch.randint(0, models[0].config.vocab_size, (1, 6))
+    compiled = [CompiledLM(model, 8, mode=None) for model in models]
+    before = counters["stats"]["unique_graphs"]
+    refs = []
+    with torch.no_grad():
+        refs = [model(prompt).logits[:, -1] for model in models]
+    assert not torch.allclose(refs[0], refs[1], atol=1e-3)
+    for _ in range(3):
+        for c, ref in zip(compiled, refs):
+            c.reset()
+            assert torch.allclose(c(prompt, 0), ref, atol=1e-4, rtol=1e-4)
+    # two graphs each (the cache's layers are created lazily by the first call, which changes what
+    # the second call sees), none shared, none added by the third round
+    assert counters["stats"]["unique_graphs"] - before == 2 * len(models)

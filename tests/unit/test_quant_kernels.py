@@ -14,13 +14,25 @@ import pytest
 import torch
 
 from secateur.errors import SecateurError
-from secateur.quant import kernels
+from secateur.quant import kernels, native
 from secateur.quant.linear import QuantLinear, reference_only
 from secateur.quant.primitives import quantize_activations_per_token
 
 IN, OUT = 256, 64
 TOKENS = (1, 3, 17)  # 17 > kernels.SMALL_BATCH: the weight-only many-token path too
 GROUPS = (32, 64, 128, None)
+
+
+@pytest.fixture(params=["native", "torch"])
+def backend(request, monkeypatch):
+    """Every kernel test runs twice: with secateur's own few-token GEMV kernels (quant/native.py)
+    and with torch's kernels only (as on a machine where the C++ file cannot be built)."""
+    if request.param == "native":
+        if not native.available():
+            pytest.skip("secateur's native kernels are not built on this machine")
+    else:
+        monkeypatch.setattr(native, "available", lambda: False)
+    return request.param
 
 
 def make(bits: int, group: int | None, activation: str | None = None, *, asym: bool = False, bias: bool = True,
@@ -98,7 +110,7 @@ def test_per_token_quantization_matches_primitives_and_is_row_wise():
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("bits,asym", [(8, False), (8, True), (4, True)], ids=["w8", "w8-asym", "w4-asym"])
-def test_w8a8_matches_the_per_token_loop(tokens, bias, bits, asym):
+def test_w8a8_matches_the_per_token_loop(tokens, bias, bits, asym, backend):
     module = make(bits, None, "int8", asym=asym, bias=bias)
     assert module.kernel == "w8a8_linear"
     x = inputs(tokens)
@@ -113,7 +125,7 @@ def test_w8a8_matches_the_per_token_loop(tokens, bias, bits, asym):
         assert ((run(module, x).double() - ref).abs() <= 1e-6 * magnitude + 1e-30).all()
 
 
-def test_w8a8_rows_do_not_depend_on_the_batch():
+def test_w8a8_rows_do_not_depend_on_the_batch(backend):
     module = make(8, None, "int8")
     x = inputs(17) * torch.logspace(-2, 2, 17)[:, None]  # very different row ranges
     batch = run(module, x)
@@ -133,7 +145,7 @@ def test_w8a8_needs_per_channel_scales():
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("group", GROUPS, ids=lambda g: f"g{g}" if g else "channel")
 @pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
-def test_w4a16_matches_the_reference_up_to_bf16(tokens, group, asym):
+def test_w4a16_matches_the_reference_up_to_bf16(tokens, group, asym, backend):
     module = make(4, group, asym=asym, bias=tokens != 3)
     assert module.kernel == "int4_linear"
     x = inputs(tokens)
@@ -170,14 +182,23 @@ def test_int4_kernel_convention_alone():
 
 @pytest.mark.parametrize("bits,group,out", [(4, 16, OUT), (4, 64, 40), (8, 64, OUT)],
                          ids=["w4-g16", "w4-out40", "w8-grouped"])
-def test_shapes_without_a_kernel_run_the_reference(bits, group, out):
+def test_shapes_without_a_kernel_run_the_reference(bits, group, out, backend):
+    """torch's int4 op needs 16 | out and groups of 32+; secateur's GEMV takes any out and groups of
+    16+ (for up to SMALL_BATCH tokens; more tokens dequantize to bf16)."""
     module = make(bits, group, out=out)
-    assert module.kernel == "reference"
     x = inputs(3)
+    if backend == "native" and bits == 4:
+        assert module.kernel == "int4_linear"
+        for tokens in (1, 3, kernels.SMALL_BATCH + 1):
+            x = inputs(tokens)
+            ref = reference(module, x)
+            assert ((run(module, x).double() - ref).abs() <= bf16_bound(module, x, ref)).all()
+        return
+    assert module.kernel == "reference"
     assert torch.allclose(run(module, x).double(), reference(module, x), rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_input_gives_bf16_output():
+def test_bf16_input_gives_bf16_output(backend):
     for module in (make(4, 128), make(8, None), make(8, None, "int8")):
         x = inputs(3).bfloat16()
         got = run(module, x)

@@ -14,11 +14,14 @@ row (``[out, 1]``) or per ``group_size`` consecutive input columns (``[out, in /
 scheme      kernel (torch op)                               result vs. the float32 reference
 ==========  ==============================================  =========================================
 W8A8        per-token int8 ``x`` (amax / 127, round half    exact int32 dot products; same integers
-            to even), ``onednn.qlinear_pointwise`` (oneDNN  as ``primitives.quantize_activations_
-            brgemm: AMX / VNNI), rescale ``x_s ⊗ w_s``      per_token``; float rounding only
-W4A16       ``aten._weight_int4pack_mm_for_cpu`` on bf16    bf16 rounding of ``x``, of scale and
-            ``x`` (<= SMALL_BATCH tokens), else bf16        zero, and of the output
-            dequantize + bf16 ``F.linear`` (oneDNN)
+            to even); <= GEMV_TOKENS tokens: secateur's     as ``primitives.quantize_activations_
+            VNNI GEMV (:mod:`.native`), else                per_token``; float rounding only
+            ``onednn.qlinear_pointwise`` (oneDNN brgemm:
+            AMX / VNNI); rescale ``x_s ⊗ w_s``
+W4A16       <= GEMV_TOKENS tokens: secateur's bf16 GEMV     bf16 rounding of ``x``; the native GEMV
+            (:mod:`.native`, float32 out); <= SMALL_BATCH   keeps scales and output in float32, the
+            ``aten._weight_int4pack_mm_for_cpu`` on bf16    torch ops round scale, zero and output
+            ``x``, else bf16 dequantize + bf16 ``F.linear``  to bf16
 W8A16       ``aten._weight_int8pack_mm`` on bf16 ``x``      bf16 rounding of ``x``, scale, output
             (<= SMALL_BATCH tokens), else as W4A16
 ==========  ==============================================  =========================================
@@ -33,6 +36,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from . import native
+
+GEMV_TOKENS = 4  # tokens up to which secateur's own GEMV kernels (quant/native.py) are used when built
 SMALL_BATCH = 16  # weight-only: tokens up to which the packed GEMV kernels beat dequantize + bf16 GEMM
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu accepts
 
@@ -76,6 +82,7 @@ class W8A8Weight(NamedTuple):
     scale: torch.Tensor  # float32 [out]
     zero: torch.Tensor  # int64 [out] zeros: the op's weight zero point (symmetric weights only)
     zero_scale: Optional[torch.Tensor]  # float32 [out] zp * scale where zero points did not fold into q
+    gemv: Optional[native.W8A8Gemv] = None  # secateur's few-token kernel, when built (no zero_scale)
 
 
 def pack_w8a8(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor]) -> Optional[W8A8Weight]:
@@ -90,8 +97,9 @@ def pack_w8a8(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.T
     if weight is None:  # 8-bit asymmetric: q - zp needs 9 bits
         weight, zero_scale = q.contiguous(), (zero_point.reshape(-1).float() * scale.reshape(-1).float())
     out = q.shape[0]
+    gemv = native.pack_w8a8(weight, scale) if zero_scale is None and native.available() else None
     return W8A8Weight(torch.ops.onednn.qlinear_prepack(weight, None), scale.reshape(-1).float().contiguous(),
-                      torch.zeros(out, dtype=torch.int64), zero_scale)
+                      torch.zeros(out, dtype=torch.int64), zero_scale, gemv)
 
 
 def w8a8_linear(x: torch.Tensor, w: W8A8Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -99,7 +107,10 @@ def w8a8_linear(x: torch.Tensor, w: W8A8Weight, bias: Optional[torch.Tensor]) ->
     exact s32 accumulation, times the weight scales, float32 out; the op takes a single activation
     scale, so it gets 1.0 and the per-token scales are applied after, with the bias, in one
     ``addcmul``). Any number of tokens (AMX int8 GEMM for prefill). ``torch._int_mm`` is exact too
-    but slower here, ``quantized.linear_dynamic`` quantizes per tensor (asymmetric)."""
+    but slower here, ``quantized.linear_dynamic`` quantizes per tensor (asymmetric). Up to
+    ``GEMV_TOKENS`` tokens, secateur's VNNI GEMV does the same in one call (same integers)."""
+    if w.gemv is not None and x.shape[0] <= GEMV_TOKENS:
+        return native.w8a8_gemv(x.float(), w.gemv, bias).to(x.dtype)
     xq, xs = quantize_per_token(x)
     out = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, w.packed, w.scale, w.zero, None, 1.0, 0,
                                              torch.float32, "none", [], "")
@@ -152,10 +163,11 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
 
 
 class Int4Weight(NamedTuple):
-    packed: torch.Tensor  # uint8 [out, in / 2], the op's blocked nibble layout
-    scales_and_zeros: torch.Tensor  # bf16 [in / group, out, 2]
-    group: int  # the kernel's group size (a divisor of ours when we have per-channel or wide groups)
+    packed: Optional[torch.Tensor]  # uint8 [out, in / 2], the torch op's blocked nibble layout (None: op can't)
+    scales_and_zeros: Optional[torch.Tensor]  # bf16 [in / group, out, 2]
+    group: int  # the torch op's group size (a divisor of ours when we have per-channel or wide groups)
     dequant: DequantBF16
+    gemv: Optional[native.W4Gemv] = None  # secateur's few-token kernel, when built
 
 
 def int4_group(group_size: Optional[int], in_features: int) -> Optional[int]:
@@ -167,31 +179,42 @@ def int4_group(group_size: Optional[int], in_features: int) -> Optional[int]:
 
 def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
               group_size: Optional[int]) -> Optional[Int4Weight]:
-    """``aten._convert_weight_to_int4pack_for_cpu`` of ``q + 8`` (the op wants unsigned nibbles
+    """secateur's GEMV layout (:func:`secateur.quant.native.pack_w4`, when built) and
+    ``aten._convert_weight_to_int4pack_for_cpu`` of ``q + 8`` (the op wants unsigned nibbles
     0..15 as int32 and dequantizes ``(u - 8) * s + z``). Our ``(q - zp) * scale`` is
     ``(u - 8) * scale + (-zp * scale)``, so ``scales_and_zeros[g, n] = (scale, -zp * scale)``
-    in bf16, laid out ``[groups, out, 2]``. Needs ``q`` in [-8, 7] (<= 4 bits), ``out % 16 == 0``
-    and a group size (or ``in_features`` per channel) that is a multiple of 32."""
+    in bf16, laid out ``[groups, out, 2]``. Needs ``q`` in [-8, 7] (<= 4 bits); the torch op also
+    needs ``out % 16 == 0`` and a group size (or ``in_features`` per channel) that is a multiple
+    of 32. None when neither kernel takes the weight."""
     out, in_features = q.shape
-    group = int4_group(group_size, in_features)
-    if group is None or out % 16 or not _has("aten", "_weight_int4pack_mm_for_cpu") or \
-            int(q.min()) < -8 or int(q.max()) > 7:
+    if int(q.min()) < -8 or int(q.max()) > 7:
         return None
+    gemv = native.pack_w4(q, scale, zero_point, group_size) if native.available() else None
+    group = int4_group(group_size, in_features)
+    if group is None or out % 16 or not _has("aten", "_weight_int4pack_mm_for_cpu"):
+        if gemv is None:
+            return None
+        return Int4Weight(None, None, group or 0, pack_dequant_bf16(q, scale, zero_point), gemv)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1)
     s = scale.float()
     zero = torch.zeros_like(s) if zero_point is None else -zero_point.float() * s
     repeat = (group_size or in_features) // group
     sz = torch.stack([s, zero], dim=-1).repeat_interleave(repeat, dim=1)  # [out, in / group, 2]
     sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)
-    return Int4Weight(packed, sz, group, pack_dequant_bf16(q, scale, zero_point))
+    return Int4Weight(packed, sz, group, pack_dequant_bf16(q, scale, zero_point), gemv)
 
 
 def int4_linear(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """W4A16: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (AVX-512/AVX2 tinygemm kernel: nibbles
+    """W4A16. Up to ``GEMV_TOKENS`` tokens: secateur's GEMV (nibbles to bf16 in registers, bf16
+    dot products, float32 sums; :mod:`secateur.quant.native`). Up to ``SMALL_BATCH``:
+    ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (AVX-512/AVX2 tinygemm kernel: nibbles
     dequantized in registers, fp32 FMA, bf16 out) on ``x`` cast to bf16 — its float32 path is
     scalar and ~20x slower, so the casts pay. Its time grows linearly with the tokens (4-row
     blocks), so above ``SMALL_BATCH`` tokens :func:`dequant_bf16_linear` is used instead."""
-    if x.shape[0] > SMALL_BATCH:
+    tokens = x.shape[0]
+    if w.gemv is not None and (tokens <= GEMV_TOKENS or (w.packed is None and tokens <= SMALL_BATCH)):
+        return native.w4_gemv(x, w.gemv, bias).to(x.dtype)
+    if tokens > SMALL_BATCH or w.packed is None:
         return dequant_bf16_linear(x, w.dequant, bias)
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(_bf16(x), w.packed, w.group, w.scales_and_zeros)
     return _finish(out, bias, x.dtype)
@@ -225,5 +248,5 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, bias: Optional[torch.Tensor]) ->
     return _finish(torch.ops.aten._weight_int8pack_mm(_bf16(x), w.q, w.scale), bias, x.dtype)
 
 
-__all__ = ["SMALL_BATCH", "quantize_per_token", "pack_w8a8", "w8a8_linear", "pack_int4", "int4_linear", "int4_group",
+__all__ = ["GEMV_TOKENS", "SMALL_BATCH", "quantize_per_token", "pack_w8a8", "w8a8_linear", "pack_int4", "int4_linear", "int4_group",
            "pack_int8", "int8_linear", "pack_dequant_bf16", "dequant_bf16_linear"]

@@ -1,0 +1,163 @@
+"""secateur's own CPU GEMV kernels (``csrc/gemv.cpp``): few-token W8A8 and W4A16 matmuls that
+stream the packed weights near the memory bandwidth (AVX-512 VNNI and BF16 dot products).
+
+The C++ file is compiled on first use with torch's extension builder (a C++ compiler and ninja are
+needed) into ``$SECATEUR_CACHE_DIR/kernels`` (default ``~/.cache/secateur/kernels``) and reused
+after that; it is rebuilt when the source or torch changes. Where it cannot be built or the CPU
+lacks AVX-512 VNNI/BF16, :func:`available` is False and :mod:`secateur.quant.kernels` keeps using
+torch's own kernels. ``SECATEUR_NATIVE=0`` turns the kernels off.
+
+Weight layouts (made once per module by the ``pack_*`` functions, never saved; the checkpoint
+keeps the compressed-tensors format):
+
+- W8A8: int8 ``[blocks, K/4, 16, 4]``: 16 output channels side by side, 4 consecutive inputs
+  each (one VPDPBUSD operand), plus ``sum_k w[n, k]`` per channel (the activations are stored
+  with a +128 offset) and the float32 scales.
+- W4A16: uint8 ``[blocks, K/4, 32]``: byte ``2c + t`` of k-quad ``j`` holds ``q + 8`` of channel
+  ``c`` at input ``4j + t`` (low nibble) and ``4j + 2 + t`` (high nibble); scales as float32
+  ``[blocks, groups, 2, 16]`` = (``s``, ``s * (136 + zp)``), see the C++ file for why.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+LANES = 16
+SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16", "-ffp-contract=off",
+         "-fopenmp"]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SECATEUR_CACHE_DIR") or Path.home() / ".cache" / "secateur"
+    return Path(root) / "kernels"
+
+
+def _build() -> None:
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:  # the pip wheel's binary, when this venv's bin is not on PATH
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()
+    name = f"secateur_gemv_{digest[:12]}"
+    build = cache_dir() / name
+    build.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                       build_directory=str(build), is_python_module=False, verbose=False)
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """True when the kernels are built, loaded and this CPU runs them (decided once per process)."""
+    if os.environ.get("SECATEUR_NATIVE", "1") == "0":
+        return False
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        if not hasattr(torch.ops.secateur, "w4_gemv"):
+            _build()
+        ok = bool(torch.ops.secateur.supported())
+    except Exception as exc:  # no compiler / ninja, an old compiler, a sandbox without a cache dir
+        log.info("secateur's native GEMV kernels are not available (%s); torch's kernels are used", exc)
+        return False
+    if ok:
+        _register_fakes()
+    return ok
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile's tracing (the kernels themselves run as opaque calls)."""
+    @torch.library.register_fake("secateur::w8a8_gemv")
+    def _w8a8(x, w, wsum, scale, bias, n):  # noqa: ANN001, ANN202
+        return x.new_empty((x.shape[0], n))
+
+    @torch.library.register_fake("secateur::w4_gemv")
+    def _w4(x, w, sc, group, bias, n):  # noqa: ANN001, ANN202
+        return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    pad = (-t.shape[0]) % LANES
+    return t if not pad else torch.cat([t, t.new_zeros((pad,) + tuple(t.shape[1:]))])
+
+
+# --- W8A8 ----------------------------------------------------------------------------------------
+
+class W8A8Gemv(NamedTuple):
+    w: torch.Tensor  # int8 [blocks, K/4, 16, 4]
+    wsum: torch.Tensor  # int32 [blocks * 16]
+    scale: torch.Tensor  # float32 [blocks * 16]
+    n: int
+
+
+def pack_w8a8(q: torch.Tensor, scale: torch.Tensor) -> Optional[W8A8Gemv]:
+    """Per-channel int8 weights without zero points (``q`` int8 ``[out, in]``, ``scale [out]``);
+    None when ``in`` is not a multiple of 4."""
+    out, k = q.shape
+    if k % 4:
+        return None
+    w = _pad_rows(q.to(torch.int8))
+    blocks = w.shape[0] // LANES
+    packed = w.reshape(blocks, LANES, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+    wsum = w.to(torch.int32).sum(1, dtype=torch.int32).contiguous()
+    s = _pad_rows(scale.reshape(-1).float()).contiguous()
+    return W8A8Gemv(packed, wsum, s, out)
+
+
+def w8a8_gemv(x: torch.Tensor, w: W8A8Gemv, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[tokens, in]`` float32 -> ``[tokens, out]`` float32 (per-token int8 activations)."""
+    return torch.ops.secateur.w8a8_gemv(x, w.w, w.wsum, w.scale, bias, w.n)
+
+
+# --- W4A16 ---------------------------------------------------------------------------------------
+
+class W4Gemv(NamedTuple):
+    w: torch.Tensor  # uint8 [blocks, K/4, 32]
+    sc: torch.Tensor  # float32 [blocks, groups, 2, 16]
+    group: int
+    n: int
+
+
+def pack_w4(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+            group_size: Optional[int]) -> Optional[W4Gemv]:
+    """``q`` in [-8, 7] ``[out, in]`` with ``scale``/``zero_point`` ``[out, groups]``; None when the
+    group (or ``in`` per channel) is not a multiple of 16 or ``q`` leaves 4 bits."""
+    out, k = q.shape
+    group = group_size or k
+    if group % 16 or k % group or int(q.min()) < -8 or int(q.max()) > 7:
+        return None
+    u = _pad_rows((q.to(torch.int16) + 8).to(torch.uint8))
+    blocks = u.shape[0] // LANES
+    quads = u.reshape(blocks, LANES, k // 4, 4).permute(0, 2, 1, 3)  # [blocks, K/4, 16, 4]
+    packed = (quads[..., 0:2] | (quads[..., 2:4] << 4)).reshape(blocks, k // 4, 2 * LANES).contiguous()
+    s = scale.float().reshape(out, -1)
+    zp = torch.zeros_like(s) if zero_point is None else zero_point.float().reshape(out, -1)
+    sc = torch.stack([s, s * (136.0 + zp)], dim=-1)  # [out, groups, 2]
+    sc = _pad_rows(sc).reshape(blocks, LANES, k // group, 2).permute(0, 2, 3, 1).contiguous()
+    return W4Gemv(packed, sc, group, out)
+
+
+def w4_gemv(x: torch.Tensor, w: W4Gemv, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[tokens, in]`` float32 or bf16 -> ``[tokens, out]`` float32 (bf16-rounded activations)."""
+    return torch.ops.secateur.w4_gemv(x, w.w, w.sc, w.group, bias, w.n)
+
+
+__all__ = ["available", "cache_dir", "pack_w8a8", "w8a8_gemv", "pack_w4", "w4_gemv", "W8A8Gemv", "W4Gemv"]
