@@ -50,6 +50,14 @@ inline __mmask16 tail_mask(int64_t n_left) {
   return n_left >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n_left) - 1u);
 }
 
+// The bias as contiguous float32 with n entries, or an undefined tensor without one.
+at::Tensor float_bias(const c10::optional<at::Tensor>& bias, int64_t n, const char* op) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  at::Tensor b = bias->to(at::kFloat).contiguous();
+  TORCH_CHECK(b.numel() == n, op, ": bias must have n entries");
+  return b;
+}
+
 // Grain for at::parallel_for over channel blocks: enough blocks per task that the threads are not
 // woken for a few kilobytes of weights.
 inline int64_t grain(int64_t blocks, int64_t bytes_per_block) {
@@ -103,12 +111,7 @@ at::Tensor w8a8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   TORCH_CHECK(n > (blocks - 1) * kLanes && n <= blocks * kLanes, "w8a8_gemv: n does not match the blocks");
   TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.numel() == blocks * kLanes, "w8a8_gemv: bad wsum");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == blocks * kLanes, "w8a8_gemv: bad scale");
-  const bool has_bias = bias.has_value() && bias->defined();
-  at::Tensor b;
-  if (has_bias) {
-    b = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(b.numel() == n, "w8a8_gemv: bias must have n entries");
-  }
+  const at::Tensor b = float_bias(bias, n, "w8a8_gemv");
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({rows, n}, x.options());
   if (rows == 0) return out;
@@ -120,7 +123,7 @@ at::Tensor w8a8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const int8_t* wp = w.data_ptr<int8_t>();
   const int32_t* wsp = wsum.data_ptr<int32_t>();
   const float* sp = scale.data_ptr<float>();
-  const float* bp = has_bias ? b.data_ptr<float>() : nullptr;
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   const int64_t k4 = k / 4;
 
@@ -211,12 +214,7 @@ at::Tensor w4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   TORCH_CHECK(n > (blocks - 1) * kLanes && n <= blocks * kLanes, "w4_gemv: n does not match the blocks");
   const int64_t groups = k / group;
   TORCH_CHECK(sc.scalar_type() == at::kFloat && sc.numel() == blocks * groups * 2 * kLanes, "w4_gemv: bad scales");
-  const bool has_bias = bias.has_value() && bias->defined();
-  at::Tensor b;
-  if (has_bias) {
-    b = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(b.numel() == n, "w4_gemv: bias must have n entries");
-  }
+  const at::Tensor b = float_bias(bias, n, "w4_gemv");
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({rows, n}, x.options().dtype(at::kFloat));
   if (rows == 0) return out;
@@ -233,7 +231,7 @@ at::Tensor w4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* scp = sc.data_ptr<float>();
-  const float* bp = has_bias ? b.data_ptr<float>() : nullptr;
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   const int64_t k4 = k / 4;
 
