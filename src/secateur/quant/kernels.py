@@ -14,11 +14,11 @@ row (``[out, 1]``) or per ``group_size`` consecutive input columns (``[out, in /
 scheme      kernel (torch op)                               result vs. the float32 reference
 ==========  ==============================================  =========================================
 W8A8        per-token int8 ``x`` (amax / 127, round half    exact int32 dot products; same integers
-            to even); <= GEMV_TOKENS tokens: secateur's     as ``primitives.quantize_activations_
+            to even); <= W8A8_GEMV_TOKENS: secateur's       as ``primitives.quantize_activations_
             VNNI GEMV (:mod:`.native`), else                per_token``; float rounding only
             ``onednn.qlinear_pointwise`` (oneDNN brgemm:
             AMX / VNNI); rescale ``x_s ⊗ w_s``
-W4A16       <= GEMV_TOKENS tokens: secateur's bf16 GEMV     bf16 rounding of ``x``; the native GEMV
+W4A16       <= W4_GEMV_TOKENS: secateur's bf16 GEMV        bf16 rounding of ``x``; the native GEMV
             (:mod:`.native`, float32 out); <= SMALL_BATCH   keeps scales and output in float32, the
             ``aten._weight_int4pack_mm_for_cpu`` on bf16    torch ops round scale, zero and output
             ``x``, else bf16 dequantize + bf16 ``F.linear``  to bf16
@@ -38,7 +38,11 @@ import torch.nn.functional as F
 
 from . import native
 
-GEMV_TOKENS = 4  # tokens up to which secateur's own GEMV kernels (quant/native.py) are used when built
+# tokens up to which secateur's own GEMV kernels (quant/native.py) are used when built: where they
+# beat torch's kernels for a 2048 x 768 weight on 2 threads (int8: 11 vs 56 us at 1 token, 45 vs
+# 66 at 8, even at 16; int4: 28 vs 45 us at 1 token, even at 2, slower from 4)
+W8A8_GEMV_TOKENS = 8
+W4_GEMV_TOKENS = 2
 SMALL_BATCH = 16  # weight-only: tokens up to which the packed GEMV kernels beat dequantize + bf16 GEMM
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu accepts
 
@@ -108,8 +112,8 @@ def w8a8_linear(x: torch.Tensor, w: W8A8Weight, bias: Optional[torch.Tensor]) ->
     scale, so it gets 1.0 and the per-token scales are applied after, with the bias, in one
     ``addcmul``). Any number of tokens (AMX int8 GEMM for prefill). ``torch._int_mm`` is exact too
     but slower here, ``quantized.linear_dynamic`` quantizes per tensor (asymmetric). Up to
-    ``GEMV_TOKENS`` tokens, secateur's VNNI GEMV does the same in one call (same integers)."""
-    if w.gemv is not None and x.shape[0] <= GEMV_TOKENS:
+    ``W8A8_GEMV_TOKENS`` tokens, secateur's VNNI GEMV does the same in one call (same floats)."""
+    if w.gemv is not None and x.shape[0] <= W8A8_GEMV_TOKENS:
         return native.w8a8_gemv(x.float(), w.gemv, bias).to(x.dtype)
     xq, xs = quantize_per_token(x)
     out = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, w.packed, w.scale, w.zero, None, 1.0, 0,
@@ -205,14 +209,14 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.T
 
 
 def int4_linear(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """W4A16. Up to ``GEMV_TOKENS`` tokens: secateur's GEMV (nibbles to bf16 in registers, bf16
+    """W4A16. Up to ``W4_GEMV_TOKENS`` tokens: secateur's GEMV (nibbles to bf16 in registers, bf16
     dot products, float32 sums; :mod:`secateur.quant.native`). Up to ``SMALL_BATCH``:
     ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (AVX-512/AVX2 tinygemm kernel: nibbles
     dequantized in registers, fp32 FMA, bf16 out) on ``x`` cast to bf16 — its float32 path is
     scalar and ~20x slower, so the casts pay. Its time grows linearly with the tokens (4-row
     blocks), so above ``SMALL_BATCH`` tokens :func:`dequant_bf16_linear` is used instead."""
     tokens = x.shape[0]
-    if w.gemv is not None and (tokens <= GEMV_TOKENS or (w.packed is None and tokens <= SMALL_BATCH)):
+    if w.gemv is not None and (tokens <= W4_GEMV_TOKENS or (w.packed is None and tokens <= SMALL_BATCH)):
         return native.w4_gemv(x, w.gemv, bias).to(x.dtype)
     if tokens > SMALL_BATCH or w.packed is None:
         return dequant_bf16_linear(x, w.dequant, bias)
@@ -248,5 +252,5 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, bias: Optional[torch.Tensor]) ->
     return _finish(torch.ops.aten._weight_int8pack_mm(_bf16(x), w.q, w.scale), bias, x.dtype)
 
 
-__all__ = ["GEMV_TOKENS", "SMALL_BATCH", "quantize_per_token", "pack_w8a8", "w8a8_linear", "pack_int4", "int4_linear", "int4_group",
+__all__ = ["W8A8_GEMV_TOKENS", "W4_GEMV_TOKENS", "SMALL_BATCH", "quantize_per_token", "pack_w8a8", "w8a8_linear", "pack_int4", "int4_linear", "int4_group",
            "pack_int8", "int8_linear", "pack_dequant_bf16", "dequant_bf16_linear"]
