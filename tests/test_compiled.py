@@ -73,7 +73,6 @@ def test_each_compiled_lm_keeps_its_own_graphs():
     prompt = torch.randint(0, models[0].config.vocab_size, (1, 6))
     compiled = [CompiledLM(model, 8, mode=None) for model in models]
     before = counters["stats"]["unique_graphs"]
-    refs = []
     with torch.no_grad():
         refs = [model(prompt).logits[:, -1] for model in models]
     assert not torch.allclose(refs[0], refs[1], atol=1e-3)

@@ -1,7 +1,7 @@
 """secateur's own GEMV kernels (csrc/gemv.cpp through secateur.quant.native) against slow loops.
 
 The layouts are unpacked element by element and compared with the integers; the W8A8 kernel is
-compared with exact int64 dot products of the same per-token integers, the W4A16 kernel with a
+compared with exact int64 dot products of the same per-token integers (test_quant_kernels' loop), the W4A16 kernel with a
 float64 product of the bf16-rounded activations and the dequantized weights (the kernel's only
 rounding is its float32 accumulation, so the bound is tight: 1e-5 of the sum of |terms|).
 """
@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from secateur.quant import kernels, native
+from secateur.quant.linear import QuantLinear
+from test_quant_kernels import slow_w8a8  # the per-token loop with exact int64 dot products
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels not built on this machine")
 
@@ -91,19 +93,6 @@ def test_pack_refuses_what_the_kernels_cannot_take():
 
 # --- W8A8 -------------------------------------------------------------------------------------------
 
-def slow_w8a8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias):
-    out, mags = [], []
-    for row in x:
-        s = (row.abs().max() / 127).clamp_min(1e-12)
-        xq = torch.round(row / s).long()
-        dot = torch.tensor([sum(int(a) * int(b) for a, b in zip(xq.tolist(), w.tolist())) for w in q.long()],
-                           dtype=torch.float64)
-        b = torch.zeros(q.shape[0], dtype=torch.float64) if bias is None else bias.double()
-        out.append(dot * float(s) * scale.double().reshape(-1) + b)
-        mags.append((xq.abs().double() @ q.abs().double().T) * float(s) * scale.double().reshape(-1) + b.abs())
-    return torch.stack(out), torch.stack(mags)
-
-
 @pytest.mark.parametrize("n,k,tokens", [(16, 64, 1), (37, 20, 3), (5, 4, 2), (130, 96, 4)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_w8a8_gemv_is_the_exact_integer_dot_product(n, k, tokens, bias):
@@ -111,7 +100,7 @@ def test_w8a8_gemv_is_the_exact_integer_dot_product(n, k, tokens, bias):
     b = torch.randn(n) if bias else None
     x = x_case(tokens, k)
     got = native.w8a8_gemv(x, native.pack_w8a8(q, scale), b)
-    ref, mag = slow_w8a8(x, q, scale, b)
+    ref, mag = slow_w8a8(QuantLinear.from_quantized(q, scale, None, 8, None, b, "int8"), x)
     assert got.shape == (tokens, n) and got.dtype == torch.float32
     assert ((got.double() - ref).abs() <= 1e-6 * mag + 1e-30).all()
 

@@ -194,18 +194,17 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.T
     if int(q.min()) < -8 or int(q.max()) > 7:
         return None
     gemv = native.pack_w4(q, scale, zero_point, group_size) if native.available() else None
+    dequant = pack_dequant_bf16(q, scale, zero_point)
     group = int4_group(group_size, in_features)
     if group is None or out % 16 or not _has("aten", "_weight_int4pack_mm_for_cpu"):
-        if gemv is None:
-            return None
-        return Int4Weight(None, None, group or 0, pack_dequant_bf16(q, scale, zero_point), gemv)
+        return None if gemv is None else Int4Weight(None, None, group or 0, dequant, gemv)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1)
     s = scale.float()
     zero = torch.zeros_like(s) if zero_point is None else -zero_point.float() * s
     repeat = (group_size or in_features) // group
     sz = torch.stack([s, zero], dim=-1).repeat_interleave(repeat, dim=1)  # [out, in / group, 2]
     sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)
-    return Int4Weight(packed, sz, group, pack_dequant_bf16(q, scale, zero_point), gemv)
+    return Int4Weight(packed, sz, group, dequant, gemv)
 
 
 def int4_linear(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
