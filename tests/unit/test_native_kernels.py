@@ -116,6 +116,38 @@ def test_w8a8_gemv_same_floats_as_the_onednn_path():
         assert torch.equal(native.w8a8_gemv(x[i:i + 1], native.pack_w8a8(q, scale), b)[0], batch[i])
 
 
+@pytest.mark.parametrize("rows,k", [(1, 4), (3, 20), (70, 384), (5, 1537), (0, 16)])
+def test_fused_per_token_quantization_gives_the_eager_integers_and_scales(rows, k):
+    x = x_case(rows, k) * torch.logspace(-3, 3, max(rows, 1))[:rows, None]
+    if rows > 2:
+        x[1] = 0.0  # an all-zero row takes the 1e-12 floor
+        x[2] = torch.arange(k) % 9 - 4.5  # scale exactly 1.0 below: exact halves, ties round to even
+        x[2, 0] = 127.0
+    q, scale = native.quantize_per_token(x)
+    ref_q, ref_scale = kernels.quantize_per_token(x)
+    assert q.dtype == torch.int8 and scale.shape == (rows, 1)
+    assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
+
+
+@pytest.mark.parametrize("n", [1, 16, 37, 1536])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_epilogue_gives_the_floats_of_addcmul(n, bias):
+    y, xs = torch.randn(9, n) * 1e3, torch.rand(9, 1) * 1e-2
+    b = torch.randn(n) if bias else None
+    ref = torch.addcmul(b, y, xs) if bias else y * xs
+    assert torch.equal(native.w8a8_epilogue(y, xs, b), ref)
+
+
+def test_many_token_w8a8_is_the_exact_integer_dot_product_with_the_fused_passes():
+    q, scale = w8_case(96, 384)
+    b = torch.randn(96)
+    x = x_case(40, 384) * torch.logspace(-2, 2, 40)[:, None]
+    layer = QuantLinear.from_quantized(q, scale, None, 8, None, b, "int8")
+    got = kernels.w8a8_linear(x, kernels.pack_w8a8(q, scale, None), b)
+    ref, mag = slow_w8a8(layer, x)
+    assert ((got.double() - ref).abs() <= 1e-6 * mag + 1e-30).all()
+
+
 # --- W4A16 ------------------------------------------------------------------------------------------
 
 def slow_w4(x: torch.Tensor, q, scale, zero, group):

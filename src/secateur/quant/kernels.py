@@ -112,15 +112,24 @@ def w8a8_linear(x: torch.Tensor, w: W8A8Weight, bias: Optional[torch.Tensor]) ->
     scale, so it gets 1.0 and the per-token scales are applied after, with the bias, in one
     ``addcmul``). Any number of tokens (AMX int8 GEMM for prefill). ``torch._int_mm`` is exact too
     but slower here, ``quantized.linear_dynamic`` quantizes per tensor (asymmetric). Up to
-    ``W8A8_GEMV_TOKENS`` tokens, secateur's VNNI GEMV does the same in one call (same floats)."""
+    ``W8A8_GEMV_TOKENS`` tokens, secateur's VNNI GEMV does the same in one call (same floats).
+    With the native kernels built, the quantization and the ``addcmul`` are one pass each
+    (:func:`native.quantize_per_token`, :func:`native.w8a8_epilogue`; again the same floats)."""
     if w.gemv is not None and x.shape[0] <= W8A8_GEMV_TOKENS:
         return native.w8a8_gemv(x.float(), w.gemv, bias).to(x.dtype)
-    xq, xs = quantize_per_token(x)
+    # under torch.compile the eager ops stay (Inductor fuses them itself); is_compiling comes first
+    # so that Dynamo never traces available(), whose graph break would cost the oneDNN lowering
+    # its frozen weight
+    fused = not torch.compiler.is_compiling() and x.dim() == 2 and native.available()
+    xq, xs = native.quantize_per_token(x.float()) if fused else quantize_per_token(x)
     out = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, w.packed, w.scale, w.zero, None, 1.0, 0,
                                              torch.float32, "none", [], "")
     if w.zero_scale is not None:
         out = torch.addcmul(out, xq.sum(-1, keepdim=True, dtype=torch.float32), w.zero_scale, value=-1)
-    out = torch.addcmul(bias.float(), out, xs) if bias is not None else out.mul_(xs)
+    if fused:
+        out = native.w8a8_epilogue(out, xs, bias)
+    else:
+        out = torch.addcmul(bias.float(), out, xs) if bias is not None else out.mul_(xs)
     return out.to(x.dtype)
 
 

@@ -93,6 +93,14 @@ def _register_fakes() -> None:
     def _w4(x, w, sc, group, bias, n):  # noqa: ANN001, ANN202
         return x.new_empty((x.shape[0], n), dtype=torch.float32)
 
+    @torch.library.register_fake("secateur::quantize_per_token")
+    def _quantize(x):  # noqa: ANN001, ANN202
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1))
+
+    @torch.library.register_fake("secateur::w8a8_epilogue")
+    def _epilogue(y, xs, bias):  # noqa: ANN001, ANN202
+        return torch.empty_like(y)
+
 
 def _pad_rows(t: torch.Tensor) -> torch.Tensor:
     pad = (-t.shape[0]) % LANES
@@ -125,6 +133,19 @@ def pack_w8a8(q: torch.Tensor, scale: torch.Tensor) -> Optional[W8A8Gemv]:
 def w8a8_gemv(x: torch.Tensor, w: W8A8Gemv, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``[tokens, in]`` float32 -> ``[tokens, out]`` float32 (per-token int8 activations)."""
     return torch.ops.secateur.w8a8_gemv(x, w.w, w.wsum, w.scale, bias, w.n)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`secateur.quant.kernels.quantize_per_token` in one pass per row (the same int8
+    integers and float32 ``[rows, 1]`` scales); ``x`` 2-D float32."""
+    q, scale = torch.ops.secateur.quantize_per_token(x)
+    return q, scale
+
+
+def w8a8_epilogue(y: torch.Tensor, xs: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``y * xs + bias`` per row as one FMA (``torch.addcmul(bias, y, xs)``'s floats), ``y * xs``
+    without a bias; ``y`` 2-D float32, ``xs`` one float per row."""
+    return torch.ops.secateur.w8a8_epilogue(y, xs, bias)
 
 
 # --- W4A16 ---------------------------------------------------------------------------------------
@@ -160,4 +181,4 @@ def w4_gemv(x: torch.Tensor, w: W4Gemv, bias: Optional[torch.Tensor]) -> torch.T
     return torch.ops.secateur.w4_gemv(x, w.w, w.sc, w.group, bias, w.n)
 
 
-__all__ = ["available", "cache_dir", "pack_w8a8", "w8a8_gemv", "pack_w4", "w4_gemv", "W8A8Gemv", "W4Gemv"]
+__all__ = ["available", "cache_dir", "pack_w8a8", "w8a8_gemv", "quantize_per_token", "w8a8_epilogue", "pack_w4", "w4_gemv", "W8A8Gemv", "W4Gemv"]

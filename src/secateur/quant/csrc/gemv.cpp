@@ -20,7 +20,9 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -77,28 +79,75 @@ inline int64_t grain(int64_t blocks, int64_t bytes_per_block) {
 // one VPDPBUSD advance 16 channels by 4 inputs.
 // ---------------------------------------------------------------------------------------------
 
-void quantize_rows(const float* x, int64_t rows, int64_t k, uint8_t* q, float* scales) {
-  for (int64_t m = 0; m < rows; ++m) {
-    const float* xr = x + m * k;
-    __m512 vmax = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= k; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xr + i)));
-    if (i < k) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(k - i), xr + i)));
-    float amax = _mm512_reduce_max_ps(vmax);
-    float scale = amax / 127.0f;
-    if (!(scale >= 1e-12f)) scale = 1e-12f;
-    scales[m] = scale;
-    const __m512 vs = _mm512_set1_ps(scale);
-    const __m512i offset = _mm512_set1_epi32(128);
-    uint8_t* qr = q + m * k;
-    for (i = 0; i < k; i += 16) {
-      const __mmask16 mask = tail_mask(k - i);
-      __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mask, xr + i), vs);
-      v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(v), offset);
-      _mm_mask_storeu_epi8(qr + i, mask, _mm512_cvtepi32_epi8(u));  // 1 .. 255
-    }
+// One row of per-token quantization: returns the scale and stores q + offset as bytes (offset 128
+// for the GEMV's unsigned operand, 0 for the signed int8 of the oneDNN path).
+inline float quantize_row(const float* xr, int64_t k, int32_t offset, uint8_t* qr) {
+  __m512 vmax = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xr + i)));
+  if (i < k) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(k - i), xr + i)));
+  const float amax = _mm512_reduce_max_ps(vmax);
+  float scale = amax / 127.0f;
+  if (!(scale >= 1e-12f)) scale = 1e-12f;
+  const __m512 vs = _mm512_set1_ps(scale);
+  const __m512i voffset = _mm512_set1_epi32(offset);
+  for (i = 0; i < k; i += 16) {
+    const __mmask16 mask = tail_mask(k - i);
+    __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mask, xr + i), vs);
+    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(v), voffset);
+    _mm_mask_storeu_epi8(qr + i, mask, _mm512_cvtepi32_epi8(u));  // |q| <= 127 by construction
   }
+  return scale;
+}
+
+void quantize_rows(const float* x, int64_t rows, int64_t k, uint8_t* q, float* scales) {
+  for (int64_t m = 0; m < rows; ++m) scales[m] = quantize_row(x + m * k, k, 128, q + m * k);
+}
+
+// The many-token W8A8 path (oneDNN's int8 GEMM) in three calls: quantize_per_token, the GEMM, then
+// w8a8_epilogue. These two replace six eager ops and their full passes over the activations; the
+// integers, scales and output floats are the same as those eager ops give.
+std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "quantize_per_token: x must be 2-D float32");
+  const at::Tensor xc = x.contiguous();
+  const int64_t rows = x.size(0), k = x.size(1);
+  at::Tensor q = at::empty({rows, k}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({rows, 1}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  uint8_t* qp = reinterpret_cast<uint8_t*>(q.data_ptr<int8_t>());
+  float* sp = scale.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t m = r0; m < r1; ++m) sp[m] = quantize_row(xp + m * k, k, 0, qp + m * k);
+  });
+  return {q, scale};
+}
+
+// y[m, :] * xs[m] + bias, as one FMA per element (the floats of the GEMV's epilogue and of
+// torch.addcmul(bias, y, xs)); y * xs without a bias.
+at::Tensor w8a8_epilogue(const at::Tensor& y, const at::Tensor& xs, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(y.dim() == 2 && y.scalar_type() == at::kFloat, "w8a8_epilogue: y must be 2-D float32");
+  const int64_t rows = y.size(0), n = y.size(1);
+  TORCH_CHECK(xs.scalar_type() == at::kFloat && xs.numel() == rows, "w8a8_epilogue: xs must hold one float per row");
+  const at::Tensor b = float_bias(bias, n, "w8a8_epilogue");
+  const at::Tensor yc = y.contiguous(), sc = xs.contiguous();
+  at::Tensor out = at::empty({rows, n}, y.options());
+  const float* yp = yc.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t m = r0; m < r1; ++m) {
+      const __m512 s = _mm512_set1_ps(sp[m]);
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 mask = tail_mask(n - j);
+        const __m512 v = _mm512_maskz_loadu_ps(mask, yp + m * n + j);
+        const __m512 r = bp ? _mm512_fmadd_ps(v, s, _mm512_maskz_loadu_ps(mask, bp + j)) : _mm512_mul_ps(v, s);
+        _mm512_mask_storeu_ps(op + m * n + j, mask, r);
+      }
+    }
+  });
+  return out;
 }
 
 at::Tensor w8a8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& wsum, const at::Tensor& scale,
@@ -284,9 +333,13 @@ TORCH_LIBRARY(secateur, m) {
   m.def("supported() -> bool", &supported);
   m.def("w8a8_gemv(Tensor x, Tensor w, Tensor wsum, Tensor scale, Tensor? bias, int n) -> Tensor");
   m.def("w4_gemv(Tensor x, Tensor w, Tensor sc, int group, Tensor? bias, int n) -> Tensor");
+  m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
+  m.def("w8a8_epilogue(Tensor y, Tensor xs, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(secateur, CPU, m) {
   m.impl("w8a8_gemv", &w8a8_gemv);
   m.impl("w4_gemv", &w4_gemv);
+  m.impl("quantize_per_token", &quantize_per_token);
+  m.impl("w8a8_epilogue", &w8a8_epilogue);
 }
