@@ -21,8 +21,9 @@ Settings, chosen for this use (evaluation of a frozen model):
   0.5 ms a token, and with a private code object a graph can only ever see its own frozen model.
 
 :class:`~secateur.quant.linear.QuantLinear` modules are packed eagerly before tracing (packing
-reads tensor values, which a trace cannot). The tokens match eager greedy decoding up to float
-rounding (tested).
+reads tensor values, which a trace cannot), and projections that read the same input are linked
+into one GEMV (:func:`~secateur.quant.siblings.link_siblings`). The tokens match eager greedy
+decoding up to float rounding (tested).
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ class CompiledLM:
         from transformers import StaticCache
 
         from ..quant.linear import QuantLinear
+        from ..quant.siblings import link_siblings
 
         if getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "generate"):
             raise SecateurError(f"compiled decoding needs a causal LM, got {type(model).__name__}")
         for module in model.modules():
             if isinstance(module, QuantLinear):
                 module.kernel  # noqa: B018 - packs the low-precision weights now, outside the trace
+        link_siblings(model)  # q/k/v and gate/up as one GEMV call each (quant.siblings)
         self.model, self.max_len, self.freezing = model.eval(), max_len, freezing
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         # a private code object per instance: its graphs never serve another model, so the module

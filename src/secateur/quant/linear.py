@@ -73,6 +73,7 @@ class QuantLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._kernel: Any = None  # (function, packed weight) once prepared, False where no kernel applies
+        self._sibling: Any = None  # (SiblingGemv, first column, width) once linked (quant.siblings)
 
     @classmethod
     def from_quantized(cls, q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], bits: int,
@@ -138,7 +139,13 @@ class QuantLinear(nn.Module):
         if not kernel or x.shape[-1] != self.in_features:  # a wrong width: F.linear's error
             return self.reference_forward(x)
         function, packed = kernel
-        out = function(x.reshape(-1, self.in_features), packed, self.bias)
+        x2 = x.reshape(-1, self.in_features)
+        sibling = self._sibling
+        if sibling is not None and sibling[0].valid and x2.shape[0] <= sibling[0].tokens:
+            group, start, width = sibling
+            out = group(x2)[:, start:start + width].to(x.dtype)
+        else:
+            out = function(x2, packed, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
     def _prepare(self) -> Any:
@@ -170,18 +177,27 @@ class QuantLinear(nn.Module):
     def reset_kernel(self) -> None:
         """Drop the packed weights (repacked on the next forward): call after editing the buffers in place."""
         self._kernel = None
+        self._unlink()
+
+    def _unlink(self) -> None:
+        if self._sibling is not None:
+            self._sibling[0].valid = False  # the group's joint weight no longer matches this member
+            self._sibling = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> "QuantLinear":  # .to(), .cuda(), .half()...
         self._kernel = None
+        self._unlink()
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._kernel = None
+        self._unlink()
         super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:  # copy / pickle without the packed (oneDNN) tensors
         state = dict(super().__getstate__())
         state["_kernel"] = None
+        state["_sibling"] = None
         return state
 
     def extra_repr(self) -> str:
