@@ -24,6 +24,10 @@ Settings, chosen for this use (evaluation of a frozen model):
 reads tensor values, which a trace cannot), and projections that read the same input are linked
 into one GEMV (:func:`~secateur.quant.siblings.link_siblings`). The tokens match eager greedy
 decoding up to float rounding (tested).
+
+A model running transformers' sdpa attention is switched to ``"secateur_decode"``
+(:mod:`.decode_attention`): the one-token decode steps then attend only over the cache positions
+written so far, in one native call per layer; everything else still goes to sdpa.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class CompiledLM:
 
         from ..quant.linear import QuantLinear
         from ..quant.siblings import link_siblings
+        from .decode_attention import use_decode_attention
 
         if getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "generate"):
             raise SecateurError(f"compiled decoding needs a causal LM, got {type(model).__name__}")
@@ -53,6 +58,7 @@ class CompiledLM:
             if isinstance(module, QuantLinear):
                 module.kernel  # noqa: B018 - packs the low-precision weights now, outside the trace
         link_siblings(model)  # q/k/v and gate/up as one GEMV call each (quant.siblings)
+        use_decode_attention(model)  # decode steps read only the filled part of the static cache
         self.model, self.max_len, self.freezing = model.eval(), max_len, freezing
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         # a private code object per instance: its graphs never serve another model, so the module

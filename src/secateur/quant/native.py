@@ -33,7 +33,7 @@ import torch
 log = logging.getLogger(__name__)
 
 LANES = 16
-SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gemv.cpp", "attention.cpp")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16", "-ffp-contract=off",
          "-fopenmp"]
 
@@ -56,11 +56,12 @@ def _build() -> None:
         except ImportError:
             pass
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode() +
+                            torch.__version__.encode()).hexdigest()
     name = f"secateur_gemv_{digest[:12]}"
     build = cache_dir() / name
     build.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+    cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                        build_directory=str(build), is_python_module=False, verbose=False)
 
 
@@ -72,7 +73,7 @@ def available() -> bool:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False
     try:
-        if not hasattr(torch.ops.secateur, "w4_gemv"):
+        if not hasattr(torch.ops.secateur, "decode_attention"):
             _build()
         ok = bool(torch.ops.secateur.supported())
     except Exception as exc:  # no compiler / ninja, an old compiler, a sandbox without a cache dir
@@ -96,6 +97,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("secateur::quantize_per_token")
     def _quantize(x):  # noqa: ANN001, ANN202
         return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1))
+
+    @torch.library.register_fake("secateur::decode_attention")
+    def _attention(q, k, v, mask, scale):  # noqa: ANN001, ANN202
+        return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]))
 
     @torch.library.register_fake("secateur::w8a8_epilogue")
     def _epilogue(y, xs, bias):  # noqa: ANN001, ANN202
