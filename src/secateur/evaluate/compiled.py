@@ -18,7 +18,9 @@ Settings, chosen for this use (evaluation of a frozen model):
 * each instance compiles its own copy of the forward's code object (Dynamo keeps graphs and
   guards per code object), and Dynamo's guards on module attributes are dropped
   (``skip_guard_on_all_nn_modules_unsafe``): re-checking ~100 modules' attributes cost about
-  0.5 ms a token, and with a private code object a graph can only ever see its own frozen model.
+  0.5 ms a token, and with a private code object a graph can only ever see its own frozen model;
+* Inductor's size and alignment asserts are off: they are checks of the generated code, run from
+  Python around every kernel call of every step.
 
 :class:`~secateur.quant.linear.QuantLinear` modules are packed eagerly before tracing (packing
 reads tensor values, which a trace cannot), and projections that read the same input are linked
@@ -68,7 +70,9 @@ class CompiledLM:
         assert code is not function.__code__
         forward = types.MethodType(types.FunctionType(code, function.__globals__, function.__name__), self)
         options = {**(torch._inductor.list_mode_options(mode) if mode else {}),
-                   "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+                   "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+                   # the generated code's own shape checks: a few Python calls per kernel, every step
+                   "size_asserts": False, "alignment_asserts": False}
         self._forward = torch.compile(forward, dynamic=False, options=options)
 
     def _logits(self, ids: Any, position: Any) -> Any:
