@@ -161,10 +161,6 @@ def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int 
 
     was_training = model.training
     model.eval()
-    if not compile:
-        from ..quant.siblings import link_siblings
-
-        link_siblings(model)  # quantized q/k/v and gate/up decode as one GEMV call each
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:

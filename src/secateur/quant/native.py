@@ -1,11 +1,16 @@
-"""secateur's own CPU GEMV kernels (``csrc/gemv.cpp``): few-token W8A8 and W4A16 matmuls that
-stream the packed weights near the memory bandwidth (AVX-512 VNNI and BF16 dot products).
+"""secateur's own CPU kernels (``csrc/``), registered as ``torch.ops.secateur.*``:
 
-The C++ file is compiled on first use with torch's extension builder (a C++ compiler and ninja are
-needed) into ``$SECATEUR_CACHE_DIR/kernels`` (default ``~/.cache/secateur/kernels``) and reused
-after that; it is rebuilt when the source or torch changes. Where it cannot be built or the CPU
+- ``gemv.cpp``: few-token W8A8 and W4A16 matmuls that stream the packed weights near the memory
+  bandwidth (AVX-512 VNNI and BF16 dot products), and the one-pass per-token quantization and
+  rescale epilogue of the many-token W8A8 path;
+- ``attention.cpp``: one-query decode attention over the allowed positions of a KV cache (used by
+  :mod:`secateur.evaluate.decode_attention`).
+
+The C++ files are compiled on first use with torch's extension builder (a C++ compiler and ninja
+are needed) into ``$SECATEUR_CACHE_DIR/kernels`` (default ``~/.cache/secateur/kernels``) and reused
+after that; they are rebuilt when a source or torch changes. Where they cannot be built or the CPU
 lacks AVX-512 VNNI/BF16, :func:`available` is False and :mod:`secateur.quant.kernels` keeps using
-torch's own kernels. ``SECATEUR_NATIVE=0`` turns the kernels off.
+torch's own kernels (and attention stays on sdpa). ``SECATEUR_NATIVE=0`` turns them off.
 
 Weight layouts (made once per module by the ``pack_*`` functions, never saved; the checkpoint
 keeps the compressed-tensors format):
