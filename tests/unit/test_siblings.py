@@ -114,8 +114,10 @@ def test_eager_calls_share_one_joint_output_for_the_same_input(monkeypatch):
         assert counter.n == 2 and not torch.equal(k, k2)
         attn.v_proj(x.clone())  # another tensor with the same values: served
         assert counter.n == 2
-        attn.v_proj(x[:, :0].new_zeros(1, x.shape[1]))
+        attn.v_proj(x)  # served once per member: computed again
         assert counter.n == 3
+        attn.q_proj(x.new_zeros(x.shape))
+        assert counter.n == 4
 
 
 def test_unknown_architectures_and_unquantized_models_are_left_alone():

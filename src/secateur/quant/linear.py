@@ -143,7 +143,7 @@ class QuantLinear(nn.Module):
         sibling = self._sibling
         if sibling is not None and sibling[0].valid and x2.shape[0] <= sibling[0].tokens:
             group, start, width = sibling
-            out = group(x2)[:, start:start + width].to(x.dtype)
+            out = group(x2, start)[:, start:start + width].to(x.dtype)
         else:
             out = function(x2, packed, self.bias)
         return out.view(*x.shape[:-1], self.out_features)

@@ -40,25 +40,27 @@ class SiblingGemv:
     def __init__(self, kind: str, packed: Any, bias: Optional[torch.Tensor], tokens: int):
         self.kind, self.packed, self.bias, self.tokens = kind, packed, bias, tokens
         self.valid = True
-        self._last: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (copy of x, joint output)
+        # eager only: (copy of x, joint output, members already given their slice of it)
+        self._last: Optional[tuple[torch.Tensor, torch.Tensor, set[int]]] = None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``[tokens, in]`` -> ``[tokens, sum of the members' padded widths]`` float32."""
+    def __call__(self, x: torch.Tensor, member: int) -> torch.Tensor:
+        """``[tokens, in]`` -> ``[tokens, sum of the members' padded widths]`` float32, for the
+        member whose slice starts at column ``member``. Eagerly, a joint output is served once to
+        each member (a member asking again, whose slice a caller may have edited in place, gets
+        a fresh one)."""
         compiling = torch.compiler.is_compiling()
         if not compiling and self._last is not None:
-            seen, out = self._last
-            if seen.shape == x.shape and seen.dtype == x.dtype and torch.equal(seen, x):
+            seen, out, served = self._last
+            if member not in served and seen.shape == x.shape and seen.dtype == x.dtype and torch.equal(seen, x):
+                served.add(member)
                 return out
         if self.kind == "w8a8":
             out = native.w8a8_gemv(x.float(), self.packed, self.bias)
         else:
             out = native.w4_gemv(x, self.packed, self.bias)
         if not compiling:
-            self._last = (x.clone(), out)
+            self._last = (x.clone(), out, {member})
         return out
-
-    def forget(self) -> None:
-        self._last = None
 
 
 def _gemv_of(module: nn.Module) -> Optional[tuple[str, Any]]:
