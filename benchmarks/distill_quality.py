@@ -18,7 +18,7 @@ calibration paragraphs plus stories sampled from the teacher):
   stories-gradual  50% unstructured sparsity reached gradually while distilling vs one-shot
                 SparseGPT 50%; bar: gradual below SparseGPT.
 
-    python benchmarks/distill_quality.py [--only minilm-depth,stories-qat] [--scale 1.0]
+    python benchmarks/distill_quality.py [--only minilm-depth,stories-qat] [--scale 1.0] [--checkpoint-dir DIR]
 
 Prints a table and writes benchmarks/results/distill_quality.json (+ distill_minilm_curve.png).
 """
@@ -44,11 +44,16 @@ def log(message: str) -> None:
 
 
 def run_step(model: Any, config: Any, *, teacher: Any, tokenizer: Any, data: Any = None,
-             evaluate: Any = None) -> dict[str, Any]:
-    """One registered step with an extra per-evaluation metric (the curve)."""
+             evaluate: Any = None, checkpoint_dir: Path | None = None) -> dict[str, Any]:
+    """One registered step with an extra per-evaluation metric (the curve); with a checkpoint
+    directory the training checkpoints there and a re-run resumes from it."""
     from secateur.api import Context, get_method
 
-    ctx = Context(data=data, teacher=teacher, extra={"tokenizer": tokenizer, "evaluate": evaluate})
+    extra = {"tokenizer": tokenizer, "evaluate": evaluate}
+    if checkpoint_dir is not None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        extra["checkpoint_dir"] = checkpoint_dir
+    ctx = Context(data=data, teacher=teacher, extra=extra)
     start = time.perf_counter()
     result = get_method(config.method).apply(model, config, ctx)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
@@ -77,7 +82,7 @@ class Model:
         return evaluate(model, self.tokenizer, self.task, self.data, **self.options).value
 
 
-def minilm(section: str, scale: float) -> dict[str, Any]:
+def minilm(section: str, scale: float, checkpoints: Path | None) -> dict[str, Any]:
     from secateur import DistillConfig, StructuredConfig, compress_
     from secateur.data import calibration_set
 
@@ -93,7 +98,7 @@ def minilm(section: str, scale: float) -> dict[str, Any]:
     steps = max(1, int((600 if section == "minilm-depth" else 400) * scale))
     config = DistillConfig(data=MINILM_DATA, seq_len=128, steps=steps, batch_size=64, lr=1e-4 if section ==
                            "minilm-depth" else 5e-5, warmup=0.05, embedding=1.0, hidden=0.0, eval_every=max(1, steps // 8),
-                           checkpoint_every=0, holdout=0.02, dtype="bfloat16")
+                           checkpoint_every=100 if checkpoints else 0, holdout=0.02, dtype="bfloat16")
     curve: list[tuple[int, float]] = []
 
     def evaluate(model: Any) -> dict[str, float]:
@@ -102,7 +107,8 @@ def minilm(section: str, scale: float) -> dict[str, Any]:
         log(f"[{section}] eval: STS-B dev {value:.2f}")
         return {"stsb_dev": value}
 
-    result = run_step(student, config, teacher=m.teacher, tokenizer=m.tokenizer, evaluate=evaluate)
+    result = run_step(student, config, teacher=m.teacher, tokenizer=m.tokenizer, evaluate=evaluate,
+                      checkpoint_dir=checkpoints / section if checkpoints else None)
     final = m.metric(student)
     log(f"[{section}] distilled: {final:.2f} ({result['wall_seconds']}s)")
     return {"dense": m.dense, "start": start_value, "final": final, "seconds": result["wall_seconds"],
@@ -112,13 +118,14 @@ def minilm(section: str, scale: float) -> dict[str, Any]:
             "stopped_early": result["stopped_early"]}
 
 
-def stories(section: str, scale: float) -> dict[str, Any]:
+def stories(section: str, scale: float, checkpoints: Path | None) -> dict[str, Any]:
     from secateur import DistillConfig, GPTQConfig, GradualConfig, QATConfig, SparseGPTConfig, StructuredConfig, compress_
     from secateur.data import calibration_set
 
     m = Model(SHARED / "models" / "stories260K" / "hf", "perplexity", "tinystories", {})
     calib = calibration_set("tinystories", m.tokenizer, 128, 256)
-    common = dict(data=STORIES_DATA, seq_len=256, batch_size=16, eval_every=0, checkpoint_every=0, holdout=0.05,
+    common = dict(data=STORIES_DATA, seq_len=256, batch_size=16, eval_every=0, checkpoint_every=100 if checkpoints else 0,
+                  holdout=0.05,
                   temperature=1.0)
     out: dict[str, Any] = {"dense": m.dense}
     if section == "stories-depth":
@@ -144,7 +151,8 @@ def stories(section: str, scale: float) -> dict[str, Any]:
         config = GradualConfig(sparsity=0.5, steps=max(1, int(1500 * scale)), lr=1e-3, generate=2000, end=0.6,
                                every=25, **common)
         out["start"] = None
-    result = run_step(student, config, teacher=m.teacher, tokenizer=m.tokenizer, data=calib)
+    result = run_step(student, config, teacher=m.teacher, tokenizer=m.tokenizer, data=calib,
+                      checkpoint_dir=checkpoints / section if checkpoints else None)
     out.update(final=m.metric(student), seconds=result["wall_seconds"], config=config.to_dict(),
                evals=result["evals"], settings=result["settings"])
     log(f"[{section}] {out}")
@@ -175,6 +183,8 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count (quick checks)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/distill_quality.json)")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="checkpoint every 100 steps under DIR/SECTION; the same command resumes a killed run")
     args = parser.parse_args()
     setup_env()
     import json
@@ -194,7 +204,8 @@ def main() -> None:
     out_path = Path(args.out) if args.out else RESULTS / "distill_quality.json"
     results: dict[str, Any] = json.loads(out_path.read_text()).get("sections", {}) if out_path.exists() else {}
     for section in chosen:
-        results[section] = (minilm if section.startswith("minilm") else stories)(section, args.scale)
+        checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+        results[section] = (minilm if section.startswith("minilm") else stories)(section, args.scale, checkpoints)
         write_json("distill_quality", {"environment": environment(), "sections": results}, args.out)
     if "minilm-depth" in results:
         plot_curve(results["minilm-depth"], RESULTS / "distill_minilm_curve.png")
