@@ -203,8 +203,8 @@ def main() -> None:
             sys.exit("error: the minilm-depth curve is plotted with matplotlib: pip install 'secateur[plot]'")
     out_path = Path(args.out) if args.out else RESULTS / "distill_quality.json"
     results: dict[str, Any] = json.loads(out_path.read_text()).get("sections", {}) if out_path.exists() else {}
+    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     for section in chosen:
-        checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else None
         results[section] = (minilm if section.startswith("minilm") else stories)(section, args.scale, checkpoints)
         write_json("distill_quality", {"environment": environment(), "sections": results}, args.out)
     if "minilm-depth" in results:

@@ -148,8 +148,7 @@ def w8a8_gemv(x: torch.Tensor, w: W8A8Gemv, bias: Optional[torch.Tensor]) -> tor
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`secateur.quant.kernels.quantize_per_token` in one pass per row (the same int8
     integers and float32 ``[rows, 1]`` scales); ``x`` 2-D float32."""
-    q, scale = torch.ops.secateur.quantize_per_token(x)
-    return q, scale
+    return torch.ops.secateur.quantize_per_token(x)
 
 
 def w8a8_epilogue(y: torch.Tensor, xs: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
