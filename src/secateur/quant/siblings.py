@@ -14,7 +14,7 @@ slice:
 * eagerly, the joint output is kept with a copy of its input (a few tokens: kilobytes) and served
   to the next member whose input equals it, so the group costs one kernel call. The comparison,
   the copy and the Python around them cost more than the two saved calls: on the timing model an
-  eager W8A8 decode was about 5% slower linked (a throwaway timing), so eager paths do not link.
+  eager W8A8 decode was slower linked (a throwaway timing), so eager paths do not link.
 
 The joint call gives each member exactly the floats of its own GEMV (the kernels compute each
 16-channel block independently of the others), so linking changes speed, not results (tested).
