@@ -2,7 +2,8 @@
 
 Protocol P2 (STS-B dev, batch 64, max_length 128, fp32 inputs), 2 threads. Variants: dense fp32;
 secateur SmoothQuant W8A8 (int8 per-channel weights, dynamic per-token int8 activations, oneDNN
-int8 GEMM); torch's ``quantize_dynamic`` (per-tensor activation scales). Each variant encodes the
+int8 GEMM) in its runtime (fused blocks, secateur.evaluate.fused_encoder) and the same model
+module by module; torch's ``quantize_dynamic`` (per-tensor activation scales). Each variant encodes the
 whole dev set (both sides, 3,000 sentences) ``--rounds`` times, alternating; speed-up = dense
 median / variant median. Batch independence: the embedding of one sentence encoded alone vs
 inside its batch of 64 (max |difference|).
@@ -45,8 +46,11 @@ def main() -> None:
     dense, tok, _ = secateur.load(path)
     w8a8 = copy.deepcopy(dense)
     secateur.compress_(w8a8, SmoothQuantConfig(), data=calibration_set("stsb", tok, 128, 128, split="train"))
+    unfused = copy.deepcopy(w8a8)
+    unfused.secateur_unfused = True  # the same integers, module by module (no fused blocks)
     dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(dense), {torch.nn.Linear}, dtype=torch.qint8)
-    models = {"dense fp32": dense, "secateur SmoothQuant W8A8": w8a8, "torch quantize_dynamic": dynamic}
+    models = {"dense fp32": dense, "secateur SmoothQuant W8A8": w8a8, "secateur W8A8, module by module": unfused,
+              "torch quantize_dynamic": dynamic}
     first, second, _ = source("stsb").pairs("dev")
     texts = list(first) + list(second)
 

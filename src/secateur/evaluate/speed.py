@@ -153,6 +153,10 @@ def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int 
         raise SecateurError("--compile needs at least one warm-up run (compilation happens there)")
     if compile and batch != 1:
         raise SecateurError(f"--compile measures batch 1 (one static KV cache), got batch {batch}")
+    if not causal:  # W8A8 post-norm encoders run fused blocks (secateur.evaluate.fused_encoder)
+        from .fused_encoder import fuse_encoder
+
+        fuse_encoder(model)
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(seed)

@@ -106,6 +106,14 @@ def pack_w8a8(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.T
                       torch.zeros(out, dtype=torch.int64), zero_scale, gemv)
 
 
+def w8a8_gemm(xq: torch.Tensor, w: W8A8Weight) -> torch.Tensor:
+    """``(xq @ q.T) * w_scale`` as float32 ``[tokens, out]`` for int8 ``xq [tokens, in]``: oneDNN's
+    exact int32 accumulation, then the weight scales; the per-token scales and the bias are the
+    caller's (one activation scale of 1.0 goes to the op, which takes only one)."""
+    return torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, w.packed, w.scale, w.zero, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
 def w8a8_linear(x: torch.Tensor, w: W8A8Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """W8A8: :func:`quantize_per_token`, then ``torch.ops.onednn.qlinear_pointwise`` (s8 x s8 ->
     exact s32 accumulation, times the weight scales, float32 out; the op takes a single activation
@@ -122,8 +130,7 @@ def w8a8_linear(x: torch.Tensor, w: W8A8Weight, bias: Optional[torch.Tensor]) ->
     # its frozen weight
     fused = not torch.compiler.is_compiling() and x.dim() == 2 and native.available()
     xq, xs = native.quantize_per_token(x.float()) if fused else quantize_per_token(x)
-    out = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, w.packed, w.scale, w.zero, None, 1.0, 0,
-                                             torch.float32, "none", [], "")
+    out = w8a8_gemm(xq, w)
     if w.zero_scale is not None:
         out = torch.addcmul(out, xq.sum(-1, keepdim=True, dtype=torch.float32), w.zero_scale, value=-1)
     if fused:

@@ -4,7 +4,10 @@
   bandwidth (AVX-512 VNNI and BF16 dot products), and the one-pass per-token quantization and
   rescale epilogue of the many-token W8A8 path;
 - ``attention.cpp``: one-query decode attention over the allowed positions of a KV cache (used by
-  :mod:`secateur.evaluate.decode_attention`).
+  :mod:`secateur.evaluate.decode_attention`);
+- ``encoder.cpp``: the row-wise passes between the int8 GEMMs of a W8A8 post-norm encoder layer,
+  each fused into one (used by :mod:`secateur.evaluate.fused_encoder`);
+- ``simd.h``: the AVX-512 helpers they share.
 
 The C++ files are compiled on first use with torch's extension builder (a C++ compiler and ninja
 are needed) into ``$SECATEUR_CACHE_DIR/kernels`` (default ``~/.cache/secateur/kernels``) and reused
@@ -38,7 +41,8 @@ import torch
 log = logging.getLogger(__name__)
 
 LANES = 16
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gemv.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gemv.cpp", "attention.cpp", "encoder.cpp")]
+HEADERS = [Path(__file__).with_name("csrc") / "simd.h"]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16", "-ffp-contract=off",
          "-fopenmp"]
 
@@ -61,7 +65,7 @@ def _build() -> None:
         except ImportError:
             pass
 
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode() +
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(FLAGS).encode() +
                             torch.__version__.encode()).hexdigest()
     name = f"secateur_gemv_{digest[:12]}"
     build = cache_dir() / name
@@ -78,7 +82,7 @@ def available() -> bool:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False
     try:
-        if not hasattr(torch.ops.secateur, "decode_attention"):
+        if not hasattr(torch.ops.secateur, "w8a8_residual_layernorm"):
             _build()
         ok = bool(torch.ops.secateur.supported())
     except Exception as exc:  # no compiler / ninja, an old compiler, a sandbox without a cache dir
@@ -110,6 +114,15 @@ def _register_fakes() -> None:
     @torch.library.register_fake("secateur::w8a8_epilogue")
     def _epilogue(y, xs, bias):  # noqa: ANN001, ANN202
         return torch.empty_like(y)
+
+    @torch.library.register_fake("secateur::w8a8_gelu_quantize")
+    def _gelu_quantize(y, xs, bias):  # noqa: ANN001, ANN202
+        return torch.empty_like(y, dtype=torch.int8), y.new_empty((y.shape[0], 1))
+
+    @torch.library.register_fake("secateur::w8a8_residual_layernorm")
+    def _residual_layernorm(y, xs, bias, residual, gamma, beta, eps, quantize):  # noqa: ANN001, ANN202
+        rows = y.shape[0] if quantize else 0
+        return torch.empty_like(y), y.new_empty((rows, y.shape[1]), dtype=torch.int8), y.new_empty((rows, 1))
 
 
 def _pad_rows(t: torch.Tensor) -> torch.Tensor:
@@ -157,6 +170,21 @@ def w8a8_epilogue(y: torch.Tensor, xs: torch.Tensor, bias: Optional[torch.Tensor
     return torch.ops.secateur.w8a8_epilogue(y, xs, bias)
 
 
+def w8a8_gelu_quantize(y: torch.Tensor, xs: torch.Tensor,
+                       bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_per_token(gelu(y * xs + bias))`` in one pass per row (GELU with erf, to about
+    1e-7 relative); ``y`` contiguous 2-D float32, ``xs`` one float per row."""
+    return torch.ops.secateur.w8a8_gelu_quantize(y, xs, bias)
+
+
+def w8a8_residual_layernorm(y: torch.Tensor, xs: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
+                            norm: torch.nn.LayerNorm, quantize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``h = norm(y * xs + bias + residual)`` in one pass per row, and with ``quantize`` also
+    ``quantize_per_token(h)`` (else two empty tensors); ``y`` and ``residual`` contiguous 2-D float32."""
+    return torch.ops.secateur.w8a8_residual_layernorm(y, xs, bias, residual, norm.weight, norm.bias, float(norm.eps),
+                                                      quantize)
+
+
 # --- W4A16 ---------------------------------------------------------------------------------------
 
 class W4Gemv(NamedTuple):
@@ -190,4 +218,5 @@ def w4_gemv(x: torch.Tensor, w: W4Gemv, bias: Optional[torch.Tensor]) -> torch.T
     return torch.ops.secateur.w4_gemv(x, w.w, w.sc, w.group, bias, w.n)
 
 
-__all__ = ["available", "cache_dir", "pack_w8a8", "w8a8_gemv", "quantize_per_token", "w8a8_epilogue", "pack_w4", "w4_gemv", "W8A8Gemv", "W4Gemv"]
+__all__ = ["available", "cache_dir", "pack_w8a8", "w8a8_gemv", "quantize_per_token", "w8a8_epilogue",
+           "w8a8_gelu_quantize", "w8a8_residual_layernorm", "pack_w4", "w4_gemv", "W8A8Gemv", "W4Gemv"]

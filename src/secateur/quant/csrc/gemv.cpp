@@ -19,6 +19,8 @@
 
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
@@ -26,6 +28,8 @@
 #include <vector>
 
 namespace {
+
+using namespace secateur_simd;
 
 constexpr int64_t kLanes = 16;  // output channels per block (one zmm of fp32 / int32)
 // Software prefetch distance in the weight stream. Between two layers' GEMVs the attention and
@@ -48,9 +52,6 @@ inline int32_t load32(const void* p) {
   return v;
 }
 
-inline __mmask16 tail_mask(int64_t n_left) {
-  return n_left >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n_left) - 1u);
-}
 
 // The bias as contiguous float32 with n entries, or an undefined tensor without one.
 at::Tensor float_bias(const c10::optional<at::Tensor>& bias, int64_t n, const char* op) {
@@ -78,28 +79,6 @@ inline int64_t grain(int64_t blocks, int64_t bytes_per_block) {
 // w[c][4j .. 4j+3] in bytes 4c .. 4c+3 of a 64-byte row; one broadcast of 4 activation bytes and
 // one VPDPBUSD advance 16 channels by 4 inputs.
 // ---------------------------------------------------------------------------------------------
-
-// One row of per-token quantization: returns the scale and stores q + offset as bytes (offset 128
-// for the GEMV's unsigned operand, 0 for the signed int8 of the oneDNN path).
-inline float quantize_row(const float* xr, int64_t k, int32_t offset, uint8_t* qr) {
-  __m512 vmax = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= k; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xr + i)));
-  if (i < k) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(k - i), xr + i)));
-  const float amax = _mm512_reduce_max_ps(vmax);
-  float scale = amax / 127.0f;
-  if (!(scale >= 1e-12f)) scale = 1e-12f;
-  const __m512 vs = _mm512_set1_ps(scale);
-  const __m512i voffset = _mm512_set1_epi32(offset);
-  for (i = 0; i < k; i += 16) {
-    const __mmask16 mask = tail_mask(k - i);
-    __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mask, xr + i), vs);
-    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(v), voffset);
-    _mm_mask_storeu_epi8(qr + i, mask, _mm512_cvtepi32_epi8(u));  // |q| <= 127 by construction
-  }
-  return scale;
-}
 
 void quantize_rows(const float* x, int64_t rows, int64_t k, uint8_t* q, float* scales) {
   for (int64_t m = 0; m < rows; ++m) scales[m] = quantize_row(x + m * k, k, 128, q + m * k);
