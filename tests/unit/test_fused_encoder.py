@@ -220,7 +220,11 @@ def test_unfuse_restores_the_blocks_and_their_floats():
     model = w8a8_bert(2)
     before = hidden(model, inputs())
     assert fuse_encoder(model) == 2
-    assert fuse_encoder(model) == 2  # idempotent
+    hidden(model, inputs())  # packs the joint q/k/v weights
+    packed = model.encoder.layer[0]._secateur_fused.qkv
+    assert packed is not None
+    assert fuse_encoder(model) == 2  # idempotent: the packed weights are kept
+    assert model.encoder.layer[0]._secateur_fused.qkv is packed
     assert unfuse_encoder(model) == 2
     assert all(type(layer).__name__ == "BertLayer" for layer in model.encoder.layer)
     assert not hasattr(model.encoder.layer[0], "_secateur_fused")

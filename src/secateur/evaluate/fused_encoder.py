@@ -218,10 +218,13 @@ def fuse_encoder(model: nn.Module) -> int:
     chosen = [i for i, b in enumerate(blocks) if _qualifies(model, b, paths, norms)]
     handover = _Handover()
     for i in chosen:
-        block = blocks[i]
-        base = getattr(type(block), "_secateur_base", type(block))
-        block.__class__ = _fused_class(base)
-        block._secateur_fused = _Plan(paths, norms, handover, last=(i + 1 not in chosen))
+        block, last = blocks[i], i + 1 not in chosen
+        plan = getattr(block, "_secateur_fused", None)
+        if isinstance(plan, _Plan):  # already fused: keep its packed weights
+            plan.handover, plan.last = handover, last
+            continue
+        block.__class__ = _fused_class(type(block))
+        block._secateur_fused = _Plan(paths, norms, handover, last)
     return len(chosen)
 
 
