@@ -97,6 +97,69 @@ def test_residual_layernorm_matches_float64(n, quantize):
         assert q.numel() == 0 and scale.numel() == 0
 
 
+def attention64(y, xs, bias, mask, batch, heads, scale):
+    """Self-attention written out in float64, one sequence, head and query at a time."""
+    p = y.double() * xs.double() + (bias.double() if bias is not None else 0.0)
+    rows, three_w = p.shape
+    length, width = rows // batch, three_w // 3
+    d = width // heads
+    out = torch.zeros(rows, width, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(length):
+                q = p[b * length + i, h * d:(h + 1) * d] * scale
+                scores = []
+                for j in range(length):
+                    allowed = True if mask is None else bool(mask.expand(batch, heads, length, length)[b, h, i, j])
+                    k = p[b * length + j, width + h * d:width + (h + 1) * d]
+                    scores.append(float(q @ k) if allowed else -math.inf)
+                top = max(scores)
+                if top == -math.inf:
+                    continue  # nothing to attend to: zeros
+                weights = [math.exp(s - top) for s in scores]
+                total = sum(weights)
+                for j, wgt in enumerate(weights):
+                    out[b * length + i, h * d:(h + 1) * d] += wgt / total * p[b * length + j, 2 * width + h * d:
+                                                                                2 * width + (h + 1) * d]
+    return out
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "key-broadcast", "random", "per-head", "empty-row"])
+@pytest.mark.parametrize("head_dim", [16, 32])
+def test_encoder_attention_matches_float64(mask_kind, head_dim):
+    torch.manual_seed(head_dim)
+    batch, length, heads = 3, 21, 2
+    width = heads * head_dim
+    y, xs, bias = torch.randn(batch * length, 3 * width), torch.rand(batch * length, 1) + 0.5, torch.randn(3 * width)
+    lengths = torch.tensor([21, 9, 17])
+    keys = torch.arange(length)[None, :] < lengths[:, None]
+    mask = {"none": None,
+            "padding": keys[:, None, None, :].expand(batch, 1, length, length).contiguous(),
+            "key-broadcast": keys[:, None, None, :],
+            "random": torch.rand(batch, 1, length, length) > 0.3,
+            "per-head": torch.rand(batch, heads, length, length) > 0.5,
+            "empty-row": keys[:, None, None, :].expand(batch, 1, length, length).clone()}[mask_kind]
+    if mask_kind == "empty-row":
+        mask[1, 0, 4] = False
+    scale = head_dim ** -0.5
+    out = native.w8a8_encoder_attention(y, xs, bias, mask, batch, heads, scale)
+    assert out.shape == (batch * length, width)
+    expected = attention64(y, xs, bias, mask, batch, heads, scale)
+    assert torch.allclose(out.double(), expected, atol=2e-5, rtol=1e-4), float((out.double() - expected).abs().max())
+    if mask_kind == "empty-row":
+        assert torch.equal(out[length + 4], torch.zeros(width))
+
+
+def test_encoder_attention_rejects_bad_input():
+    y, xs = torch.randn(6, 96), torch.ones(6, 1)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        native.w8a8_encoder_attention(y, xs, None, None, 2, 4, 1.0)  # head_dim 8
+    with pytest.raises(RuntimeError, match="batch \\* length"):
+        native.w8a8_encoder_attention(y, xs, None, None, 4, 2, 1.0)
+    with pytest.raises(RuntimeError, match="4-D bool"):
+        native.w8a8_encoder_attention(y, xs, None, torch.ones(2, 3, 3), 2, 2, 1.0)
+
+
 def test_row_passes_reject_bad_input():
     y, xs = torch.randn(3, 16), torch.ones(3, 1)
     with pytest.raises(RuntimeError, match="xs must hold one float per row"):
@@ -113,13 +176,16 @@ def test_row_passes_reject_bad_input():
 
 # --- fused blocks -------------------------------------------------------------------------------
 
-def w8a8_bert(layers: int = 3) -> torch.nn.Module:
+def w8a8_bert(layers: int = 3, head_dim: int = 8) -> torch.nn.Module:
+    """The tiny BERT (head_dim 8: attention through sdpa) or one with 2 heads of 16 (the native kernel)."""
     model = tiny_model("bert")
-    if layers != model.config.num_hidden_layers:
+    if layers != model.config.num_hidden_layers or head_dim != 8:
         import transformers as tf
 
         config = copy.deepcopy(model.config)
         config.num_hidden_layers = layers
+        if head_dim != 8:
+            config.num_attention_heads = 32 // head_dim
         torch.manual_seed(0)
         model = tf.BertModel(config).eval()
     secateur.compress_(model, W8A8)
@@ -140,8 +206,17 @@ def hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs) -> 
         return model(**batch, **kwargs).last_hidden_state
 
 
-def test_fused_blocks_match_the_module_by_module_model():
-    model = w8a8_bert()
+@pytest.mark.parametrize("head_dim", [8, 16])
+def test_fused_blocks_match_the_module_by_module_model(head_dim, monkeypatch):
+    model = w8a8_bert(head_dim=head_dim)
+    calls = {"attention": 0}
+    kernel = native.w8a8_encoder_attention
+
+    def counted(*args):
+        calls["attention"] += 1
+        return kernel(*args)
+
+    monkeypatch.setattr(native, "w8a8_encoder_attention", counted)
     fused = copy.deepcopy(model)
     assert fuse_encoder(fused) == 3
     assert all(type(layer).__name__ == "FusedBertLayer" for layer in fused.encoder.layer)
@@ -154,6 +229,7 @@ def test_fused_blocks_match_the_module_by_module_model():
     assert F.cosine_similarity(a, b, dim=-1).min() > 0.999
     assert (a - b).abs().max() < 0.5 * (a - exact).abs().max() + 1e-3
     assert F.cosine_similarity(b, exact, dim=-1).min() > 0.99
+    assert calls["attention"] == (3 if head_dim == 16 else 0)  # head_dim 8: sdpa
 
 
 def test_joint_qkv_gemm_gives_each_projections_floats():
@@ -258,8 +334,9 @@ def test_changed_weights_are_repacked():
     assert F.cosine_similarity(a, b, dim=-1).min() > 0.999
 
 
-def test_an_embedding_does_not_depend_on_its_batch_mates():
-    model = w8a8_bert(2)
+@pytest.mark.parametrize("head_dim", [8, 16])
+def test_an_embedding_does_not_depend_on_its_batch_mates(head_dim):
+    model = w8a8_bert(2, head_dim)
     fuse_encoder(model)
     batch = inputs()
     together = hidden(model, batch)

@@ -6,9 +6,10 @@ and LayerNorm, each a full pass over a ``[tokens, width]`` tensor: on MiniLM thi
 costs about as much as the int8 GEMMs. :func:`fuse_encoder` gives each eligible block a forward
 that instead runs
 
-1. q/k/v as one int8 GEMM on one quantization of the block input (the three weights concatenated),
-   then one rescale pass;
-2. attention through the model's own attention function (transformers' sdpa, with its mask);
+1. q/k/v as one int8 GEMM on one quantization of the block input (the three weights concatenated);
+2. attention read straight from that GEMM's output, rescaled as it is read
+   (``secateur::w8a8_encoder_attention``, for head sizes that are multiples of 16 and bool
+   masks; otherwise one rescale pass and the model's own attention function);
 3. the output projection's GEMM, then *rescale + bias + residual + LayerNorm + quantize* in one
    pass (``secateur::w8a8_residual_layernorm``): the float result feeds the second residual, the
    int8 one the up-projection;
@@ -155,13 +156,19 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask:
     handed = plan.handover.take(hidden_states)
     xq, xs = handed if handed is not None else native.quantize_per_token(x2)
     joint, joint_bias = qkv
-    projected = native.w8a8_epilogue(kernels.w8a8_gemm(xq, joint), xs, joint_bias)
     attn = self.get_submodule(plan.paths["attn.q"].rsplit(".", 1)[0])
     heads, head_dim = attn.num_attention_heads, attn.attention_head_size
     inner = heads * head_dim
-    q, k, v = (projected[:, i * inner:(i + 1) * inner].view(batch, length, heads, head_dim).transpose(1, 2)
-               for i in range(3))
-    context, _ = _attention_function(attn)(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling)
+    products = kernels.w8a8_gemm(xq, joint)
+    if head_dim % 16 == 0 and attn.config._attn_implementation in ("sdpa", "eager") and (
+            attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.dim() == 4)):
+        context = native.w8a8_encoder_attention(products, xs, joint_bias, attention_mask, batch, heads,
+                                                float(attn.scaling))
+    else:  # other head sizes or masks: rescale, then the model's own attention function
+        projected = native.w8a8_epilogue(products, xs, joint_bias)
+        q, k, v = (projected[:, i * inner:(i + 1) * inner].view(batch, length, heads, head_dim).transpose(1, 2)
+                   for i in range(3))
+        context, _ = _attention_function(attn)(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling)
     aq, a_scale = native.quantize_per_token(context.reshape(batch * length, inner).contiguous())
     norm_attn, norm_mlp = (self.get_submodule(n) for n in plan.norms)
     o, up, down = mods["attn.o"], mods["mlp.up"], mods["mlp.down"]

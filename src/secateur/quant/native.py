@@ -82,7 +82,7 @@ def available() -> bool:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False
     try:
-        if not hasattr(torch.ops.secateur, "w8a8_residual_layernorm"):
+        if not hasattr(torch.ops.secateur, "w8a8_encoder_attention"):
             _build()
         ok = bool(torch.ops.secateur.supported())
     except Exception as exc:  # no compiler / ninja, an old compiler, a sandbox without a cache dir
@@ -118,6 +118,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("secateur::w8a8_gelu_quantize")
     def _gelu_quantize(y, xs, bias):  # noqa: ANN001, ANN202
         return torch.empty_like(y, dtype=torch.int8), y.new_empty((y.shape[0], 1))
+
+    @torch.library.register_fake("secateur::w8a8_encoder_attention")
+    def _encoder_attention(y, xs, bias, mask, batch, heads, scale):  # noqa: ANN001, ANN202
+        return y.new_empty((y.shape[0], y.shape[1] // 3))
 
     @torch.library.register_fake("secateur::w8a8_residual_layernorm")
     def _residual_layernorm(y, xs, bias, residual, gamma, beta, eps, quantize):  # noqa: ANN001, ANN202
@@ -177,6 +181,15 @@ def w8a8_gelu_quantize(y: torch.Tensor, xs: torch.Tensor,
     return torch.ops.secateur.w8a8_gelu_quantize(y, xs, bias)
 
 
+def w8a8_encoder_attention(y: torch.Tensor, xs: torch.Tensor, bias: Optional[torch.Tensor],
+                           mask: Optional[torch.Tensor], batch: int, heads: int, scale: float) -> torch.Tensor:
+    """Self-attention from a joint q/k/v GEMM output ``y [batch * length, 3 * heads * head_dim]``
+    (rescaled by ``xs`` and ``bias`` as it is read; ``mask`` bool, broadcastable to ``[batch, heads,
+    length, length]``, True where a query may attend; ``scale`` multiplies q). Returns ``[batch *
+    length, heads * head_dim]``; head_dim must be a multiple of 16."""
+    return torch.ops.secateur.w8a8_encoder_attention(y, xs, bias, mask, batch, heads, scale)
+
+
 def w8a8_residual_layernorm(y: torch.Tensor, xs: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
                             norm: torch.nn.LayerNorm, quantize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``h = norm(y * xs + bias + residual)`` in one pass per row, and with ``quantize`` also
@@ -219,4 +232,4 @@ def w4_gemv(x: torch.Tensor, w: W4Gemv, bias: Optional[torch.Tensor]) -> torch.T
 
 
 __all__ = ["available", "cache_dir", "pack_w8a8", "w8a8_gemv", "quantize_per_token", "w8a8_epilogue",
-           "w8a8_gelu_quantize", "w8a8_residual_layernorm", "pack_w4", "w4_gemv", "W8A8Gemv", "W4Gemv"]
+           "w8a8_gelu_quantize", "w8a8_residual_layernorm", "w8a8_encoder_attention", "pack_w4", "w4_gemv", "W8A8Gemv", "W4Gemv"]
