@@ -65,7 +65,7 @@ def test_gelu_is_accurate_over_its_whole_range():
     q, scale = native.w8a8_gelu_quantize(x, torch.ones(x.shape[0], 1), None)
     exact = gelu64(x)
     error = (127 * scale.double() - exact.abs()).abs()
-    # erf to 1.5e-7 absolute (A&S 7.1.26) plus a few float32 roundings of the result
+    # erf to 3e-7 absolute (A&S 7.1.28), halved by x/2, plus a few float32 roundings of the result
     assert bool((error <= 4e-7 * x.double().abs().clamp_min(1.0)).all()), float(error.max())
     big = exact.abs().squeeze(1) > 1e-6
     assert torch.equal(q.squeeze(1)[big].int(), 127 * exact.squeeze(1)[big].sign().int())

@@ -18,11 +18,12 @@ that instead runs
 5. the down-projection's GEMM, then *rescale + bias + residual + LayerNorm* (+ the quantization
    the next fused block reads, handed over with the output).
 
-The integers entering each GEMM are those the module-by-module path computes from the same floats
-(per-token symmetric int8, :func:`secateur.quant.kernels.quantize_per_token`); GELU (erf to about
-1e-7) and LayerNorm are computed in a different float order than torch's, so a value sitting on an
-int8 rounding boundary can move one step: the outputs match the unfused W8A8 model to quantization
-noise, not bit for bit (tests/unit/test_fused_encoder.py).
+The integers entering each GEMM are those the module-by-module path would compute from the same
+floats (per-token symmetric int8, :func:`secateur.quant.kernels.quantize_per_token`; the GELU
+pass multiplies by the reciprocal of the scale instead of dividing). But GELU (erf to 3e-7),
+LayerNorm and attention are computed in a different float order than torch's, so a value sitting
+on an int8 rounding boundary can move one step: the outputs match the unfused W8A8 model to
+quantization noise, not bit for bit (tests/unit/test_fused_encoder.py).
 
 Which blocks qualify is read from the architecture table: post-norm rows (norms ``attn_out`` and
 ``mlp_out``) whose six projections are per-channel symmetric W8A8 :class:`QuantLinear` s with kernels
