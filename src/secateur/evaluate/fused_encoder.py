@@ -59,21 +59,20 @@ def _version(t: torch.Tensor) -> int:
 class _Handover:
     """The last fused block's output and its int8 form, for the next block (shared by a model's
     fused blocks; a copy of the model gets a fresh, empty one). It is taken only by the very tensor
-    object handed over, unmodified since (hooks editing a block's output in place)."""
+    object handed over, unmodified since (hooks editing a block's output in place). One tuple,
+    replaced whole, so that threads running the model at once never mix two entries."""
 
     def __init__(self) -> None:
-        self.out: Optional[torch.Tensor] = None
-        self.version = -1
-        self.q: Optional[torch.Tensor] = None
-        self.scale: Optional[torch.Tensor] = None
+        self.entry: Optional[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = None
 
     def take(self, x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        if self.out is x and _version(x) == self.version:
-            return self.q, self.scale
+        entry = self.entry
+        if entry is not None and entry[0] is x and _version(x) == entry[1]:
+            return entry[2], entry[3]
         return None
 
     def give(self, out: Optional[torch.Tensor], q: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> None:
-        self.out, self.version, self.q, self.scale = out, (_version(out) if out is not None else -1), q, scale
+        self.entry = None if out is None else (out, _version(out), q, scale)
 
     def __deepcopy__(self, memo: dict) -> "_Handover":
         return _Handover()
