@@ -1,4 +1,4 @@
-"""Fused W8A8 encoder layers: a post-norm block (BERT) run as four int8 GEMMs and five row passes.
+"""Fused W8A8 encoder layers: a post-norm block (BERT) as four int8 GEMMs, attention and four row passes.
 
 A W8A8 encoder layer run module by module quantizes every Linear's input on its own, writes each
 GEMM's float output, then rescales it, adds the bias, and only then applies GELU, the residual add
