@@ -341,8 +341,10 @@ def test_an_embedding_does_not_depend_on_its_batch_mates(head_dim):
     batch = inputs()
     together = hidden(model, batch)
     alone = hidden(model, {k: v[1:2, :6] for k, v in batch.items()})
-    # per-token quantization: only attention's float order differs with the padding
-    assert F.cosine_similarity(together[1, :6], alone[0], dim=-1).min() > 0.9999
+    if head_dim == 16:  # the native attention never reads the padding keys: the very same floats
+        assert torch.equal(together[1, :6], alone[0])
+    else:  # per-token quantization; only sdpa's float order may change with the padding
+        assert F.cosine_similarity(together[1, :6], alone[0], dim=-1).min() > 0.9999
 
 
 def test_other_models_are_left_alone():
