@@ -100,13 +100,12 @@ class _Plan:
         if key != self.key:
             packed = kernels.pack_w8a8(torch.cat([m.weight_q for m in members]),
                                        torch.cat([m.weight_scale for m in members]),
-                                       torch.cat([m.weight_zero_point for m in members]))
-            biases = [m.bias for m in members]
-            bias = None if any(b is None for b in biases) else torch.cat([b.detach().float() for b in biases])
-            if packed is not None and packed.zero_scale is None and (bias is not None or all(b is None for b in biases)):
-                self.qkv = (packed, bias)
+                                       torch.cat([m.weight_zero_point for m in members]), gemv=False)
+            biased = [m.bias is not None for m in members]
+            if packed is None or packed.zero_scale is not None or any(biased) != all(biased):
+                self.qkv = None  # no kernel, 8-bit zero points, or biases on some members only
             else:
-                self.qkv = None
+                self.qkv = (packed, torch.cat([m.bias.detach().float() for m in members]) if all(biased) else None)
             self.key = key
         return self.qkv
 

@@ -89,11 +89,13 @@ class W8A8Weight(NamedTuple):
     gemv: Optional[native.W8A8Gemv] = None  # secateur's few-token kernel, when built (no zero_scale)
 
 
-def pack_w8a8(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor]) -> Optional[W8A8Weight]:
+def pack_w8a8(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+              gemv: bool = True) -> Optional[W8A8Weight]:
     """``onednn.qlinear_prepack`` of per-channel int8 weights (oneDNN's blocked layout for its
     brgemm kernels, AMX tiles where the CPU has them). Zero points are folded into the integers
     when ``q - zp`` stays in int8, else kept as a correction ``- sum(x_q) ⊗ zp * scale`` (the op
-    only takes zero-point-free weights). None without oneDNN or for group-wise scales."""
+    only takes zero-point-free weights). ``gemv=False`` skips the layout of secateur's few-token
+    GEMV (a weight only ever multiplied by many tokens). None without oneDNN or for group-wise scales."""
     if not (torch.backends.mkldnn.is_available() and _has("onednn", "qlinear_prepack")) or scale.shape[1] != 1:
         return None
     weight = _zero_free(q, zero_point)
@@ -101,9 +103,9 @@ def pack_w8a8(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.T
     if weight is None:  # 8-bit asymmetric: q - zp needs 9 bits
         weight, zero_scale = q.contiguous(), (zero_point.reshape(-1).float() * scale.reshape(-1).float())
     out = q.shape[0]
-    gemv = native.pack_w8a8(weight, scale) if zero_scale is None and native.available() else None
+    few = native.pack_w8a8(weight, scale) if gemv and zero_scale is None and native.available() else None
     return W8A8Weight(torch.ops.onednn.qlinear_prepack(weight, None), scale.reshape(-1).float().contiguous(),
-                      torch.zeros(out, dtype=torch.int64), zero_scale, gemv)
+                      torch.zeros(out, dtype=torch.int64), zero_scale, few)
 
 
 def w8a8_gemm(xq: torch.Tensor, w: W8A8Weight) -> torch.Tensor:

@@ -89,8 +89,6 @@ inline __m512 rescale(const Rows& r, int64_t m, int64_t j, __mmask16 mask) {
 
 constexpr int64_t kQ = 8;  // query rows per pass of encoder attention
 
-inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
-
 std::tuple<at::Tensor, at::Tensor> w8a8_gelu_quantize(const at::Tensor& y, const at::Tensor& xs,
                                                      const c10::optional<at::Tensor>& bias) {
   const at::Tensor b = optional_float(bias);

@@ -96,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x) {
   const float* xp = xc.data_ptr<float>();
   uint8_t* qp = reinterpret_cast<uint8_t*>(q.data_ptr<int8_t>());
   float* sp = scale.data_ptr<float>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, row_grain(k), [&](int64_t r0, int64_t r1) {
     for (int64_t m = r0; m < r1; ++m) sp[m] = quantize_row(xp + m * k, k, 0, qp + m * k);
   });
   return {q, scale};
@@ -115,7 +115,7 @@ at::Tensor w8a8_epilogue(const at::Tensor& y, const at::Tensor& xs, const c10::o
   const float* sp = sc.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
     for (int64_t m = r0; m < r1; ++m) {
       const __m512 s = _mm512_set1_ps(sp[m]);
       for (int64_t j = 0; j < n; j += 16) {

@@ -9,6 +9,12 @@ namespace secateur_simd {
 
 constexpr int64_t kVec = 16;  // floats per zmm register
 
+// Grain for at::parallel_for over rows of n floats: about 64 KiB of a row-wise pass per task.
+inline int64_t row_grain(int64_t n) {
+  const int64_t g = 16384 / (n > 1 ? n : 1);
+  return g > 1 ? g : 1;
+}
+
 inline __mmask16 tail_mask(int64_t n_left) {
   return n_left >= kVec ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n_left) - 1u);
 }
