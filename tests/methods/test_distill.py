@@ -119,6 +119,37 @@ def test_generation_is_seeded_and_starts_at_bos():
     assert not all(torch.equal(x, y) for x, y in zip(a, generate(model, tok, 3, 8, seed=6, batch=2)))
 
 
+def _reference_samples(model, bos, n, length, temperature, seed, batch):
+    """Ancestral sampling written out: the whole prefix through the model at every step, no cache,
+    softmax(logits / T), one multinomial draw; batch ``i`` seeded as ``generate`` seeds it."""
+    out = []
+    for start in range(0, n, batch):
+        torch.manual_seed(seed * 1_000_003 + start)
+        ids = torch.full((min(batch, n - start), 1), bos)
+        while ids.shape[1] < length:
+            probs = torch.softmax(model(ids).logits[:, -1].float() / temperature, dim=-1)
+            ids = torch.cat([ids, torch.multinomial(probs, 1)], 1)
+        out += list(ids)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_generation_matches_plain_sampling_and_runs_past_end_of_sequence(arch):
+    model, tok = tiny_model(arch, with_tokenizer=True)
+    eos = tok.eos_token_id
+    model.lm_head.register_forward_hook(lambda m, i, o: o + 4.0 * torch.nn.functional.one_hot(
+        torch.tensor(eos), o.shape[-1]).to(o.dtype))   # end-of-sequence becomes frequent
+    state = torch.get_rng_state()
+    got = generate(model, tok, 5, 24, seed=3, batch=2, temperature=0.7)
+    assert torch.equal(torch.get_rng_state(), state)   # the caller's random stream is left alone
+    with torch.no_grad():
+        want = _reference_samples(model, tok.bos_token_id, 5, 24, 0.7, 3, 2)
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    samples = torch.stack(got)
+    assert samples.shape == (5, 24) and (samples == eos).float().mean() > 0.1
+    assert model.generation_config.eos_token_id == eos   # the model's defaults are restored
+
+
 # --- the loop -------------------------------------------------------------------------------------------
 def _windows(n=24, length=12, seed=0):
     g = torch.Generator().manual_seed(seed)
