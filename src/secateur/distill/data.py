@@ -158,8 +158,7 @@ def generate(teacher: Any, tokenizer: Any, n: int, length: int, *, temperature: 
     if length < 2:
         raise SecateurError(f"generated sequences need at least 2 tokens (BOS and one sampled); got {length}")
     settings = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=length - 1,
-                                eos_token_id=None, bos_token_id=bos,
-                                pad_token_id=getattr(tokenizer, "pad_token_id", None) or bos,
+                                eos_token_id=None, bos_token_id=bos, pad_token_id=bos,  # no row ends: never padded
                                 cache_implementation="static")
     out: list[torch.Tensor] = []
     was_training, defaults = teacher.training, teacher.generation_config
