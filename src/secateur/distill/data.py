@@ -145,7 +145,7 @@ def generate(teacher: Any, tokenizer: Any, n: int, length: int, *, temperature: 
              batch: int = 128) -> list[torch.Tensor]:
     """``n`` sequences of ``length`` tokens sampled from a causal teacher, each starting at BOS:
     plain ancestral sampling (no top-k or top-p) through ``generate`` with a static KV cache
-    (about 2.4× faster than a growing cache on a small model). Batch ``i`` is drawn from its own
+    (much faster than a growing cache on a small model). Batch ``i`` is drawn from its own
     seed, so the same seed gives the same text. End-of-sequence does not stop a row: sampling runs
     past the end of a story into the next one, as the training stream does."""
     from transformers import GenerationConfig
