@@ -13,13 +13,15 @@ validation lines, C4 validation documents, ≤ 128 tokens each):
 P1 (stories260K teacher, TinyStories perplexity on the evaluation split; training text: the P1
 calibration paragraphs plus stories sampled from the teacher):
   stories-depth one of 5 blocks removed by influence, then distilled (KL) on 512-token windows;
-                bar ≤ 5.75.
+                bar ≤ 5.75. The same run at shorter lengths (--sweep) fits the gap to the teacher
+                as a power law of the steps: how long the bar would take at that slope.
   stories-qat   W4 per-channel QAT (learnable scales, KL from the fp32 model) vs GPTQ W4 on the
                 128 × 256 P1 calibration windows; bar: QAT below GPTQ.
   stories-gradual  50% unstructured sparsity reached gradually while distilling vs one-shot
                 SparseGPT 50%; bar: gradual below SparseGPT.
 
-    python benchmarks/distill_quality.py [--only minilm-depth,stories-qat] [--scale 1.0] [--checkpoint-dir DIR]
+    python benchmarks/distill_quality.py [--only minilm-depth,stories-qat] [--scale 1.0] [--sweep 250,500,1000]
+        [--checkpoint-dir DIR]
 
 Prints a table and writes benchmarks/results/distill_quality.json (+ distill_minilm_curve.png).
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,12 +48,14 @@ def log(message: str) -> None:
 
 
 def run_step(model: Any, config: Any, *, teacher: Any, tokenizer: Any, data: Any = None,
-             evaluate: Any = None, checkpoint_dir: Path | None = None) -> dict[str, Any]:
+             evaluate: Any = None, checkpoint_dir: Path | None = None,
+             generation_dir: Path | None = None) -> dict[str, Any]:
     """One registered step with an extra per-evaluation metric (the curve); with a checkpoint
-    directory the training checkpoints there and a re-run resumes from it."""
+    directory the training checkpoints there and a re-run resumes from it; teacher samples are
+    cached in ``generation_dir`` (shared by runs) when given."""
     from secateur.api import Context, get_method
 
-    extra = {"tokenizer": tokenizer, "evaluate": evaluate}
+    extra = {"tokenizer": tokenizer, "evaluate": evaluate, "generation_dir": generation_dir}
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         extra["checkpoint_dir"] = checkpoint_dir
@@ -119,7 +124,7 @@ def minilm(section: str, scale: float, checkpoints: Path | None) -> dict[str, An
             "stopped_early": result["stopped_early"]}
 
 
-def stories(section: str, scale: float, checkpoints: Path | None) -> dict[str, Any]:
+def stories(section: str, scale: float, checkpoints: Path | None, sweep: list[int] = ()) -> dict[str, Any]:
     from secateur import DistillConfig, GPTQConfig, GradualConfig, QATConfig, SparseGPTConfig, StructuredConfig, compress_
     from secateur.data import calibration_set
 
@@ -154,12 +159,51 @@ def stories(section: str, scale: float, checkpoints: Path | None) -> dict[str, A
         config = GradualConfig(sparsity=0.5, steps=max(1, int(1500 * scale)), lr=1e-3, generate=2000, end=0.6,
                                every=25, **common)
         out["start"] = None
-    result = run_step(student, config, teacher=m.teacher, tokenizer=m.tokenizer, data=calib,
-                      checkpoint_dir=checkpoints / section if checkpoints else None)
-    out.update(final=m.metric(student), seconds=result["wall_seconds"], config=config.to_dict(),
-               evals=result["evals"], settings=result["settings"])
+    with tempfile.TemporaryDirectory() as scratch:
+        # teacher samples are drawn once per section and shared by the sweep's runs
+        samples_dir = checkpoints / section if checkpoints else Path(scratch)
+        result = run_step(student, config, teacher=m.teacher, tokenizer=m.tokenizer, data=calib,
+                          checkpoint_dir=checkpoints / section if checkpoints else None, generation_dir=samples_dir)
+        out.update(final=m.metric(student), seconds=result["wall_seconds"], config=config.to_dict(),
+                   evals=result["evals"], settings=result["settings"])
+        if section == "stories-depth" and sweep:
+            out["sweep"] = depth_sweep(m, calib, config, sweep, out, checkpoints, samples_dir)
     log(f"[{section}] {out}")
     return out
+
+
+def depth_sweep(m: Model, calib: Any, config: Any, sweep: list[int], main: dict[str, Any],
+                checkpoints: Path | None, samples_dir: Path) -> dict[str, Any]:
+    """The same student and schedule trained for fewer steps (each its own warm-up + cosine), and
+    a power law ``gap = A · steps^-alpha`` fitted to the gap to the teacher, ``ln(ppl / dense)``:
+    how many steps the bar would take if the curve kept its slope (no floor: the optimistic case)."""
+    import dataclasses
+    import math
+
+    from secateur import StructuredConfig, compress_
+
+    points = []
+    for steps in sorted(set(sweep) - {config.steps}):
+        student = m.fresh()
+        compress_(student, StructuredConfig(mlp=0.0, drop_layers=1), data=calib)
+        short = dataclasses.replace(config, steps=steps, eval_every=0)
+        result = run_step(student, short, teacher=m.teacher, tokenizer=m.tokenizer, data=calib, generation_dir=samples_dir,
+                          checkpoint_dir=checkpoints / "stories-depth" / f"steps-{steps}" if checkpoints else None)
+        points.append({"steps": steps, "final": m.metric(student), "seconds": result["wall_seconds"],
+                       "train_seconds": result["seconds"]})
+        log(f"[stories-depth] sweep: {points[-1]}")
+    points.append({"steps": config.steps, "final": main["final"], "seconds": main["seconds"]})
+    xs = [math.log(p["steps"]) for p in points]
+    ys = [math.log(math.log(p["final"] / m.dense)) for p in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(1e-12, sum((x - mx) ** 2 for x in xs))
+    alpha, log_a = -slope, my - slope * mx
+    needed = (math.exp((log_a - math.log(math.log(main["bar"] / m.dense))) / alpha) if alpha > 0 else None)
+    per_step = max((p["train_seconds"] / p["steps"] for p in points[:-1]), default=None)  # training loop only
+    fit = {"alpha": alpha, "A": math.exp(log_a), "steps_for_bar": needed, "seconds_per_step": per_step,
+           "hours_for_bar": needed * per_step / 3600 if needed and per_step else None}
+    log(f"[stories-depth] fit: {fit}")
+    return {"points": points, "fit": fit}
 
 
 def plot_curve(section: dict[str, Any], path: Path) -> None:
@@ -186,11 +230,14 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count (quick checks)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/distill_quality.json)")
+    parser.add_argument("--sweep", default="250,500,1000",
+                        help="stories-depth: also train for these step counts and fit the gap's power law ('' skips)")
     parser.add_argument("--checkpoint-dir", default=None,
                         help="checkpoint every 100 steps under DIR/SECTION; the same command resumes a killed run")
     args = parser.parse_args()
     setup_env()
     import json
+    import math
 
     import torch
 
@@ -207,8 +254,13 @@ def main() -> None:
     out_path = Path(args.out) if args.out else RESULTS / "distill_quality.json"
     results: dict[str, Any] = json.loads(out_path.read_text()).get("sections", {}) if out_path.exists() else {}
     checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    try:
+        sweep = [max(1, int(int(n) * args.scale)) for n in args.sweep.split(",") if n.strip()]
+    except ValueError:
+        sys.exit(f"error: --sweep takes comma-separated step counts, got {args.sweep!r}")
     for section in chosen:
-        results[section] = (minilm if section.startswith("minilm") else stories)(section, args.scale, checkpoints)
+        results[section] = (minilm(section, args.scale, checkpoints) if section.startswith("minilm")
+                            else stories(section, args.scale, checkpoints, sweep))
         write_json("distill_quality", {"environment": environment(), "sections": results}, args.out)
     if "minilm-depth" in results:
         plot_curve(results["minilm-depth"], RESULTS / "distill_minilm_curve.png")
@@ -218,6 +270,17 @@ def main() -> None:
         rows.append([name, f"{r['dense']:.3f}", r.get("start"), reference, r["final"], r.get("bar"), r["seconds"]])
     print_table("recovery training (P2: STS-B dev Spearman; P1: perplexity)",
                 ["section", "dense", "start", "one-shot reference", "trained", "bar", "seconds"], rows)
+    sweep_result = results.get("stories-depth", {}).get("sweep")
+    if sweep_result:
+        fit = sweep_result["fit"]
+        print_table("stories-depth by training length (each run its own warm-up + cosine)",
+                    ["steps", "perplexity", "gap ln(ppl/dense)", "seconds"],
+                    [[p["steps"], p["final"], math.log(p["final"] / results["stories-depth"]["dense"]), p["seconds"]]
+                     for p in sweep_result["points"]])
+        print(f"fit: gap = {fit['A']:.3f} * steps^-{fit['alpha']:.3f}; at that slope the bar "
+              f"(gap {math.log(results['stories-depth']['bar'] / results['stories-depth']['dense']):.3f}) takes about "
+              f"{fit['steps_for_bar'] or float('inf'):.3g} steps, {fit['hours_for_bar'] or float('inf'):.3g} h "
+              f"of training at {fit['seconds_per_step'] or float('nan'):.2f} s/step")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def training_set(config: TrainingConfig, ctx: Any, teacher: Optional[nn.Module],
             raise SecateurError("generate needs a causal teacher (text is sampled from it)")
         if tokenizer is None:
             raise SecateurError("generate needs the tokenizer (for the BOS token); pass tokenizer=... to compress_")
-        cache = ctx.extra.get("checkpoint_dir")
+        cache = ctx.extra.get("generation_dir") or ctx.extra.get("checkpoint_dir")
         generated = _cached_generation(teacher, tokenizer, config, cache)
         described["generated"] = {"sequences": len(generated), "temperature": config.generate_temperature}
         train_part = train_part + generated   # the held-out split stays real text
@@ -100,7 +100,8 @@ def training_set(config: TrainingConfig, ctx: Any, teacher: Optional[nn.Module],
 
 
 def _cached_generation(teacher: nn.Module, tokenizer: Any, config: TrainingConfig, checkpoint_dir: Any) -> list:
-    """Teacher samples, saved beside the training checkpoint so a resumed run reads the same text."""
+    """Teacher samples, saved beside the training checkpoint (or in ``generation_dir``, shared by
+    several runs) so that a resumed run reads the same text."""
     from pathlib import Path
 
     name = f"generated-{config.generate}x{config.seq_len}-t{config.generate_temperature}-s{config.seed}.pt"
