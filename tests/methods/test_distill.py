@@ -318,6 +318,24 @@ def test_distill_step_reads_sources_through_the_tokenizer_and_generates(tmp_path
         compress_(model, DistillConfig(steps=1), teacher=tiny_model("llama"))
 
 
+def test_teacher_samples_are_cached_in_the_generation_dir_and_read_back(tmp_path, monkeypatch):
+    import secateur.distill.distill as distill
+
+    model, tok = tiny_model("llama", seed=3, with_tokenizer=True)
+    teacher = tiny_model("llama", seed=4)
+    config = DistillConfig(seq_len=16, generate=6, steps=2, batch_size=4, eval_every=0, checkpoint_every=0, holdout=0.0)
+    first = distill.training_set(config, Context(extra={"tokenizer": tok, "generation_dir": tmp_path}), teacher, "causal")
+    assert [p.name for p in tmp_path.iterdir()] == ["generated-6x16-t1.0-s0.pt"]
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the cached samples should have been read")
+
+    monkeypatch.setattr(distill, "generate", no_sampling)
+    ctx = Context(extra={"tokenizer": tok, "generation_dir": tmp_path, "checkpoint_dir": tmp_path / "run"})
+    again = distill.training_set(config, ctx, teacher, "causal")
+    assert again.fingerprint == first.fingerprint and not (tmp_path / "run").exists()
+
+
 def test_a_quantized_student_trains_through_fake_quantization_and_stays_packed():
     from secateur import RTNConfig
     from secateur.quant.linear import QuantLinear, reference_only
