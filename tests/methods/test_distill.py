@@ -215,9 +215,11 @@ def test_resume_after_a_kill_is_bit_exact(family, tmp_path):
     killed = tiny_model(family, seed=2)
     with pytest.raises(KeyboardInterrupt):
         train(killed, teacher, data, config, kind=kind, checkpoint_dir=tmp_path, hooks=(_Kill(7),))
+    before_kill = torch.load(tmp_path / "train.pt", weights_only=True)["seconds"]
     resumed = tiny_model(family, seed=2)
     result = train(resumed, teacher, data, config, kind=kind, checkpoint_dir=tmp_path)
     assert result.resumed_from_step == 4
+    assert before_kill > 0 and result.seconds > before_kill  # the training time before the kill counts
     for (n, p), (_, q) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(p, q), n
     assert result.history == expected.history

@@ -307,7 +307,7 @@ def train(student: nn.Module, teacher: Optional[nn.Module], data: TrainingSet, c
     result = TrainResult(0, 0.0, settings={"kind": kind, "bfloat16": bf16, "train_sequences": len(data.train),
                                            "holdout_sequences": len(data.holdout), "data": data.describe,
                                            "data_fingerprint": data.fingerprint, "threads": torch.get_num_threads()})
-    start_step, best_state, since_best = 0, None, 0
+    start_step, best_state, since_best, earlier_seconds = 0, None, 0, 0.0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     key = _job_key(config, data, student)
     if ckpt is not None and (ckpt / "train.pt").exists():
@@ -323,6 +323,7 @@ def train(student: nn.Module, teacher: Optional[nn.Module], data: TrainingSet, c
             if hasattr(hook, "load_state_dict"):
                 hook.load_state_dict(hook_state)
         start_step, since_best = state["step"], state["since_best"]
+        earlier_seconds = float(state.get("seconds", 0.0))  # training time before the kill
         result.history, result.evals, result.best = json.loads(state["log"])
         if (ckpt / "best.pt").exists():
             best_state = torch.load(ckpt / "best.pt", weights_only=True)
@@ -332,7 +333,8 @@ def train(student: nn.Module, teacher: Optional[nn.Module], data: TrainingSet, c
     def checkpoint(step: int) -> None:
         ckpt.mkdir(parents=True, exist_ok=True)
         hook_states = [h.state_dict() if hasattr(h, "state_dict") else {} for h in hooks]
-        _save_atomic({"key": key, "step": step, "since_best": since_best, "student": student.state_dict(),
+        _save_atomic({"key": key, "step": step, "since_best": since_best,
+                      "seconds": earlier_seconds + time.perf_counter() - started, "student": student.state_dict(),
                       "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
                       "rng": torch.get_rng_state(), "hooks": hook_states,
                       "log": json.dumps([result.history, result.evals, result.best])}, ckpt / "train.pt")
@@ -409,5 +411,5 @@ def train(student: nn.Module, teacher: Optional[nn.Module], data: TrainingSet, c
         student.load_state_dict(best_state)
         log.info("restored the best weights (step %d)", result.best["step"])
     student.eval()
-    result.steps, result.seconds = step, round(time.perf_counter() - started, 3)
+    result.steps, result.seconds = step, round(earlier_seconds + time.perf_counter() - started, 3)
     return result
