@@ -29,6 +29,7 @@ Prints a table and writes benchmarks/results/distill_quality.json (+ distill_min
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -125,7 +126,7 @@ def minilm(section: str, scale: float, checkpoints: Path | None) -> dict[str, An
 
 
 def stories(section: str, scale: float, checkpoints: Path | None, sweep: list[int] = ()) -> dict[str, Any]:
-    from secateur import DistillConfig, GPTQConfig, GradualConfig, QATConfig, SparseGPTConfig, StructuredConfig, compress_
+    from secateur import DistillConfig, GPTQConfig, GradualConfig, QATConfig, SparseGPTConfig, compress_
     from secateur.data import calibration_set
 
     m = Model(SHARED / "models" / "stories260K" / "hf", "perplexity", "tinystories", {})
@@ -135,8 +136,7 @@ def stories(section: str, scale: float, checkpoints: Path | None, sweep: list[in
                   temperature=1.0)
     out: dict[str, Any] = {"dense": m.dense}
     if section == "stories-depth":
-        student = m.fresh()
-        compress_(student, StructuredConfig(mlp=0.0, drop_layers=1), data=calib)
+        student = one_block_removed(m, calib)
         out["start"] = m.metric(student)
         # 512-token windows, the length P1 scores: a student trained on 256 only loses the
         # teacher's behaviour past about position 400; 30000 samples read about 3 times each,
@@ -173,20 +173,25 @@ def stories(section: str, scale: float, checkpoints: Path | None, sweep: list[in
     return out
 
 
+def one_block_removed(m: Model, calib: Any) -> Any:
+    """The stories-depth student: the dense model less the block that influence ranks least."""
+    from secateur import StructuredConfig, compress_
+
+    student = m.fresh()
+    compress_(student, StructuredConfig(mlp=0.0, drop_layers=1), data=calib)
+    return student
+
+
 def depth_sweep(m: Model, calib: Any, config: Any, sweep: list[int], main: dict[str, Any],
                 checkpoints: Path | None, samples_dir: Path) -> dict[str, Any]:
     """The same student and schedule trained for fewer steps (each its own warm-up + cosine), and
     a power law ``gap = A · steps^-alpha`` fitted to the gap to the teacher, ``ln(ppl / dense)``:
     how many steps the bar would take if the curve kept its slope (no floor: the optimistic case)."""
     import dataclasses
-    import math
-
-    from secateur import StructuredConfig, compress_
 
     points = []
     for steps in sorted(set(sweep) - {config.steps}):
-        student = m.fresh()
-        compress_(student, StructuredConfig(mlp=0.0, drop_layers=1), data=calib)
+        student = one_block_removed(m, calib)
         short = dataclasses.replace(config, steps=steps, eval_every=0)
         result = run_step(student, short, teacher=m.teacher, tokenizer=m.tokenizer, data=calib, generation_dir=samples_dir,
                           checkpoint_dir=checkpoints / "stories-depth" / f"steps-{steps}" if checkpoints else None)
@@ -238,7 +243,6 @@ def main() -> None:
     args = parser.parse_args()
     setup_env()
     import json
-    import math
 
     import torch
 

@@ -91,21 +91,21 @@ def training_set(config: TrainingConfig, ctx: Any, teacher: Optional[nn.Module],
             raise SecateurError("generate needs a causal teacher (text is sampled from it)")
         if tokenizer is None:
             raise SecateurError("generate needs the tokenizer (for the BOS token); pass tokenizer=... to compress_")
-        cache = ctx.extra.get("generation_dir") or ctx.extra.get("checkpoint_dir")
-        generated = _cached_generation(teacher, tokenizer, config, cache)
+        generated = _cached_generation(teacher, tokenizer, config,
+                                       ctx.extra.get("generation_dir") or ctx.extra.get("checkpoint_dir"))
         described["generated"] = {"sequences": len(generated), "temperature": config.generate_temperature}
         train_part = train_part + generated   # the held-out split stays real text
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     return TrainingSet(train_part, hold, pad_id=pad or 0, seed=config.seed, describe=described)
 
 
-def _cached_generation(teacher: nn.Module, tokenizer: Any, config: TrainingConfig, checkpoint_dir: Any) -> list:
+def _cached_generation(teacher: nn.Module, tokenizer: Any, config: TrainingConfig, directory: Any) -> list:
     """Teacher samples, saved beside the training checkpoint (or in ``generation_dir``, shared by
     several runs) so that a resumed run reads the same text."""
     from pathlib import Path
 
     name = f"generated-{config.generate}x{config.seq_len}-t{config.generate_temperature}-s{config.seed}.pt"
-    path = Path(checkpoint_dir) / name if checkpoint_dir is not None else None
+    path = Path(directory) / name if directory is not None else None
     if path is not None and path.exists():
         return list(torch.load(path, weights_only=True))
     seqs = generate(teacher, tokenizer, config.generate, config.seq_len, temperature=config.generate_temperature,
