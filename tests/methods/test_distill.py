@@ -461,3 +461,60 @@ def test_texts_of_different_lengths_are_batched_by_length_and_each_epoch_reads_a
     padded = sum(b["input_ids"].numel() for b in batches)
     assert padded < 1.3 * sum(len(s) for s in seqs)                # little padding
     assert torch.equal(TrainingSet(seqs, [], seed=1).batch(17, 10)["input_ids"], batches[17]["input_ids"])
+
+
+# --- temperature calibration and repeated real text ----------------------------------------------------
+def _grid_temperature(model, sequences, taus):
+    """Reference: the cross-entropy of softmax(logits / τ) written out for every τ of a grid; the best τ."""
+    with torch.no_grad():
+        logits = [model(s[None]).logits[0, :-1].double() for s in sequences]
+    best = None
+    for tau in taus:
+        total = count = 0
+        for z, s in zip(logits, sequences):
+            for t in range(len(s) - 1):
+                row = z[t] / tau
+                total += float(torch.logsumexp(row, 0) - row[int(s[t + 1])])
+                count += 1
+        if best is None or total / count < best[1]:
+            best = (tau, total / count)
+    return best
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fitted_temperature_matches_a_grid_search_and_is_folded_into_the_final_norm(family):
+    from secateur.distill.temperature import fit_temperature
+
+    model, tok = tiny_model(family, seed=2, with_tokenizer=True)
+    text = generate(model, tok, 12, 24, seed=1, batch=6)       # text the model itself would write
+    norm = model.transformer.ln_f if family == "gpt2" else model.model.norm
+    with torch.no_grad():                                       # make it over-confident: logits × 1.6
+        norm.weight.mul_(1.6)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.mul_(1.6)
+        before = model(text[0][None]).logits
+    tau_ref, nll_ref = _grid_temperature(model, text, [1.0 + 0.01 * i for i in range(121)])
+    got = fit_temperature(model, text, batch_size=5)
+    assert abs(got["temperature"] - tau_ref) <= 0.01 and got["nll_after"] == pytest.approx(nll_ref, abs=1e-4)
+    assert got["nll_after"] < got["nll_before"] and 1.2 < got["temperature"] < 2.0   # towards the 1.6 put in
+    assert got["tokens"] == 12 * 23
+    with torch.no_grad():
+        assert torch.allclose(model(text[0][None]).logits, before / got["temperature"], atol=1e-4)
+
+
+def test_distill_step_fits_the_temperature_on_real_text_only_and_repeats_it():
+    model, tok = tiny_model("llama", seed=3, with_tokenizer=True)
+    calib = CalibrationSet(input_ids=torch.randint(7, 100, (6, 16)), fingerprint="t")
+    config = DistillConfig(generate=8, repeat_real=3, fit_temperature=True, seq_len=16, steps=2, batch_size=4,
+                           eval_every=0, checkpoint_every=0, holdout=0.2)
+    compress_(model, config, data=calib, teacher=tiny_model("llama", seed=4), tokenizer=tok)
+    result = model.secateur_history[-1]["result"]
+    assert result["settings"]["train_sequences"] == 5 * 3 + 8 and result["settings"]["data"]["repeat_real"] == 3
+    assert result["calibrated"]["tokens"] == 6 * 15                 # the real windows, held-out ones too
+    assert result["calibrated"]["nll_after"] <= result["calibrated"]["nll_before"]
+    with pytest.raises(SecateurError, match="real text"):
+        compress_(tiny_model("llama", seed=3), DistillConfig(generate=4, fit_temperature=True, seq_len=8, steps=1),
+                  teacher=tiny_model("llama", seed=4), tokenizer=tok)
+    with pytest.raises(SecateurError, match="causal LM"):
+        compress_(tiny_model("bert"), DistillConfig(fit_temperature=True, steps=1),
+                  data=CalibrationSet(input_ids=torch.randint(7, 100, (4, 8)), fingerprint="b"), teacher=tiny_model("bert"))

@@ -34,6 +34,7 @@ class TrainingSet:
     pad_id: int = 0
     seed: int = 0
     describe: dict[str, Any] = field(default_factory=dict)
+    real: list[torch.Tensor] = field(default_factory=list)   # the real text (train and held out), not generated
 
     def __post_init__(self) -> None:
         self._orders: dict[tuple[int, int], list[int]] = {}

@@ -26,6 +26,7 @@ import torch.nn as nn
 from ..api import register
 from ..errors import SecateurError
 from .data import TrainingSet, generate, source_sequences, split
+from .temperature import fit_temperature, folds_into
 from .train import TrainingConfig, train
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ def training_set(config: TrainingConfig, ctx: Any, teacher: Optional[nn.Module],
         pick = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(config.seed))[:config.samples]
         sequences = [sequences[int(i)] for i in sorted(pick.tolist())]
     train_part, hold = split(sequences, config.holdout, config.seed)
+    if config.repeat_real > 1:
+        train_part = train_part * config.repeat_real
+        described["repeat_real"] = config.repeat_real
     if config.generate:
         if kind != "causal" or teacher is None:
             raise SecateurError("generate needs a causal teacher (text is sampled from it)")
@@ -96,7 +100,7 @@ def training_set(config: TrainingConfig, ctx: Any, teacher: Optional[nn.Module],
         described["generated"] = {"sequences": len(generated), "temperature": config.generate_temperature}
         train_part = train_part + generated   # the held-out split stays real text
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    return TrainingSet(train_part, hold, pad_id=pad or 0, seed=config.seed, describe=described)
+    return TrainingSet(train_part, hold, pad_id=pad or 0, seed=config.seed, describe=described, real=sequences)
 
 
 def _cached_generation(teacher: nn.Module, tokenizer: Any, config: TrainingConfig, directory: Any) -> list:
@@ -123,9 +127,18 @@ def run_training(model: nn.Module, config: TrainingConfig, ctx: Any, hooks: tupl
     kind = kind_of(model)
     teacher = resolve_teacher(config, ctx)
     data = training_set(config, ctx, teacher, kind)
+    if config.fit_temperature:  # checked before an hour of training, not after
+        folds_into(model)
+        if not data.real:
+            raise SecateurError("fit_temperature needs real text (data sources or calibration data), not only "
+                                "generated samples")
     result = train(model, teacher, data, config, kind=kind, checkpoint_dir=ctx.extra.get("checkpoint_dir"),
                    hooks=hooks, evaluate=ctx.extra.get("evaluate"))
     out = result.to_dict()
+    if config.fit_temperature:
+        out["calibrated"] = fit_temperature(model, data.real, batch_size=config.batch_size)
+        log.info("fitted temperature %.4f on %d real tokens (NLL %.4f -> %.4f)", out["calibrated"]["temperature"],
+                 out["calibrated"]["tokens"], out["calibrated"]["nll_before"], out["calibrated"]["nll_after"])
     every = max(1, len(result.history) // 100)   # the card keeps about 100 points of the loss curve
     out["history"] = [h for i, h in enumerate(result.history) if (i + 1) % every == 0 or i + 1 == len(result.history)]
     ctx.extra.setdefault("training", []).append(result)

@@ -69,6 +69,8 @@ class TrainingConfig(StepConfig):
                          range=(4, 1 << 20))
     samples: int = param(0, "at most this many sequences from the data (0: all)", range=(0, 1 << 30))
     generate: int = param(0, "sequences sampled from the teacher and added to the data (causal)", range=(0, 1 << 24))
+    repeat_real: int = param(1, "each real training sequence is read this many times per epoch: weighs a small "
+                                "real corpus against many generated samples", range=(1, 1 << 16))
     generate_temperature: float = param(1.0, "sampling temperature of the generated sequences", range=(1e-3, 10.0))
     holdout: float = param(0.05, "fraction of sequences held out for evaluation and early stopping", range=(0.0, 0.5))
     # optimisation
@@ -88,6 +90,8 @@ class TrainingConfig(StepConfig):
                             range=(0, 1 << 30))
     patience: int = param(0, "stop after N evaluations without improvement (0: never stop early)", range=(0, 1 << 20))
     checkpoint_every: int = param(100, "write a resumable checkpoint every N steps (0: never)", range=(0, 1 << 30))
+    fit_temperature: bool = param(False, "after training, fit one softmax temperature on the real text of the data "
+                                         "(next-token cross-entropy) and fold it into the final norm (causal LMs)")
     keep_sparsity: bool = param(True, "zeros of an already-pruned Linear stay zero (weights >= 10% exact zeros)")
 
     def validate(self) -> None:
