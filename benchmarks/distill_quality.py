@@ -12,8 +12,10 @@ validation lines, C4 validation documents, ≤ 128 tokens each):
   minilm-mlp50  50% of MLP channels removed (Taylor importance), then distilled; bar ≥ 86.0.
 P1 (stories260K teacher, TinyStories perplexity on the evaluation split; training text: the P1
 calibration paragraphs plus stories sampled from the teacher):
-  stories-depth one of 5 blocks removed by influence, then distilled (KL) on 512-token windows;
-                bar ≤ 5.75. The same run at shorter lengths (--sweep) fits the gap to the teacher
+  stories-depth one of 5 blocks removed by influence, then distilled (KL) on 512-token windows,
+                the real ones read 20 times per epoch; then one softmax temperature fitted on the
+                real text and folded in (the dense model calibrated the same way is reported
+                beside it, the fair reference); bar ≤ 5.75. The same run at shorter lengths (--sweep) fits the gap to the teacher
                 as a power law of the steps: how long the bar would take at that slope.
   stories-qat   W4 per-channel QAT (learnable scales, KL from the fp32 model) vs GPTQ W4 on the
                 128 × 256 P1 calibration windows; bar: QAT below GPTQ.
@@ -167,11 +169,12 @@ def stories(section: str, scale: float, checkpoints: Path | None, sweep: list[in
         samples_dir = checkpoints / section if checkpoints else Path(scratch)
         result = run_step(student, config, teacher=m.teacher, tokenizer=m.tokenizer, data=calib,
                           checkpoint_dir=checkpoints / section if checkpoints else None, generation_dir=samples_dir)
-        out.update(final=m.metric(student), seconds=result["wall_seconds"], config=config.to_dict(),
-                   evals=result["evals"], settings=result["settings"])
+        out.update(final=m.metric(student), seconds=result["wall_seconds"], train_seconds=result["seconds"],
+                   config=config.to_dict(), evals=result["evals"], settings=result["settings"])
         if "calibrated" in result:
             out.update(calibrated=result["calibrated"], final_before_temperature=without_temperature(m, student,
-                                                                                               result["calibrated"]))
+                                                                                               result["calibrated"]),
+                       dense_calibrated=dense_with_temperature(m, config))
         if section == "stories-depth" and sweep:
             out["sweep"] = depth_sweep(m, calib, config, sweep, out, checkpoints, samples_dir)
     log(f"[{section}] {out}")
@@ -190,6 +193,18 @@ def without_temperature(m: Model, student: Any, calibrated: dict[str, Any]) -> f
             return m.metric(student)
         finally:
             weight.copy_(folded)
+
+
+def dense_with_temperature(m: Model, config: Any) -> dict[str, Any]:
+    """The fair reference for a calibrated student: the dense model with a temperature fitted the
+    same way, on the same real windows."""
+    from secateur.distill.data import source_sequences
+    from secateur.distill.temperature import fit_temperature
+
+    dense = m.fresh()
+    real = [seq for spec in config.data for seq in source_sequences(spec, m.tokenizer, "causal", config.seq_len)]
+    fitted = fit_temperature(dense, real, batch_size=config.batch_size)
+    return {**fitted, "metric": m.metric(dense)}
 
 
 def one_block_removed(m: Model, calib: Any) -> Any:
@@ -298,7 +313,9 @@ def main() -> None:
     if calibrated:
         print(f"stories-depth: {results['stories-depth']['final_before_temperature']:.3f} before the temperature "
               f"fitted on the real text (tau {calibrated['temperature']:.3f}, {calibrated['tokens']} tokens), "
-              f"{results['stories-depth']['final']:.3f} after")
+              f"{results['stories-depth']['final']:.3f} after; the dense model with a temperature fitted the same way "
+              f"(tau {results['stories-depth']['dense_calibrated']['temperature']:.3f}): "
+              f"{results['stories-depth']['dense_calibrated']['metric']:.3f}")
     sweep_result = results.get("stories-depth", {}).get("sweep")
     if sweep_result:
         fit = sweep_result["fit"]
