@@ -301,7 +301,7 @@ def main() -> None:
         results[section] = (minilm(section, args.scale, checkpoints) if section.startswith("minilm")
                             else stories(section, args.scale, checkpoints, sweep))
         write_json("distill_quality", {"environment": environment(), "sections": results}, args.out)
-    if "minilm-depth" in results:
+    if "minilm-depth" in chosen:  # its section ran now (the JSON may hold an older one)
         plot_curve(results["minilm-depth"], RESULTS / "distill_minilm_curve.png")
     rows = []
     for name, r in results.items():
