@@ -46,7 +46,9 @@ def _statistics(model: nn.Module, batches: list[torch.Tensor], beta: float) -> t
     """Mean next-token NLL at ``β``, and its first and second derivatives in ``β``."""
     nll = grad = hess = 0.0
     count = 0
+    device = next(model.parameters()).device
     for ids in batches:
+        ids = ids.to(device)
         z = model(input_ids=ids, use_cache=False).logits[:, :-1].float().flatten(0, 1)
         y = ids[:, 1:].flatten()
         log_q = F.log_softmax(beta * z, dim=-1)
