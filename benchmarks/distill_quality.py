@@ -15,8 +15,9 @@ calibration paragraphs plus stories sampled from the teacher):
   stories-depth one of 5 blocks removed by influence, then distilled (KL) on 512-token windows,
                 the real ones read 20 times per epoch; then one softmax temperature fitted on the
                 real text and folded in (the dense model calibrated the same way is reported
-                beside it, the fair reference); bar ≤ 5.75. The same run at shorter lengths (--sweep) fits the gap to the teacher
-                as a power law of the steps: how long the bar would take at that slope.
+                beside it, the fair reference); bar ≤ 5.75. The same run at shorter lengths
+                (--sweep) fits the gap to the teacher as a power law of the steps: how long the bar
+                would take at that slope.
   stories-qat   W4 per-channel QAT (learnable scales, KL from the fp32 model) vs GPTQ W4 on the
                 128 × 256 P1 calibration windows; bar: QAT below GPTQ.
   stories-gradual  50% unstructured sparsity reached gradually while distilling vs one-shot
@@ -185,7 +186,9 @@ def without_temperature(m: Model, student: Any, calibrated: dict[str, Any]) -> f
     """The metric of the trained student before its fitted temperature was folded in."""
     import torch
 
-    weight = student.model.norm.weight
+    from secateur.distill.temperature import folds_into
+
+    weight = folds_into(student).weight   # the final norm, found through the architecture table
     folded = weight.detach().clone()
     with torch.no_grad():
         weight.mul_(calibrated["temperature"])

@@ -73,9 +73,9 @@ def _batches(sequences: Iterable[torch.Tensor], batch_size: int) -> list[torch.T
 
 @torch.no_grad()
 def fit_temperature(model: nn.Module, sequences: list[torch.Tensor], *, batch_size: int = 16,
-                    iterations: int = 12, fold: bool = True) -> dict[str, Any]:
-    """Fit ``τ`` by next-token cross-entropy on ``sequences`` (real text, token ids) and, with
-    ``fold``, divide the final norm's parameters by it. Returns ``τ`` and the NLL before and after."""
+                    iterations: int = 12) -> dict[str, Any]:
+    """Fit ``τ`` by next-token cross-entropy on ``sequences`` (real text, token ids) and divide the
+    final norm's parameters by it. Returns ``τ`` and the NLL before and after."""
     norm = folds_into(model)
     batches = _batches(sequences, batch_size)
     if not batches:
@@ -104,9 +104,8 @@ def fit_temperature(model: nn.Module, sequences: list[torch.Tensor], *, batch_si
     finally:
         model.train(was_training)
     tau = 1.0 / beta
-    if fold:
-        norm.weight.div_(tau)
-        if getattr(norm, "bias", None) is not None:
-            norm.bias.div_(tau)
+    norm.weight.div_(tau)
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(tau)
     tokens = sum(b[:, 1:].numel() for b in batches)
-    return {"temperature": tau, "nll_before": first[0], "nll_after": nll, "tokens": tokens, "folded": fold}
+    return {"temperature": tau, "nll_before": first[0], "nll_after": nll, "tokens": tokens}
