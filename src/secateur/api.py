@@ -107,7 +107,8 @@ def compress_(model: Any, recipe_or_step: Any, data: Any = None, teacher: Any = 
 
     With ``checkpoint_dir``, calibrated steps checkpoint after every block there and training
     steps every ``checkpoint_every`` steps, and a re-run of the same call on the same model and
-    data resumes where a killed run stopped. Training steps (distill, qat, gradual) imitate
+    data resumes where a killed run stopped; text sampled from a teacher loaded from disk is kept
+    there once per teacher, shared by the steps. Training steps (distill, qat, gradual) imitate
     ``teacher``, or their own ``teacher:``, or else a frozen copy of ``model`` taken before the
     first step; ``tokenizer`` reads their ``data:`` sources.
     """
@@ -117,7 +118,8 @@ def compress_(model: Any, recipe_or_step: Any, data: Any = None, teacher: Any = 
 
     steps = [recipe_or_step] if isinstance(recipe_or_step, StepConfig) else getattr(recipe_or_step, "steps",
                                                                                       recipe_or_step)
-    ctx = Context(data=data, teacher=teacher, arch=arch_of(model, strict=False), extra={"tokenizer": tokenizer})
+    ctx = Context(data=data, teacher=teacher, arch=arch_of(model, strict=False),
+                  extra={"tokenizer": tokenizer, "checkpoint_root": checkpoint_dir})
     if teacher is None and any(isinstance(s, StepConfig) and get_method(s.method).trains
                                and getattr(s, "teacher", None) is None for s in steps):
         ctx.teacher = copy.deepcopy(model).eval()  # the input model, frozen, for every step without a teacher

@@ -338,6 +338,33 @@ def test_teacher_samples_are_cached_in_the_generation_dir_and_read_back(tmp_path
     assert again.fingerprint == first.fingerprint and not (tmp_path / "run").exists()
 
 
+
+def test_the_steps_of_a_recipe_sample_a_loaded_teacher_once(tmp_path, monkeypatch):
+    import secateur.distill.distill as distill
+
+    calls, real = [], distill.generate
+
+    def counting(*args, **kwargs):
+        calls.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "generate", counting)
+    common = dict(seq_len=16, generate=6, batch_size=4, eval_every=0, checkpoint_every=1, holdout=0.0)
+    steps = [DistillConfig(steps=2, **common), DistillConfig(steps=3, lr=1e-3, **common)]
+    model, tok = tiny_model("llama", seed=3, with_tokenizer=True)
+    model.secateur_source = {"weights_sha256": "ab" * 32}   # as secateur.load records the weights it read
+    compress_(model, steps, tokenizer=tok, checkpoint_dir=tmp_path / "run")
+    assert calls == [6]                                     # the input model, snapshotted, is both steps' teacher
+    shared = tmp_path / "run" / f"samples-{'ab' * 8}"
+    assert [p.name for p in shared.iterdir()] == ["generated-6x16-t1.0-s0.pt"]
+    # the model has changed since its hash was taken: a further call samples its own text, in its step's folder
+    compress_(model, steps[:1], tokenizer=tok, checkpoint_dir=tmp_path / "again")
+    assert calls == [6, 6] and not (tmp_path / "again" / shared.name).exists()
+    # a teacher built in memory has no hash: each step keeps its own samples
+    other, _ = tiny_model("llama", seed=5, with_tokenizer=True)
+    compress_(other, steps, teacher=tiny_model("llama", seed=4), tokenizer=tok, checkpoint_dir=tmp_path / "memory")
+    assert calls == [6, 6, 6, 6] and not list((tmp_path / "memory").glob("samples-*"))
+
 def test_a_quantized_student_trains_through_fake_quantization_and_stays_packed():
     from secateur import RTNConfig
     from secateur.quant.linear import QuantLinear, reference_only

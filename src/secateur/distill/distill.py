@@ -95,12 +95,27 @@ def training_set(config: TrainingConfig, ctx: Any, teacher: Optional[nn.Module],
             raise SecateurError("generate needs a causal teacher (text is sampled from it)")
         if tokenizer is None:
             raise SecateurError("generate needs the tokenizer (for the BOS token); pass tokenizer=... to compress_")
-        generated = _cached_generation(teacher, tokenizer, config,
-                                       ctx.extra.get("generation_dir") or ctx.extra.get("checkpoint_dir"))
+        generated = _cached_generation(teacher, tokenizer, config, ctx.extra.get("generation_dir")
+                                       or _samples_dir(teacher, ctx) or ctx.extra.get("checkpoint_dir"))
         described["generated"] = {"sequences": len(generated), "temperature": config.generate_temperature}
         train_part = train_part + generated   # the held-out split stays real text
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     return TrainingSet(train_part, hold, pad_id=pad or 0, seed=config.seed, describe=described, real=sequences)
+
+
+def _samples_dir(teacher: nn.Module, ctx: Any) -> Any:
+    """Under compress_'s checkpoint folder, one folder of samples per teacher, named by the hash of
+    the weights it was loaded from: the training steps of a recipe that sample the same teacher the
+    same way (a distill step continued by another, say) draw the text once. None for a teacher
+    built in memory (no hash) or changed by an earlier compress_ (its hash is out of date): its
+    samples stay in the step's own folder."""
+    from pathlib import Path
+
+    root = ctx.extra.get("checkpoint_root")
+    sha = (getattr(teacher, "secateur_source", None) or {}).get("weights_sha256")
+    if root is None or not sha or getattr(teacher, "secateur_history", None):
+        return None
+    return Path(root) / f"samples-{sha[:16]}"
 
 
 def _cached_generation(teacher: nn.Module, tokenizer: Any, config: TrainingConfig, directory: Any) -> list:
