@@ -119,7 +119,7 @@ def test_import_llama2c_cli(capsys, tmp_path, llama2c_dir, stories_dir):
 
 
 @pytest.mark.parametrize("name", ["stories260k-magnitude.yaml", "minilm-magnitude.yaml", "minilm-structured-depth.yaml",
-                                  "minilm-distill-3of6.yaml"])
+                                  "minilm-distill-3of6.yaml", "stories260k-depth-distill.yaml"])
 def test_example_recipes_validate(capsys, name, shared_dir, monkeypatch):
     from pathlib import Path
 
