@@ -330,7 +330,7 @@ def main() -> None:
                 ["section", "dense", "start", "one-shot reference", "trained", "bar", "seconds"], rows)
     first = results.get("stories-depth", {}).get("first")
     if first:
-        print(f"stories-depth, first distill step ({first['evals'][-1]['step'] if first['evals'] else '?'} steps): "
+        print(f"stories-depth, first distill step ({results['stories-depth']['config']['steps']} steps): "
               f"{first['final_before_temperature']:.3f} before its temperature (tau "
               f"{first['calibrated']['temperature']:.3f}), {first['final']:.3f} after; the second step continues from it")
     calibrated = results.get("stories-depth", {}).get("calibrated")
