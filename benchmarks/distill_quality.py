@@ -16,7 +16,9 @@ calibration paragraphs plus stories sampled from the teacher):
                 the real ones read 20 times per epoch; then one softmax temperature fitted on the
                 real text and folded in (the dense model calibrated the same way is reported
                 beside it, the fair reference). A second distill step continues from the first
-                (a new warm-up, cosine to zero) and fits its own temperature; bar ≤ 5.75. The first
+                (a new warm-up, cosine to zero) and fits its own temperature; a third continues on
+                the samples cut into paragraphs (BOS + paragraph, the evaluation's format; the
+                teacher writes newlines between them) and fits its own; bar ≤ 5.75. The first
                 step at shorter lengths (--sweep) fits the gap to the teacher as a power law of the
                 steps: how long the bar would take at that slope.
   stories-qat   W4 per-channel QAT (learnable scales, KL from the fp32 model) vs GPTQ W4 on the
@@ -47,6 +49,7 @@ from _common import RESULTS, SHARED, environment, print_table, setup_env, write_
 MINILM_DATA = ("stsb:train", "wikitext2:validation", "c4")
 STORIES_DATA = ("tinystories:calibration",)
 STAGE_TWO = 7000   # stories-depth: steps of the second distill step
+STAGE_THREE = 3000  # stories-depth: steps of the third, on the samples cut into paragraphs
 SECTIONS = ("minilm-depth", "minilm-mlp50", "stories-depth", "stories-qat", "stories-gradual")
 
 
@@ -155,6 +158,11 @@ def stories(section: str, scale: float, checkpoints: Path | None, sweep: list[in
         # cosine, this time down to zero), in bfloat16 autocast (no faster here: with 8-wide heads
         # the step is bound by the attention kernel, not by matmuls)
         more = dataclasses.replace(config, steps=max(1, int(STAGE_TWO * scale)), min_lr=0.0, dtype="bfloat16")
+        # then a third on the same samples cut into paragraphs, each BOS + paragraph as in the real
+        # text and in P1 (the teacher writes newlines between paragraphs: the first two steps saw the
+        # evaluation's format only in the real windows), at a lower peak rate, in float32
+        para = dataclasses.replace(config, steps=max(1, int(STAGE_THREE * scale)), lr=1e-3, min_lr=0.0,
+                                   generate_paragraphs=True)
         out["bar"] = 5.75
     elif section == "stories-qat":
         baseline = m.fresh()
@@ -192,10 +200,19 @@ def stories(section: str, scale: float, checkpoints: Path | None, sweep: list[in
             result = run_step(student, more, teacher=m.teacher, tokenizer=m.tokenizer, data=calib,
                               checkpoint_dir=checkpoints / section / "second" if checkpoints else None,
                               generation_dir=samples_dir)
+            out["second"] = {"final": m.metric(student), "calibrated": result["calibrated"], "evals": result["evals"],
+                             "final_before_temperature": without_temperature(m, student, result["calibrated"]),
+                             "seconds": result["wall_seconds"], "train_seconds": result["seconds"],
+                             "config": more.to_dict()}
+            log(f"[stories-depth] second step: {out['second']}")
+            result = run_step(student, para, teacher=m.teacher, tokenizer=m.tokenizer, data=calib,
+                              checkpoint_dir=checkpoints / section / "third" if checkpoints else None,
+                              generation_dir=samples_dir)
             out.update(final=m.metric(student), calibrated=result["calibrated"], evals=result["evals"],
                        final_before_temperature=without_temperature(m, student, result["calibrated"]),
-                       seconds=out["first"]["seconds"] + result["wall_seconds"],
-                       train_seconds=out["first"]["train_seconds"] + result["seconds"], second=more.to_dict())
+                       seconds=out["first"]["seconds"] + out["second"]["seconds"] + result["wall_seconds"],
+                       train_seconds=out["first"]["train_seconds"] + out["second"]["train_seconds"] + result["seconds"],
+                       third=para.to_dict(), settings=result["settings"])
     log(f"[{section}] {out}")
     return out
 
@@ -333,6 +350,12 @@ def main() -> None:
         print(f"stories-depth, first distill step ({results['stories-depth']['config']['steps']} steps): "
               f"{first['final_before_temperature']:.3f} before its temperature (tau "
               f"{first['calibrated']['temperature']:.3f}), {first['final']:.3f} after; the second step continues from it")
+        second = results["stories-depth"].get("second")
+        if second and "final" in second:
+            print(f"stories-depth, second distill step ({second['config']['steps']} steps): "
+                  f"{second['final_before_temperature']:.3f} before its temperature (tau "
+                  f"{second['calibrated']['temperature']:.3f}), {second['final']:.3f} after; the third step "
+                  f"(the samples cut into paragraphs) continues from it")
     calibrated = results.get("stories-depth", {}).get("calibrated")
     if calibrated:
         print(f"stories-depth: {results['stories-depth']['final_before_temperature']:.3f} before the temperature "

@@ -4,6 +4,7 @@ loop (schedule, accumulation, early stopping, bit-exact resume after a kill) and
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -337,6 +338,45 @@ def test_teacher_samples_are_cached_in_the_generation_dir_and_read_back(tmp_path
     again = distill.training_set(config, ctx, teacher, "causal")
     assert again.fingerprint == first.fingerprint and not (tmp_path / "run").exists()
 
+
+
+def test_generated_text_is_cut_into_paragraphs_like_a_data_source(stories_dir):
+    """The reference: every paragraph tokenized on its own with the tokenizer's defaults (BOS first),
+    concatenated in order and cut into windows; the samples hold the same stories the way a teacher
+    writes them (BOS per story, newlines between paragraphs, a row ending mid-story)."""
+    from transformers import AutoTokenizer
+
+    from secateur.distill.data import as_paragraphs
+
+    tok = AutoTokenizer.from_pretrained(stories_dir)
+    stories = [["Tom had a red ball.", "He threw it far, and the dog ran after it."],
+               ["Once upon a time, a cat sat on a mat.", '"Hi!" said the dog.', "They played all day."],
+               ["The sun was warm.", "Lily smiled."]]
+    rows = [tok("\n".join(stories[0]))["input_ids"] + tok("\n".join(stories[1]))["input_ids"],
+            tok("\n".join(stories[2]))["input_ids"]]
+    got = as_paragraphs([torch.tensor(r) for r in rows], tok, 8)
+    stream = [t for story in stories for paragraph in story for t in tok(paragraph)["input_ids"]]
+    assert stream.count(tok.bos_token_id) == 7
+    n = len(stream) // 8
+    assert n >= 4 and [w.tolist() for w in got] == [stream[i * 8:(i + 1) * 8] for i in range(n)]
+    with pytest.raises(SecateurError, match="fewer than one window"):
+        as_paragraphs([torch.tensor(rows[1])], tok, 512)
+
+
+def test_a_distill_step_trains_on_generated_paragraphs_when_asked():
+    import secateur.distill.distill as distill
+    from secateur.distill.data import as_paragraphs
+
+    model, tok = tiny_model("llama", seed=3, with_tokenizer=True)
+    teacher = tiny_model("llama", seed=4)
+    raw = DistillConfig(seq_len=16, generate=12, steps=1, batch_size=4, eval_every=0, checkpoint_every=0, holdout=0.0)
+    ctx = Context(extra={"tokenizer": tok})
+    samples = distill.training_set(raw, ctx, teacher, "causal")
+    cut = distill.training_set(dataclasses.replace(raw, generate_paragraphs=True), ctx, teacher, "causal")
+    expected = as_paragraphs(samples.train, tok, 16)
+    assert [w.tolist() for w in cut.train] == [w.tolist() for w in expected]
+    assert cut.describe["generated"] == {"sequences": 12, "temperature": 1.0, "paragraph_windows": len(expected)}
+    assert cut.fingerprint != samples.fingerprint
 
 
 def test_the_steps_of_a_recipe_sample_a_loaded_teacher_once(tmp_path, monkeypatch):

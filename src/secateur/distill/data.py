@@ -141,6 +141,37 @@ def source_sequences(spec: str, tokenizer: Any, kind: str, seq_len: int) -> list
     return [torch.tensor(ids, dtype=torch.long) for ids in encoded if len(ids) > 2]
 
 
+def as_paragraphs(samples: list[torch.Tensor], tokenizer: Any, seq_len: int) -> list[torch.Tensor]:
+    """Teacher samples cut the way a ``data:`` source is: each sample split into stories at BOS and
+    into paragraphs at line breaks, every paragraph tokenized as ``BOS + paragraph``, the stream
+    cut into ``seq_len`` windows. A teacher trained on whole stories writes a paragraph break as a
+    newline, while real text here (P1 included) starts every paragraph with BOS; a student trained
+    on the raw samples meets that format only in the few real windows."""
+    from ..data.calibration import paragraph_stream
+
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise SecateurError("cutting generated text into paragraphs needs a tokenizer with a BOS token")
+    stories: list[list[int]] = []
+    for row in samples:
+        story: list[int] = []
+        for token in row.tolist():
+            if token == bos:
+                stories.append(story)
+                story = []
+            else:
+                story.append(token)
+        stories.append(story)
+    texts = [paragraph for story in tokenizer.batch_decode([s for s in stories if s], skip_special_tokens=True)
+             for paragraph in (line.strip() for line in story.split("\n")) if paragraph]
+    stream = paragraph_stream(tokenizer, texts)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise SecateurError(f"the generated text cut into paragraphs holds {len(stream)} tokens, fewer than one "
+                            f"window of {seq_len}; generate more sequences")
+    return list(torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len))
+
+
 @torch.no_grad()
 def generate(teacher: Any, tokenizer: Any, n: int, length: int, *, temperature: float = 1.0, seed: int = 0,
              batch: int = 128) -> list[torch.Tensor]:

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..api import register
 from ..errors import SecateurError
-from .data import TrainingSet, generate, source_sequences, split
+from .data import TrainingSet, as_paragraphs, generate, source_sequences, split
 from .temperature import fit_temperature, folds_into
 from .train import TrainingConfig, train
 
@@ -98,6 +98,9 @@ def training_set(config: TrainingConfig, ctx: Any, teacher: Optional[nn.Module],
         generated = _cached_generation(teacher, tokenizer, config, ctx.extra.get("generation_dir")
                                        or _samples_dir(teacher, ctx) or ctx.extra.get("checkpoint_dir"))
         described["generated"] = {"sequences": len(generated), "temperature": config.generate_temperature}
+        if config.generate_paragraphs:
+            generated = as_paragraphs(generated, tokenizer, config.seq_len)
+            described["generated"]["paragraph_windows"] = len(generated)
         train_part = train_part + generated   # the held-out split stays real text
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     return TrainingSet(train_part, hold, pad_id=pad or 0, seed=config.seed, describe=described, real=sequences)

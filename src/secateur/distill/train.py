@@ -19,6 +19,7 @@ are written atomically and read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -72,6 +73,8 @@ class TrainingConfig(StepConfig):
     repeat_real: int = param(1, "each real training sequence is read this many times per epoch: weighs a small "
                                 "real corpus against many generated samples", range=(1, 1 << 16))
     generate_temperature: float = param(1.0, "sampling temperature of the generated sequences", range=(1e-3, 10.0))
+    generate_paragraphs: bool = param(False, "cut the generated text into paragraphs at line breaks, each "
+                                             "tokenized as BOS + paragraph like the data: sources (causal)")
     holdout: float = param(0.05, "fraction of sequences held out for evaluation and early stopping", range=(0.0, 0.5))
     # optimisation
     steps: int = param(500, "optimizer steps", range=(1, 1 << 30))
@@ -256,8 +259,16 @@ def _optimizer(params: list[tuple[str, nn.Parameter]], config: TrainingConfig) -
 
 
 def _job_key(config: TrainingConfig, data: TrainingSet, student: nn.Module) -> str:
+    """What a checkpoint must match to be resumed: the fields set away from their defaults (an
+    option added later, at a default that keeps the old behaviour, does not orphan a running job's
+    checkpoints), the data and the student's shapes."""
     shapes = [(n, tuple(p.shape)) for n, p in student.named_parameters()]
-    text = json.dumps([config.to_dict(), data.fingerprint, shapes], sort_keys=True, default=str)
+    fields = {}
+    for f in dataclasses.fields(config):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if getattr(config, f.name) != default:
+            fields[f.name] = getattr(config, f.name)
+    text = json.dumps([config.method, fields, data.fingerprint, shapes], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
