@@ -235,6 +235,27 @@ def test_a_checkpoint_of_another_job_is_refused(tmp_path):
         train(tiny_model("llama", seed=2), teacher, data, _cfg(lr=1e-3), checkpoint_dir=tmp_path)
 
 
+
+def test_an_option_added_at_its_default_keeps_a_checkpoint_resumable(tmp_path):
+    """A job checkpointed by a version without an option resumes under one that has it, left at a
+    default that keeps the old behaviour; set away from it, the checkpoint belongs to another job."""
+    from secateur.config import param
+
+    @dataclasses.dataclass(frozen=True)
+    class Later(TrainingConfig):
+        added_option: bool = param(False, "an option a later version adds")
+
+    teacher = tiny_model("llama", seed=1)
+    data = TrainingSet(_windows(), [])
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model("llama", seed=2), teacher, data, _cfg(), checkpoint_dir=tmp_path, hooks=(_Kill(5),))
+    settings = {k: v for k, v in _cfg().to_dict().items() if k != "method"}
+    resumed = tiny_model("llama", seed=2)
+    result = train(resumed, teacher, data, Later(**settings), checkpoint_dir=tmp_path)
+    assert result.resumed_from_step == 4   # the last checkpoint before the kill
+    with pytest.raises(SecateurError, match="different training job"):
+        train(tiny_model("llama", seed=2), teacher, data, Later(**settings, added_option=True), checkpoint_dir=tmp_path)
+
 def test_early_stopping_restores_the_best_weights():
     teacher, student = tiny_model("llama", seed=1), tiny_model("llama", seed=2)
     data = TrainingSet(_windows(), _windows(6, seed=3))
