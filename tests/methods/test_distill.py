@@ -235,7 +235,6 @@ def test_a_checkpoint_of_another_job_is_refused(tmp_path):
         train(tiny_model("llama", seed=2), teacher, data, _cfg(lr=1e-3), checkpoint_dir=tmp_path)
 
 
-
 def test_an_option_added_at_its_default_keeps_a_checkpoint_resumable(tmp_path):
     """A job checkpointed by a version without an option resumes under one that has it, left at a
     default that keeps the old behaviour; set away from it, the checkpoint belongs to another job."""
@@ -255,6 +254,7 @@ def test_an_option_added_at_its_default_keeps_a_checkpoint_resumable(tmp_path):
     assert result.resumed_from_step == 4   # the last checkpoint before the kill
     with pytest.raises(SecateurError, match="different training job"):
         train(tiny_model("llama", seed=2), teacher, data, Later(**settings, added_option=True), checkpoint_dir=tmp_path)
+
 
 def test_early_stopping_restores_the_best_weights():
     teacher, student = tiny_model("llama", seed=1), tiny_model("llama", seed=2)
@@ -364,7 +364,7 @@ def test_teacher_samples_are_cached_in_the_generation_dir_and_read_back(tmp_path
 def test_generated_text_is_cut_into_paragraphs_like_a_data_source(stories_dir):
     """The reference: every paragraph tokenized on its own with the tokenizer's defaults (BOS first),
     concatenated in order and cut into windows; the samples hold the same stories the way a teacher
-    writes them (BOS per story, newlines between paragraphs, a row ending mid-story)."""
+    writes them (BOS per story, newlines between its paragraphs, two stories in one row)."""
     from transformers import AutoTokenizer
 
     from secateur.distill.data import as_paragraphs
