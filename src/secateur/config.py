@@ -150,17 +150,25 @@ class StepConfig:
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
+    def changed(self) -> dict[str, Any]:
+        """The fields set away from their defaults."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != _default_of(f)}
+
     @classmethod
     def describe(cls) -> list[dict[str, Any]]:
         """Field name, type, default, constraints and doc, for ``secateur explain``."""
         hints = typing.get_type_hints(cls)
         rows = []
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            rows.append({"name": f.name, "type": _type_name(hints[f.name]), "default": default,
+            rows.append({"name": f.name, "type": _type_name(hints[f.name]), "default": _default_of(f),
                          "range": f.metadata.get("range"), "choices": f.metadata.get("choices"),
                          "doc": f.metadata.get("doc", "")})
         return rows
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
@@ -124,21 +125,26 @@ def parse_source(spec: str) -> tuple[str, Optional[str]]:
 def source_sequences(spec: str, tokenizer: Any, kind: str, seq_len: int) -> list[torch.Tensor]:
     """The sequences of one source: windows (causal) or one per text (encoder)."""
     from ..data import source
-    from ..data.calibration import paragraph_stream
 
     name, split_name = parse_source(spec)
     src = source(name)
     texts = src.texts(split_name or src.calib_split)
     texts = [t for t in (t.strip() for t in texts) if t]
     if kind == "causal":
-        stream = paragraph_stream(tokenizer, texts)
-        n = len(stream) // seq_len
-        if n == 0:
-            raise SecateurError(f"data '{spec}' holds {len(stream)} tokens, fewer than one window of {seq_len}; "
-                                "use a shorter seq_len or more text")
-        return list(torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len))
+        return paragraph_windows(tokenizer, texts, seq_len, f"data '{spec}'", "use a shorter seq_len or more text")
     encoded = tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"]
     return [torch.tensor(ids, dtype=torch.long) for ids in encoded if len(ids) > 2]
+
+
+def paragraph_windows(tokenizer: Any, texts: list[str], seq_len: int, what: str, hint: str) -> list[torch.Tensor]:
+    """Consecutive ``seq_len``-token windows of the ``BOS + paragraph`` stream of ``texts``."""
+    from ..data.calibration import paragraph_stream
+
+    stream = paragraph_stream(tokenizer, texts)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise SecateurError(f"{what} holds {len(stream)} tokens, fewer than one window of {seq_len}; {hint}")
+    return list(torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len))
 
 
 def as_paragraphs(samples: list[torch.Tensor], tokenizer: Any, seq_len: int) -> list[torch.Tensor]:
@@ -147,29 +153,15 @@ def as_paragraphs(samples: list[torch.Tensor], tokenizer: Any, seq_len: int) -> 
     cut into ``seq_len`` windows. A teacher trained on whole stories writes a paragraph break as a
     newline, while real text here (P1 included) starts every paragraph with BOS; a student trained
     on the raw samples meets that format only in the few real windows."""
-    from ..data.calibration import paragraph_stream
-
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         raise SecateurError("cutting generated text into paragraphs needs a tokenizer with a BOS token")
-    stories: list[list[int]] = []
-    for row in samples:
-        story: list[int] = []
-        for token in row.tolist():
-            if token == bos:
-                stories.append(story)
-                story = []
-            else:
-                story.append(token)
-        stories.append(story)
-    texts = [paragraph for story in tokenizer.batch_decode([s for s in stories if s], skip_special_tokens=True)
+    stories = [list(run) for row in samples
+               for is_bos, run in itertools.groupby(row.tolist(), key=lambda token: token == bos) if not is_bos]
+    texts = [paragraph for story in tokenizer.batch_decode(stories, skip_special_tokens=True)
              for paragraph in (line.strip() for line in story.split("\n")) if paragraph]
-    stream = paragraph_stream(tokenizer, texts)
-    n = len(stream) // seq_len
-    if n == 0:
-        raise SecateurError(f"the generated text cut into paragraphs holds {len(stream)} tokens, fewer than one "
-                            f"window of {seq_len}; generate more sequences")
-    return list(torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len))
+    return paragraph_windows(tokenizer, texts, seq_len, "the generated text cut into paragraphs",
+                             "generate more sequences")
 
 
 @torch.no_grad()

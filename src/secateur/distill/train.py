@@ -19,7 +19,6 @@ are written atomically and read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -263,12 +262,7 @@ def _job_key(config: TrainingConfig, data: TrainingSet, student: nn.Module) -> s
     option added later, at a default that keeps the old behaviour, does not orphan a running job's
     checkpoints), the data and the student's shapes."""
     shapes = [(n, tuple(p.shape)) for n, p in student.named_parameters()]
-    fields = {}
-    for f in dataclasses.fields(config):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        if getattr(config, f.name) != default:
-            fields[f.name] = getattr(config, f.name)
-    text = json.dumps([config.method, fields, data.fingerprint, shapes], sort_keys=True, default=str)
+    text = json.dumps([config.method, config.changed(), data.fingerprint, shapes], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
