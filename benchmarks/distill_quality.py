@@ -200,21 +200,23 @@ def stories(section: str, scale: float, checkpoints: Path | None, sweep: list[in
             result = run_step(student, more, teacher=m.teacher, tokenizer=m.tokenizer, data=calib,
                               checkpoint_dir=checkpoints / section / "second" if checkpoints else None,
                               generation_dir=samples_dir)
-            out["second"] = {"final": m.metric(student), "calibrated": result["calibrated"], "evals": result["evals"],
-                             "final_before_temperature": without_temperature(m, student, result["calibrated"]),
-                             "seconds": result["wall_seconds"], "train_seconds": result["seconds"],
-                             "config": more.to_dict()}
+            out["second"] = {**calibrated_step(m, student, result), "config": more.to_dict()}
             log(f"[stories-depth] second step: {out['second']}")
             result = run_step(student, para, teacher=m.teacher, tokenizer=m.tokenizer, data=calib,
                               checkpoint_dir=checkpoints / section / "third" if checkpoints else None,
                               generation_dir=samples_dir)
-            out.update(final=m.metric(student), calibrated=result["calibrated"], evals=result["evals"],
-                       final_before_temperature=without_temperature(m, student, result["calibrated"]),
-                       seconds=out["first"]["seconds"] + out["second"]["seconds"] + result["wall_seconds"],
-                       train_seconds=out["first"]["train_seconds"] + out["second"]["train_seconds"] + result["seconds"],
-                       third=para.to_dict(), settings=result["settings"])
+            third = calibrated_step(m, student, result)
+            out.update(third, third=para.to_dict(), settings=result["settings"],
+                       **{k: out["first"][k] + out["second"][k] + third[k] for k in ("seconds", "train_seconds")})
     log(f"[{section}] {out}")
     return out
+
+
+def calibrated_step(m: Model, student: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """What the stories-depth section records of one distill step that fitted a temperature."""
+    return {"final": m.metric(student), "calibrated": result["calibrated"], "evals": result["evals"],
+            "final_before_temperature": without_temperature(m, student, result["calibrated"]),
+            "seconds": result["wall_seconds"], "train_seconds": result["seconds"]}
 
 
 def without_temperature(m: Model, student: Any, calibrated: dict[str, Any]) -> float:
@@ -345,25 +347,22 @@ def main() -> None:
         rows.append([name, f"{r['dense']:.3f}", r.get("start"), reference, r["final"], r.get("bar"), r["seconds"]])
     print_table("recovery training (P2: STS-B dev Spearman; P1: perplexity)",
                 ["section", "dense", "start", "one-shot reference", "trained", "bar", "seconds"], rows)
-    first = results.get("stories-depth", {}).get("first")
-    if first:
-        print(f"stories-depth, first distill step ({results['stories-depth']['config']['steps']} steps): "
-              f"{first['final_before_temperature']:.3f} before its temperature (tau "
-              f"{first['calibrated']['temperature']:.3f}), {first['final']:.3f} after; the second step continues from it")
-        second = results["stories-depth"].get("second")
-        if second and "final" in second:
-            print(f"stories-depth, second distill step ({second['config']['steps']} steps): "
-                  f"{second['final_before_temperature']:.3f} before its temperature (tau "
-                  f"{second['calibrated']['temperature']:.3f}), {second['final']:.3f} after; the third step "
-                  f"(the samples cut into paragraphs) continues from it")
-    calibrated = results.get("stories-depth", {}).get("calibrated")
+    depth = results.get("stories-depth", {})
+    for name, steps, following in (("first", depth.get("config", {}).get("steps"), "second step"),
+                                   ("second", depth.get("second", {}).get("config", {}).get("steps"),
+                                    "third step (the samples cut into paragraphs)")):
+        step = depth.get(name)
+        if step and "final" in step:
+            print(f"stories-depth, {name} distill step ({steps} steps): {step['final_before_temperature']:.3f} "
+                  f"before its temperature (tau {step['calibrated']['temperature']:.3f}), {step['final']:.3f} after; "
+                  f"the {following} continues from it")
+    calibrated = depth.get("calibrated")
     if calibrated:
-        print(f"stories-depth: {results['stories-depth']['final_before_temperature']:.3f} before the temperature "
+        print(f"stories-depth: {depth['final_before_temperature']:.3f} before the temperature "
               f"fitted on the real text (tau {calibrated['temperature']:.3f}, {calibrated['tokens']} tokens), "
-              f"{results['stories-depth']['final']:.3f} after; the dense model with a temperature fitted the same way "
-              f"(tau {results['stories-depth']['dense_calibrated']['temperature']:.3f}): "
-              f"{results['stories-depth']['dense_calibrated']['metric']:.3f}")
-    sweep_result = results.get("stories-depth", {}).get("sweep")
+              f"{depth['final']:.3f} after; the dense model with a temperature fitted the same way "
+              f"(tau {depth['dense_calibrated']['temperature']:.3f}): {depth['dense_calibrated']['metric']:.3f}")
+    sweep_result = depth.get("sweep")
     if sweep_result:
         fit = sweep_result["fit"]
         print_table("stories-depth by training length (each run its own warm-up + cosine)",
