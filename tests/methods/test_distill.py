@@ -360,7 +360,6 @@ def test_teacher_samples_are_cached_in_the_generation_dir_and_read_back(tmp_path
     assert again.fingerprint == first.fingerprint and not (tmp_path / "run").exists()
 
 
-
 def test_generated_text_is_cut_into_paragraphs_like_a_data_source(stories_dir):
     """The reference: every paragraph tokenized on its own with the tokenizer's defaults (BOS first),
     concatenated in order and cut into windows; the samples hold the same stories the way a teacher
