@@ -21,6 +21,10 @@ calibration paragraphs plus stories sampled from the teacher):
                 teacher writes newlines between them) and fits its own; bar ≤ 5.75. The first
                 step at shorter lengths (--sweep) fits the gap to the teacher as a power law of the
                 steps: how long the bar would take at that slope.
+  stories-depth-levers  (only when named in --only) from the stories-depth student (its steps
+                resume from --checkpoint-dir), what else might close its gap: 600 more steps of the
+                third step's setting, the same toward the teacher calibrated on the real text
+                (calibrate_teacher), and the untrained student for every choice of removed block.
   stories-qat   W4 per-channel QAT (learnable scales, KL from the fp32 model) vs GPTQ W4 on the
                 128 × 256 P1 calibration windows; bar: QAT below GPTQ.
   stories-gradual  50% unstructured sparsity reached gradually while distilling vs one-shot
@@ -50,7 +54,9 @@ MINILM_DATA = ("stsb:train", "wikitext2:validation", "c4")
 STORIES_DATA = ("tinystories:calibration",)
 STAGE_TWO = 7000   # stories-depth: steps of the second distill step
 STAGE_THREE = 3000  # stories-depth: steps of the third, on the samples cut into paragraphs
+LEVER_STEPS = 600   # stories-depth-levers: steps of each continuation
 SECTIONS = ("minilm-depth", "minilm-mlp50", "stories-depth", "stories-qat", "stories-gradual")
+EXTRA = ("stories-depth-levers",)   # run only when named in --only
 
 
 def log(message: str) -> None:
@@ -134,7 +140,9 @@ def minilm(section: str, scale: float, checkpoints: Path | None) -> dict[str, An
             "stopped_early": result["stopped_early"]}
 
 
-def stories(section: str, scale: float, checkpoints: Path | None, sweep: list[int] = ()) -> dict[str, Any]:
+def stories(section: str, scale: float, checkpoints: Path | None, sweep: list[int] = (),
+            keep: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One P1 section; ``keep`` (a dict) receives the trained stories-depth student and its setting."""
     from secateur import DistillConfig, GPTQConfig, GradualConfig, QATConfig, SparseGPTConfig, compress_
     from secateur.data import calibration_set
 
@@ -208,7 +216,47 @@ def stories(section: str, scale: float, checkpoints: Path | None, sweep: list[in
             third = calibrated_step(m, student, result)
             out.update(third, third=para.to_dict(), settings=result["settings"],
                        **{k: out["first"][k] + out["second"][k] + third[k] for k in ("seconds", "train_seconds")})
+            if keep is not None:
+                keep.update(m=m, calib=calib, student=student, para=para, samples_dir=samples_dir)
     log(f"[{section}] {out}")
+    return out
+
+
+def depth_levers(scale: float, checkpoints: Path | None) -> dict[str, Any]:
+    """What else might close the stories-depth gap, each measured from its final student: more steps
+    of the third step's setting (the control), the same toward the teacher calibrated on the real
+    text (``calibrate_teacher``), and which block was removed (the start of every choice)."""
+    import copy
+
+    kept: dict[str, Any] = {}
+    depth = stories("stories-depth", scale, checkpoints, [], keep=kept)   # resumes from its checkpoints
+    m, student, para = kept["m"], kept["student"], kept["para"]
+    out: dict[str, Any] = {"dense": m.dense, "start": depth["final"], "bar": depth["bar"],
+                           "dense_calibrated": depth["dense_calibrated"]["metric"]}
+    log(f"[stories-depth-levers] from the stories-depth student: {depth['final']:.4f}")
+    base = dataclasses.replace(para, steps=max(1, int(LEVER_STEPS * scale)), lr=5e-4,
+                               eval_every=max(1, int(LEVER_STEPS * scale) // 4))
+    levers = {"more steps": base, "calibrated teacher": dataclasses.replace(base, calibrate_teacher=True)}
+    out["levers"], seconds = {}, 0.0
+    for name, config in levers.items():
+        trained = copy.deepcopy(student)
+        result = run_step(trained, config, teacher=m.teacher, tokenizer=m.tokenizer, data=kept["calib"],
+                          checkpoint_dir=checkpoints / "stories-depth-levers" / name.replace(" ", "-")
+                          if checkpoints else None, generation_dir=kept["samples_dir"])
+        out["levers"][name] = {**calibrated_step(m, trained, result), "config": config.changed(),
+                               "teacher_calibrated": result.get("teacher_calibrated")}
+        seconds += result["wall_seconds"]
+        log(f"[stories-depth-levers] {name}: {out['levers'][name]}")
+    from secateur import StructuredConfig, compress_
+
+    out["removed_block"] = {}
+    for block in range(m.teacher.config.num_hidden_layers):   # the untrained student of every choice
+        cut = m.fresh()
+        compress_(cut, StructuredConfig(mlp=0.0, blocks=(block,)))
+        out["removed_block"][block] = m.metric(cut)
+    out["chosen_block"] = next(r["result"]["removed_blocks"] for r in student.secateur_history
+                               if r["step"]["method"] == "structured")
+    out.update(final=min(v["final"] for v in out["levers"].values()), seconds=round(seconds, 1))
     return out
 
 
@@ -305,7 +353,8 @@ def plot_curve(section: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections: {', '.join(SECTIONS + EXTRA)} (the last only when named)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count (quick checks)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/distill_quality.json)")
     parser.add_argument("--sweep", default="250,500,1000",
@@ -320,9 +369,9 @@ def main() -> None:
 
     torch.set_num_threads(2)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
-    bad = [s for s in chosen if s not in SECTIONS]
+    bad = [s for s in chosen if s not in SECTIONS + EXTRA]
     if bad:
-        sys.exit(f"error: unknown section(s) {bad}; valid: {', '.join(SECTIONS)}")
+        sys.exit(f"error: unknown section(s) {bad}; valid: {', '.join(SECTIONS + EXTRA)}")
     if "minilm-depth" in chosen:
         try:
             import matplotlib  # noqa: F401
@@ -337,6 +386,7 @@ def main() -> None:
         sys.exit(f"error: --sweep takes comma-separated step counts, got {args.sweep!r}")
     for section in chosen:
         results[section] = (minilm(section, args.scale, checkpoints) if section.startswith("minilm")
+                            else depth_levers(args.scale, checkpoints) if section == "stories-depth-levers"
                             else stories(section, args.scale, checkpoints, sweep))
         write_json("distill_quality", {"environment": environment(), "sections": results}, args.out)
     if "minilm-depth" in chosen:  # its section ran now (the JSON may hold an older one)
@@ -373,6 +423,16 @@ def main() -> None:
               f"(gap {math.log(results['stories-depth']['bar'] / results['stories-depth']['dense']):.3f}) takes about "
               f"{fit['steps_for_bar'] or float('inf'):.3g} steps, {fit['hours_for_bar'] or float('inf'):.3g} h "
               f"of training at {fit['seconds_per_step'] or float('nan'):.2f} s/step")
+
+    levers = results.get("stories-depth-levers")
+    if levers:
+        print_table(f"stories-depth levers, from {levers['start']:.3f} (bar {levers['bar']})", ["lever", "steps", "perplexity", "before its temperature", "change"],
+                    [[name, v["config"].get("steps"), v["final"], v["final_before_temperature"],
+                      f"{v['final'] / levers['start'] - 1:+.2%}"] for name, v in levers["levers"].items()])
+        print_table("stories-depth, untrained, by removed block",
+                    ["removed block", "perplexity", "chosen by influence"],
+                    [[b, ppl, "yes" if int(b) in levers["chosen_block"] else ""]
+                     for b, ppl in levers["removed_block"].items()])
 
 
 if __name__ == "__main__":

@@ -605,3 +605,35 @@ def test_distill_step_fits_the_temperature_on_real_text_only_and_repeats_it():
     with pytest.raises(SecateurError, match="causal LM"):
         compress_(tiny_model("bert"), DistillConfig(fit_temperature=True, steps=1),
                   data=CalibrationSet(input_ids=torch.randint(7, 100, (4, 8)), fingerprint="b"), teacher=tiny_model("bert"))
+
+
+def test_a_calibrated_teacher_is_the_teacher_with_its_fitted_temperature_folded_in():
+    model, tok = tiny_model("llama", seed=3, with_tokenizer=True)
+    teacher = tiny_model("llama", seed=4)
+    with torch.no_grad():                                       # an over-confident teacher: logits × 1.6
+        teacher.model.norm.weight.mul_(1.6)
+    calib = CalibrationSet(input_ids=generate(teacher, tok, 6, 16, seed=1, batch=6), fingerprint="t")
+    untouched = copy.deepcopy(teacher.state_dict())
+    config = DistillConfig(calibrate_teacher=True, seq_len=16, steps=3, batch_size=4, lr=1e-2,
+                           eval_every=0, checkpoint_every=0, holdout=0.2)
+    student = copy.deepcopy(model)
+    compress_(student, config, data=calib, teacher=teacher, tokenizer=tok)
+    fitted = student.secateur_history[-1]["result"]["teacher_calibrated"]
+    tau_ref, nll_ref = _grid_temperature(teacher, list(calib.input_ids), [1.0 + 0.01 * i for i in range(121)])
+    assert abs(fitted["temperature"] - tau_ref) <= 0.01 and fitted["nll_after"] == pytest.approx(nll_ref, abs=1e-4)
+    assert fitted["temperature"] > 1.2 and fitted["tokens"] == 6 * 15       # on the real windows only
+    assert all(torch.equal(v, untouched[k]) for k, v in teacher.state_dict().items())   # the teacher is not changed
+    # the reference: the same run toward a copy of the teacher whose final norm is divided by that τ
+    folded = copy.deepcopy(teacher)
+    with torch.no_grad():
+        folded.model.norm.weight.div_(fitted["temperature"])
+    reference = copy.deepcopy(model)
+    compress_(reference, dataclasses.replace(config, calibrate_teacher=False), data=calib, teacher=folded,
+              tokenizer=tok)
+    assert student.secateur_history[-1]["result"]["history"] == reference.secateur_history[-1]["result"]["history"]
+    got, want, start = student.state_dict(), reference.state_dict(), model.state_dict()
+    assert all(torch.allclose(got[k], want[k], atol=1e-4) for k in want)   # Adam steps of 1e-2: float noise only
+    assert float((got["lm_head.weight"] - start["lm_head.weight"]).abs().max()) > 1e-2   # it did train
+    with pytest.raises(SecateurError, match="real text"):
+        compress_(copy.deepcopy(model), DistillConfig(generate=4, calibrate_teacher=True, seq_len=8, steps=1),
+                  teacher=teacher, tokenizer=tok)

@@ -26,7 +26,7 @@ import torch.nn as nn
 from ..api import register
 from ..errors import SecateurError
 from .data import TrainingSet, as_paragraphs, generate, source_sequences, split
-from .temperature import fit_temperature, folds_into
+from .temperature import best_temperature, fit_temperature, folds_into
 from .train import TrainingConfig, train
 
 log = logging.getLogger(__name__)
@@ -150,9 +150,23 @@ def run_training(model: nn.Module, config: TrainingConfig, ctx: Any, hooks: tupl
         if not data.real:
             raise SecateurError("fit_temperature needs real text (data sources or calibration data), not only "
                                 "generated samples")
+    teacher_fit = None
+    if config.calibrate_teacher:
+        if kind != "causal" or teacher is None:
+            raise SecateurError("calibrate_teacher needs a causal teacher (its logits are rescaled)")
+        if not data.real:
+            raise SecateurError("calibrate_teacher needs real text (data sources or calibration data) to fit the "
+                                "teacher's temperature on, not only generated samples")
+        teacher_fit = best_temperature(teacher, data.real, batch_size=config.batch_size)
+        log.info("the teacher's temperature on real text: %.4f (NLL %.4f -> %.4f); distilling toward its logits / "
+                 "%.4f", teacher_fit["temperature"], teacher_fit["nll_before"], teacher_fit["nll_after"],
+                 teacher_fit["temperature"])
     result = train(model, teacher, data, config, kind=kind, checkpoint_dir=ctx.extra.get("checkpoint_dir"),
-                   hooks=hooks, evaluate=ctx.extra.get("evaluate"))
+                   hooks=hooks, evaluate=ctx.extra.get("evaluate"),
+                   teacher_temperature=teacher_fit["temperature"] if teacher_fit else 1.0)
     out = result.to_dict()
+    if teacher_fit is not None:
+        out["teacher_calibrated"] = teacher_fit
     if config.fit_temperature:
         out["calibrated"] = fit_temperature(model, data.real, batch_size=config.batch_size)
         log.info("fitted temperature %.4f on %d real tokens (NLL %.4f -> %.4f)", out["calibrated"]["temperature"],

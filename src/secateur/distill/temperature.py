@@ -72,11 +72,10 @@ def _batches(sequences: Iterable[torch.Tensor], batch_size: int) -> list[torch.T
 
 
 @torch.no_grad()
-def fit_temperature(model: nn.Module, sequences: list[torch.Tensor], *, batch_size: int = 16,
-                    iterations: int = 12) -> dict[str, Any]:
-    """Fit ``τ`` by next-token cross-entropy on ``sequences`` (real text, token ids) and divide the
-    final norm's parameters by it. Returns ``τ`` and the NLL before and after."""
-    norm = folds_into(model)
+def best_temperature(model: nn.Module, sequences: list[torch.Tensor], *, batch_size: int = 16,
+                     iterations: int = 12) -> dict[str, Any]:
+    """The ``τ`` that minimises the next-token cross-entropy of ``model`` on ``sequences`` (real
+    text, token ids), with the NLL before and after; the model is not changed."""
     batches = _batches(sequences, batch_size)
     if not batches:
         raise SecateurError("fitting a temperature needs real text: at least one sequence of 2 or more tokens")
@@ -103,9 +102,18 @@ def fit_temperature(model: nn.Module, sequences: list[torch.Tensor], *, batch_si
                 break
     finally:
         model.train(was_training)
-    tau = 1.0 / beta
-    norm.weight.div_(tau)
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.div_(tau)
     tokens = sum(b[:, 1:].numel() for b in batches)
-    return {"temperature": tau, "nll_before": first[0], "nll_after": nll, "tokens": tokens}
+    return {"temperature": 1.0 / beta, "nll_before": first[0], "nll_after": nll, "tokens": tokens}
+
+
+@torch.no_grad()
+def fit_temperature(model: nn.Module, sequences: list[torch.Tensor], *, batch_size: int = 16,
+                    iterations: int = 12) -> dict[str, Any]:
+    """Fit ``τ`` by next-token cross-entropy on ``sequences`` (real text, token ids) and divide the
+    final norm's parameters by it. Returns ``τ`` and the NLL before and after."""
+    norm = folds_into(model)
+    fitted = best_temperature(model, sequences, batch_size=batch_size, iterations=iterations)
+    norm.weight.div_(fitted["temperature"])
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(fitted["temperature"])
+    return fitted

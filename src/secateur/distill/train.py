@@ -94,6 +94,9 @@ class TrainingConfig(StepConfig):
     checkpoint_every: int = param(100, "write a resumable checkpoint every N steps (0: never)", range=(0, 1 << 30))
     fit_temperature: bool = param(False, "after training, fit one softmax temperature on the real text of the data "
                                          "(next-token cross-entropy) and fold it into the final norm (causal LMs)")
+    calibrate_teacher: bool = param(False, "before training, fit the teacher's softmax temperature on the real text "
+                                           "of the data and distill toward its logits divided by it: a target "
+                                           "calibrated on real text (causal LMs; the teacher is not changed)")
     keep_sparsity: bool = param(True, "zeros of an already-pruned Linear stay zero (weights >= 10% exact zeros)")
 
     def validate(self) -> None:
@@ -121,9 +124,11 @@ class Objective(nn.Module):
     projections (student width → teacher width) of the hidden-state loss; the teacher is not a
     submodule (it is never trained nor saved)."""
 
-    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], config: TrainingConfig, kind: str):
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], config: TrainingConfig, kind: str,
+                 teacher_temperature: float = 1.0):
         super().__init__()
         self.config, self.kind, self.w = config, kind, config.weights(kind)
+        self.teacher_temperature = teacher_temperature   # the teacher's logits are divided by it (KL target)
         object.__setattr__(self, "teacher", teacher)
         if teacher is None and any(self.w[k] for k in ("kl", "hidden", "embedding")):
             raise SecateurError("distillation needs a teacher: pass teacher=..., set 'teacher: PATH' in the step, "
@@ -158,7 +163,8 @@ class Objective(nn.Module):
                 out_t = self._run(self.teacher, batch, need_hidden)
         parts: dict[str, torch.Tensor] = {}
         if w["kl"]:
-            parts["kl"] = losses.kl_loss(out_s.logits, out_t.logits, self.config.temperature, self.config.kl_direction,
+            target = out_t.logits if self.teacher_temperature == 1.0 else out_t.logits / self.teacher_temperature
+            parts["kl"] = losses.kl_loss(out_s.logits, target, self.config.temperature, self.config.kl_direction,
                                          self.config.kl_mix, mask)
         if w["ce"]:
             parts["ce"] = losses.ce_loss(out_s.logits, batch["input_ids"], mask)
@@ -289,17 +295,19 @@ def _holdout_loss(objective: Objective, student: nn.Module, data: TrainingSet, c
 
 def train(student: nn.Module, teacher: Optional[nn.Module], data: TrainingSet, config: TrainingConfig, *,
           kind: str = "causal", checkpoint_dir: Any = None, hooks: tuple[Any, ...] = (),
-          evaluate: Optional[Callable[[nn.Module], dict[str, float]]] = None) -> TrainResult:
+          evaluate: Optional[Callable[[nn.Module], dict[str, float]]] = None,
+          teacher_temperature: float = 1.0) -> TrainResult:
     """Train ``student`` in place on ``data`` with ``config``'s objective and schedule.
 
     ``evaluate(student) -> {name: value}`` adds metrics to every evaluation (e.g. STS-B dev);
     early stopping watches the held-out loss. With ``checkpoint_dir``, a re-run of the same call
-    resumes from the last checkpoint there.
+    resumes from the last checkpoint there. ``teacher_temperature`` divides the teacher's logits
+    before the KL term (its calibration on real text).
     """
     from ..progress import Bar
 
     torch.manual_seed(config.seed)
-    objective = Objective(student, teacher, config, kind)
+    objective = Objective(student, teacher, config, kind, teacher_temperature)
     if teacher is not None:
         teacher.eval()
     params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
