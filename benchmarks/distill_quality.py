@@ -228,6 +228,8 @@ def depth_levers(scale: float, checkpoints: Path | None) -> dict[str, Any]:
     text (``calibrate_teacher``), and which block was removed (the start of every choice)."""
     import copy
 
+    from secateur import StructuredConfig, compress_
+
     kept: dict[str, Any] = {}
     depth = stories("stories-depth", scale, checkpoints, [], keep=kept)   # resumes from its checkpoints
     m, student, para = kept["m"], kept["student"], kept["para"]
@@ -247,8 +249,6 @@ def depth_levers(scale: float, checkpoints: Path | None) -> dict[str, Any]:
                                "teacher_calibrated": result.get("teacher_calibrated")}
         seconds += result["wall_seconds"]
         log(f"[stories-depth-levers] {name}: {out['levers'][name]}")
-    from secateur import StructuredConfig, compress_
-
     out["removed_block"] = {}
     for block in range(m.teacher.config.num_hidden_layers):   # the untrained student of every choice
         cut = m.fresh()
@@ -426,7 +426,8 @@ def main() -> None:
 
     levers = results.get("stories-depth-levers")
     if levers:
-        print_table(f"stories-depth levers, from {levers['start']:.3f} (bar {levers['bar']})", ["lever", "steps", "perplexity", "before its temperature", "change"],
+        print_table(f"stories-depth levers, from {levers['start']:.3f} (bar {levers['bar']})",
+                    ["lever", "steps", "perplexity", "before its temperature", "change"],
                     [[name, v["config"].get("steps"), v["final"], v["final_before_temperature"],
                       f"{v['final'] / levers['start'] - 1:+.2%}"] for name, v in levers["levers"].items()])
         print_table("stories-depth, untrained, by removed block",

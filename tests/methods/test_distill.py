@@ -621,7 +621,7 @@ def test_a_calibrated_teacher_is_the_teacher_with_its_fitted_temperature_folded_
     fitted = student.secateur_history[-1]["result"]["teacher_calibrated"]
     tau_ref, nll_ref = _grid_temperature(teacher, list(calib.input_ids), [1.0 + 0.01 * i for i in range(121)])
     assert abs(fitted["temperature"] - tau_ref) <= 0.01 and fitted["nll_after"] == pytest.approx(nll_ref, abs=1e-4)
-    assert fitted["temperature"] > 1.2 and fitted["tokens"] == 6 * 15       # on the real windows only
+    assert fitted["temperature"] > 1.2 and fitted["tokens"] == 6 * 15       # every real window, held-out ones too
     assert all(torch.equal(v, untouched[k]) for k, v in teacher.state_dict().items())   # the teacher is not changed
     # the reference: the same run toward a copy of the teacher whose final norm is divided by that τ
     folded = copy.deepcopy(teacher)
@@ -630,7 +630,8 @@ def test_a_calibrated_teacher_is_the_teacher_with_its_fitted_temperature_folded_
     reference = copy.deepcopy(model)
     compress_(reference, dataclasses.replace(config, calibrate_teacher=False), data=calib, teacher=folded,
               tokenizer=tok)
-    assert student.secateur_history[-1]["result"]["history"] == reference.secateur_history[-1]["result"]["history"]
+    losses_of = [[h["kl"] for h in m.secateur_history[-1]["result"]["history"]] for m in (student, reference)]
+    assert losses_of[0] == pytest.approx(losses_of[1], rel=1e-4)
     got, want, start = student.state_dict(), reference.state_dict(), model.state_dict()
     assert all(torch.allclose(got[k], want[k], atol=1e-4) for k in want)   # Adam steps of 1e-2: float noise only
     assert float((got["lm_head.weight"] - start["lm_head.weight"]).abs().max()) > 1e-2   # it did train
