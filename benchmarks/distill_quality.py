@@ -24,7 +24,9 @@ calibration paragraphs plus stories sampled from the teacher):
   stories-depth-levers  (only when named in --only) from the stories-depth student (its steps
                 resume from --checkpoint-dir), what else might close its gap: 600 more steps of the
                 third step's setting, the same toward the teacher calibrated on the real text
-                (calibrate_teacher), and the untrained student for every choice of removed block.
+                (calibrate_teacher), the logit scale best on the evaluation split itself (a bound on
+                what any temperature could do, not a method), and the untrained student for every
+                choice of removed block.
   stories-qat   W4 per-channel QAT (learnable scales, KL from the fp32 model) vs GPTQ W4 on the
                 128 × 256 P1 calibration windows; bar: QAT below GPTQ.
   stories-gradual  50% unstructured sparsity reached gradually while distilling vs one-shot
@@ -249,6 +251,9 @@ def depth_levers(scale: float, checkpoints: Path | None) -> dict[str, Any]:
                                "teacher_calibrated": result.get("teacher_calibrated")}
         seconds += result["wall_seconds"]
         log(f"[stories-depth-levers] {name}: {out['levers'][name]}")
+    # a bound, not a method: the logit scale that would be best on the evaluation split itself
+    out["oracle_scale"] = {"student": oracle_scale(m, student), "dense": oracle_scale(m, m.fresh())}
+    log(f"[stories-depth-levers] oracle scales: {out['oracle_scale']}")
     out["removed_block"] = {}
     for block in range(m.teacher.config.num_hidden_layers):   # the untrained student of every choice
         cut = m.fresh()
@@ -258,6 +263,29 @@ def depth_levers(scale: float, checkpoints: Path | None) -> dict[str, Any]:
                                if r["step"]["method"] == "structured")
     out.update(final=min(v["final"] for v in out["levers"].values()), seconds=round(seconds, 1))
     return out
+
+
+def oracle_scale(m: Model, model: Any, factors: tuple[float, ...] = tuple(0.96 + 0.02 * i for i in range(15))
+                 ) -> dict[str, Any]:
+    """The metric with the logits divided by each factor (on top of any temperature already folded
+    in), scored on the evaluation split: how far any temperature could go. The model is restored."""
+    import torch
+
+    from secateur.distill.temperature import folds_into
+
+    norm = folds_into(model)
+    weight = norm.weight.detach().clone()
+    curve = {}
+    try:
+        for factor in factors:
+            with torch.no_grad():
+                norm.weight.copy_(weight / factor)
+            curve[round(factor, 2)] = m.metric(model)
+    finally:
+        with torch.no_grad():
+            norm.weight.copy_(weight)
+    best = min(curve, key=curve.get)
+    return {"factor": best, "metric": curve[best], "curve": curve}
 
 
 def calibrated_step(m: Model, student: Any, result: dict[str, Any]) -> dict[str, Any]:
@@ -430,6 +458,14 @@ def main() -> None:
                     ["lever", "steps", "perplexity", "before its temperature", "change"],
                     [[name, v["config"].get("steps"), v["final"], v["final_before_temperature"],
                       f"{v['final'] / levers['start'] - 1:+.2%}"] for name, v in levers["levers"].items()])
+        oracle = levers.get("oracle_scale")
+        if oracle:
+            student = oracle["student"]
+            print(f"stories-depth: the logit scale best on the evaluation split itself (a bound, not a method): the "
+                  f"row's student {student['metric']:.3f} at its temperature x {student['factor']:.2f} "
+                  f"({levers['start']:.3f} at x 1); the dense model {oracle['dense']['metric']:.3f} at temperature "
+                  f"{oracle['dense']['factor']:.2f} ({levers['dense']:.3f} at 1, {levers['dense_calibrated']:.3f} "
+                  f"at the temperature fitted on the calibration text)")
         print_table("stories-depth, untrained, by removed block",
                     ["removed block", "perplexity", "chosen by influence"],
                     [[b, ppl, "yes" if int(b) in levers["chosen_block"] else ""]
