@@ -268,24 +268,27 @@ def depth_levers(scale: float, checkpoints: Path | None) -> dict[str, Any]:
 def oracle_scale(m: Model, model: Any, factors: tuple[float, ...] = tuple(0.96 + 0.02 * i for i in range(15))
                  ) -> dict[str, Any]:
     """The metric with the logits divided by each factor (on top of any temperature already folded
-    in), scored on the evaluation split: how far any temperature could go. The model is restored."""
+    in), scored on the evaluation split: how far any temperature could go."""
+    curve = {round(factor, 2): metric_with_logits_divided(m, model, factor) for factor in factors}
+    best = min(curve, key=curve.get)
+    return {"factor": best, "metric": curve[best], "curve": curve}
+
+
+def metric_with_logits_divided(m: Model, model: Any, factor: float) -> float:
+    """The metric of ``model`` with its final norm (hence its logits) divided by ``factor``; the
+    model is restored afterwards."""
     import torch
 
     from secateur.distill.temperature import folds_into
 
-    norm = folds_into(model)
-    weight = norm.weight.detach().clone()
-    curve = {}
-    try:
-        for factor in factors:
-            with torch.no_grad():
-                norm.weight.copy_(weight / factor)
-            curve[round(factor, 2)] = m.metric(model)
-    finally:
-        with torch.no_grad():
-            norm.weight.copy_(weight)
-    best = min(curve, key=curve.get)
-    return {"factor": best, "metric": curve[best], "curve": curve}
+    weight = folds_into(model).weight   # the final norm, found through the architecture table
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight.copy_(kept / factor)
+        try:
+            return m.metric(model)
+        finally:
+            weight.copy_(kept)
 
 
 def calibrated_step(m: Model, student: Any, result: dict[str, Any]) -> dict[str, Any]:
@@ -297,18 +300,7 @@ def calibrated_step(m: Model, student: Any, result: dict[str, Any]) -> dict[str,
 
 def without_temperature(m: Model, student: Any, calibrated: dict[str, Any]) -> float:
     """The metric of the trained student before its fitted temperature was folded in."""
-    import torch
-
-    from secateur.distill.temperature import folds_into
-
-    weight = folds_into(student).weight   # the final norm, found through the architecture table
-    folded = weight.detach().clone()
-    with torch.no_grad():
-        weight.mul_(calibrated["temperature"])
-        try:
-            return m.metric(student)
-        finally:
-            weight.copy_(folded)
+    return metric_with_logits_divided(m, student, 1.0 / calibrated["temperature"])
 
 
 def dense_with_temperature(m: Model, config: Any) -> dict[str, Any]:

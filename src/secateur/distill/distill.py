@@ -145,18 +145,17 @@ def run_training(model: nn.Module, config: TrainingConfig, ctx: Any, hooks: tupl
     kind = kind_of(model)
     teacher = resolve_teacher(config, ctx)
     data = training_set(config, ctx, teacher, kind)
-    if config.fit_temperature:  # checked before an hour of training, not after
+    # checked before an hour of training, not after
+    if config.fit_temperature:
         folds_into(model)
-        if not data.real:
-            raise SecateurError("fit_temperature needs real text (data sources or calibration data), not only "
-                                "generated samples")
+    if config.calibrate_teacher and (kind != "causal" or teacher is None):
+        raise SecateurError("calibrate_teacher needs a causal teacher (its logits are rescaled)")
+    for option in ("fit_temperature", "calibrate_teacher"):
+        if getattr(config, option) and not data.real:
+            raise SecateurError(f"{option} needs real text (data sources or calibration data) to fit a temperature "
+                                "on, not only generated samples")
     teacher_fit = None
     if config.calibrate_teacher:
-        if kind != "causal" or teacher is None:
-            raise SecateurError("calibrate_teacher needs a causal teacher (its logits are rescaled)")
-        if not data.real:
-            raise SecateurError("calibrate_teacher needs real text (data sources or calibration data) to fit the "
-                                "teacher's temperature on, not only generated samples")
         teacher_fit = best_temperature(teacher, data.real, batch_size=config.batch_size)
         log.info("the teacher's temperature on real text: %.4f (NLL %.4f -> %.4f); distilling toward its logits / "
                  "%.4f", teacher_fit["temperature"], teacher_fit["nll_before"], teacher_fit["nll_after"],
