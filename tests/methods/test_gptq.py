@@ -61,9 +61,14 @@ def test_gptq_matches_obq_reference(scheme, block_size):
     w, H = problem()
     q, scale, zero = gptq_quantize(w, H, scheme, block_size=block_size)
     ref_q, ref_scale, ref_zero = reference_obq(w, H, scheme)
-    agree = (q.long() == ref_q).float().mean()
-    assert agree > 0.99, float(agree)
-    assert torch.allclose(scale, ref_scale, rtol=1e-4) and torch.equal(zero, ref_zero)
+    # rows are quantized independently given H; a float32 rounding tie can put one weight of a row
+    # on the other side of a step, and the error feedback then carries that row (and, with groups,
+    # the scales read from its later weights) elsewhere. Every other row must match exactly.
+    bad = ((q.long() != ref_q).any(1) | (zero != ref_zero).any(1) |
+           ~torch.isclose(scale, ref_scale, rtol=1e-4).all(1))
+    assert int(bad.sum()) <= 1, bad.nonzero().tolist()
+    if bad.any():
+        assert int((q.long() - ref_q)[bad].abs().max()) <= 1
 
 
 def test_act_order_follows_the_hessian_diagonal_with_static_groups():

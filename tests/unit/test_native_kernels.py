@@ -105,13 +105,14 @@ def test_w8a8_gemv_is_the_exact_integer_dot_product(n, k, tokens, bias):
     assert ((got.double() - ref).abs() <= 1e-6 * mag + 1e-30).all()
 
 
-def test_w8a8_gemv_same_floats_as_the_onednn_path():
+@pytest.mark.parametrize("gemm", ["onednn", "int_mm", "fp32"])
+def test_w8a8_gemv_same_floats_as_the_gemm_paths(gemm):
     """The module switches kernels by token count; a row's output must not change with it."""
     q, scale = w8_case(64, 128)
     b = torch.randn(64)
     x = x_case(6, 128) * torch.logspace(-2, 2, 6)[:, None]
-    onednn = kernels.pack_w8a8(q, scale, None)._replace(gemv=None)
-    batch = kernels.w8a8_linear(x, onednn, b)
+    candidate = kernels.CANDIDATES["w8a8"][gemm]
+    batch = candidate.run(x, candidate.pack(q, scale, None), b)
     for i in range(6):
         assert torch.equal(native.w8a8_gemv(x[i:i + 1], native.pack_w8a8(q, scale), b)[0], batch[i])
 
@@ -138,14 +139,21 @@ def test_fused_epilogue_gives_the_floats_of_addcmul(n, bias):
     assert torch.equal(native.w8a8_epilogue(y, xs, b), ref)
 
 
-def test_many_token_w8a8_is_the_exact_integer_dot_product_with_the_fused_passes():
-    q, scale = w8_case(96, 384)
+@pytest.mark.parametrize("gemm", ["onednn", "int_mm", "fp32"])
+@pytest.mark.parametrize("k", [384, 2500])  # 2500 > kernels.EXACT_K: the float32 GEMM in three exact slices
+def test_many_token_w8a8_is_the_exact_integer_dot_product_with_the_fused_passes(gemm, k):
+    q, scale = w8_case(96, k)
     b = torch.randn(96)
-    x = x_case(40, 384) * torch.logspace(-2, 2, 40)[:, None]
+    x = x_case(40, k) * torch.logspace(-2, 2, 40)[:, None]
     layer = QuantLinear.from_quantized(q, scale, None, 8, None, b, "int8")
-    got = kernels.w8a8_linear(x, kernels.pack_w8a8(q, scale, None), b)
+    candidate = kernels.CANDIDATES["w8a8"][gemm]
+    got = candidate.run(x, candidate.pack(q, scale, None), b)
     ref, mag = slow_w8a8(layer, x)
     assert ((got.double() - ref).abs() <= 1e-6 * mag + 1e-30).all()
+    if gemm != "int_mm":  # the exact integers: the same floats as torch._int_mm
+        xq, _ = kernels.quantize_per_token(x)
+        int_mm = kernels.pack_int_mm(q, scale, None)
+        assert torch.equal(kernels.w8a8_gemm(xq, candidate.pack(q, scale, None)), kernels.w8a8_gemm(xq, int_mm))
 
 
 # --- W4A16 ------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """QuantLinear's low-precision kernels (secateur.quant.kernels) against slow references.
 
-W8A8 is checked against an explicit per-token loop that reproduces the activation rounding, with
+Every candidate of every operation (``dispatch.OPS``) is forced in turn and checked; one that cannot
+run on this machine or take the weight is skipped. W8A8 is checked against an explicit per-token loop that reproduces the activation rounding, with
 exact integer dot products: the kernel may differ only by float rounding. The weight-only kernels
 compute in bfloat16 and are checked against ``x @ dequantized_weight.T + bias`` in float64 with a
 bound derived from bf16 rounding (see ``bf16_bound``).
@@ -8,18 +9,19 @@ bound derived from bf16 rounding (see ``bf16_bound``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 
 from secateur.errors import SecateurError
-from secateur.quant import kernels, native
+from secateur.quant import dispatch, kernels, native
 from secateur.quant.linear import QuantLinear, reference_only
 from secateur.quant.primitives import quantize_activations_per_token
 
 IN, OUT = 256, 64
-TOKENS = (1, 3, 17)  # 17 > kernels.SMALL_BATCH: the weight-only many-token path too
+TOKENS = (1, 3, 17)  # 17 > kernels.FEW_TOKENS: past secateur's GEMVs
 GROUPS = (32, 64, 128, None)
 
 
@@ -33,6 +35,15 @@ def backend(request, monkeypatch):
     else:
         monkeypatch.setattr(native, "available", lambda: False)
     return request.param
+
+
+@contextlib.contextmanager
+def forcing(module: QuantLinear, name: str, tokens: int):
+    """Run ``module`` with kernel ``name`` forced; skip where it cannot take the weight here."""
+    with dispatch.forced({module.op: name}):
+        if module.kernel_for(tokens) != name:
+            pytest.skip(f"{name} cannot run this {module.op} weight at {tokens} tokens on this machine")
+        yield
 
 
 def make(bits: int, group: int | None, activation: str | None = None, *, asym: bool = False, bias: bool = True,
@@ -110,11 +121,13 @@ def test_per_token_quantization_matches_primitives_and_is_row_wise():
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("bits,asym", [(8, False), (8, True), (4, True)], ids=["w8", "w8-asym", "w4-asym"])
-def test_w8a8_matches_the_per_token_loop(tokens, bias, bits, asym, backend):
+@pytest.mark.parametrize("kernel", dispatch.OPS["w8a8"])
+def test_w8a8_matches_the_per_token_loop(tokens, bias, bits, asym, kernel, backend):
     module = make(bits, None, "int8", asym=asym, bias=bias)
-    assert module.kernel == "w8a8_linear"
+    assert module.kernel == "w8a8"
     x = inputs(tokens)
-    got = run(module, x)
+    with forcing(module, kernel, tokens):
+        got = run(module, x)
     ref, magnitude = slow_w8a8(module, x)
     # the integers and their dot products are exact (int32); what is left is float32 rounding of
     # acc * w_scale (the op), of the zero-point correction (asymmetric 8-bit), and of * x_scale +
@@ -125,8 +138,18 @@ def test_w8a8_matches_the_per_token_loop(tokens, bias, bits, asym, backend):
         assert ((run(module, x).double() - ref).abs() <= 1e-6 * magnitude + 1e-30).all()
 
 
-def test_w8a8_rows_do_not_depend_on_the_batch(backend):
+@pytest.mark.parametrize("kernel", ["onednn", "int_mm", "fp32", None])
+def test_w8a8_rows_do_not_depend_on_the_batch(kernel, backend):
+    """Whatever kernel a bucket gets (forced, or measured: None), a row's output is the same alone
+    or among 16 others: the GEMMs and the few-token GEMV give the same floats."""
     module = make(8, None, "int8")
+    with dispatch.forced({"w8a8": kernel} if kernel else {}):
+        if kernel and module.kernel_for(17) != kernel:
+            pytest.skip(f"{kernel} cannot run here")
+        _rows_alone_and_together(module)
+
+
+def _rows_alone_and_together(module):
     x = inputs(17) * torch.logspace(-2, 2, 17)[:, None]  # very different row ranges
     batch = run(module, x)
     for i in range(17):
@@ -145,25 +168,33 @@ def test_w8a8_needs_per_channel_scales():
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("group", GROUPS, ids=lambda g: f"g{g}" if g else "channel")
 @pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
-def test_w4a16_matches_the_reference_up_to_bf16(tokens, group, asym, backend):
+@pytest.mark.parametrize("kernel", dispatch.OPS["w4a16"])
+def test_w4a16_matches_the_reference_up_to_bf16(tokens, group, asym, kernel, backend):
     module = make(4, group, asym=asym, bias=tokens != 3)
-    assert module.kernel == "int4_linear"
+    assert module.kernel == "w4a16"
     x = inputs(tokens)
-    got = run(module, x)
+    with forcing(module, kernel, tokens):
+        got = run(module, x)
     ref = reference(module, x)
     assert got.dtype == torch.float32 and got.shape == (tokens, OUT)
-    assert ((got.double() - ref).abs() <= bf16_bound(module, x, ref)).all()
-    assert (got.double() - ref).abs().max() > 0  # it did run in bf16
+    if kernel == "fp32":
+        assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5)
+    else:
+        assert ((got.double() - ref).abs() <= bf16_bound(module, x, ref)).all()
+        assert (got.double() - ref).abs().max() > 0  # it did run in bf16
 
 
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_w8a16_matches_the_reference_up_to_bf16(tokens, bias):
+@pytest.mark.parametrize("kernel", dispatch.OPS["w8a16"])
+def test_w8a16_matches_the_reference_up_to_bf16(tokens, bias, kernel):
     module = make(8, None, bias=bias)
-    assert module.kernel == "int8_linear"
+    assert module.kernel == "w8a16"
     x = inputs(tokens)
     ref = reference(module, x)
-    assert ((run(module, x).double() - ref).abs() <= bf16_bound(module, x, ref)).all()
+    with forcing(module, kernel, tokens):
+        got = run(module, x)
+    assert ((got.double() - ref).abs() <= bf16_bound(module, x, ref)).all()
 
 
 def test_int4_kernel_convention_alone():
@@ -182,20 +213,21 @@ def test_int4_kernel_convention_alone():
 
 @pytest.mark.parametrize("bits,group,out", [(4, 16, OUT), (4, 64, 40), (8, 64, OUT)],
                          ids=["w4-g16", "w4-out40", "w8-grouped"])
-def test_shapes_without_a_kernel_run_the_reference(bits, group, out, backend):
-    """torch's int4 op needs 16 | out and groups of 32+; secateur's GEMV takes any out and groups of
-    16+ (for up to SMALL_BATCH tokens; more tokens dequantize to bf16)."""
+def test_shapes_some_kernels_cannot_take_fall_back_to_one_that_can(bits, group, out, backend):
+    """torch's int4 op needs 16 | out and groups of 32+, its int8 op per-channel scales; secateur's
+    GEMV takes any out and groups of 16+. Forcing a kernel that cannot take the weight falls back to
+    the measured choice among those that can; every token count still gets a correct answer."""
     module = make(bits, group, out=out)
-    x = inputs(3)
-    if backend == "native" and bits == 4:
-        assert module.kernel == "int4_linear"
+    refused = "int4pack" if bits == 4 else "int8pack"
+    assert module.packed(refused) is None
+    with dispatch.forced({module.op: refused}):
         for tokens in (1, 3, kernels.SMALL_BATCH + 1):
             x = inputs(tokens)
+            assert module.kernel_for(tokens) != refused
             ref = reference(module, x)
             assert ((run(module, x).double() - ref).abs() <= bf16_bound(module, x, ref)).all()
-        return
-    assert module.kernel == "reference"
-    assert torch.allclose(run(module, x).double(), reference(module, x), rtol=1e-5, atol=1e-5)
+    if backend == "native" and bits == 4:
+        assert module.packed("gemv") is not None
 
 
 def test_bf16_input_gives_bf16_output(backend):
@@ -232,7 +264,8 @@ def test_state_dict_round_trip_holds_only_the_integers(bits, group, activation):
 def test_reference_switches_and_repr():
     module = make(4, 128)
     x = inputs(3)
-    fast = run(module, x)
+    with dispatch.forced({"w4a16": "dequant_bf16"}):
+        fast = run(module, x)
     with reference_only():
         assert module.kernel == "reference"
         slow = run(module, x)

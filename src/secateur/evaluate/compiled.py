@@ -22,8 +22,9 @@ Settings, chosen for this use (evaluation of a frozen model):
 * Inductor's size and alignment asserts are off: they are checks of the generated code, run from
   Python around every kernel call of every step.
 
-:class:`~secateur.quant.linear.QuantLinear` modules are packed eagerly before tracing (packing
-reads tensor values, which a trace cannot), and projections that read the same input are linked
+:class:`~secateur.quant.linear.QuantLinear` modules choose (by measurement) and pack their kernels
+eagerly before each new input shape is traced (timing and packing read tensor values, which a
+trace cannot), and projections that read the same input are linked
 into one GEMV (:func:`~secateur.quant.siblings.link_siblings`). The tokens match eager greedy
 decoding up to float rounding (tested).
 
@@ -56,11 +57,11 @@ class CompiledLM:
 
         if getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "generate"):
             raise SecateurError(f"compiled decoding needs a causal LM, got {type(model).__name__}")
-        for module in model.modules():
-            if isinstance(module, QuantLinear):
-                module.kernel  # noqa: B018 - packs the low-precision weights now, outside the trace
+        self._quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        self._prepared: set[int] = set()
+        self._prepare(1)  # kernels chosen (measured) and packed now, outside the trace
         link_siblings(model)  # q/k/v and gate/up as one GEMV call each (quant.siblings)
-        use_decode_attention(model)  # decode steps read only the filled part of the static cache
+        use_decode_attention(model, max_len)  # decode steps read only the filled part of the static cache
         self.model, self.max_len, self.freezing = model.eval(), max_len, freezing
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         # a private code object per instance: its graphs never serve another model, so the module
@@ -75,6 +76,14 @@ class CompiledLM:
                    "size_asserts": False, "alignment_asserts": False}
         self._forward = torch.compile(forward, dynamic=False, options=options)
 
+    def _prepare(self, tokens: int) -> None:
+        """Choose and pack every quantized layer's kernel for ``tokens`` rows before tracing them:
+        a trace can neither time candidates nor read weights to pack them."""
+        if tokens not in self._prepared:
+            for module in self._quantized:
+                module.prepare(tokens)
+            self._prepared.add(tokens)
+
     def _logits(self, ids: Any, position: Any) -> Any:
         out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=position, use_cache=True,
                          logits_to_keep=1)
@@ -87,6 +96,7 @@ class CompiledLM:
 
         if start + ids.shape[1] > self.max_len:
             raise SecateurError(f"{start + ids.shape[1]} positions exceed the static cache of {self.max_len}")
+        self._prepare(ids.numel())
         position = torch.arange(start, start + ids.shape[1], device=ids.device)
         with inductor.patch(freezing=self.freezing), torch.inference_mode():
             return self._forward(ids, position)

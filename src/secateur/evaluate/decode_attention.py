@@ -59,12 +59,45 @@ def register() -> bool:
     return True
 
 
-def use_decode_attention(model: Any) -> bool:
+def _bench(heads: int, kv_heads: int, head_dim: int, length: int) -> Any:
+    """The dispatcher's ``make`` for one-token attention over a cache of ``length`` positions, half
+    of them allowed: the native kernel against torch's sdpa (what the model would run otherwise)."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, 1, head_dim, generator=g)
+    k, v = (torch.randn(1, kv_heads, length, head_dim, generator=g) for _ in range(2))
+    mask = torch.zeros(1, 1, 1, length, dtype=torch.bool)
+    mask[..., : max(1, length // 2)] = True
+    scale = 1.0 / math.sqrt(head_dim)
+
+    def make(rows: int) -> dict[str, Any]:
+        return {"native": lambda: torch.ops.secateur.decode_attention(q, k, v, mask, scale),
+                "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                               enable_gqa=heads != kv_heads)}
+    return make
+
+
+def use_decode_attention(model: Any, max_len: int | None = None) -> bool:
     """Switch a model that runs transformers' sdpa attention to ``"secateur_decode"``; returns
-    whether it did (other implementations, and machines without the kernels, are left alone)."""
+    whether it did (other implementations, and machines without the kernels, are left alone).
+    With ``max_len`` (the static cache's length) the switch happens only where the native kernel
+    is measured faster than sdpa for the model's heads on that cache
+    (:func:`secateur.quant.dispatch.choose`, op ``decode_attention``)."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa" or not register():
         return False
+    if max_len is not None:
+        from ..quant import dispatch
+
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        shape = (heads, kv_heads, head_dim, int(max_len))
+        if head_dim % 16 == 0 and heads % kv_heads == 0 and \
+                dispatch.choose("decode_attention", 1, shape, _bench(*shape)) != "native":
+            return False
     model.set_attn_implementation(NAME)
     return True
 

@@ -98,25 +98,27 @@ class _Plan:
         key = tuple((id(t), t._version) for m in members
                     for t in (m.weight_q, m.weight_scale, m.weight_zero_point, m.bias) if t is not None)
         if key != self.key:
-            packed = kernels.pack_w8a8(torch.cat([m.weight_q for m in members]),
-                                       torch.cat([m.weight_scale for m in members]),
-                                       torch.cat([m.weight_zero_point for m in members]), gemv=False)
+            gemm = kernels.W8A8Gemm(torch.cat([m.weight_q for m in members]),
+                                    torch.cat([m.weight_scale for m in members]),
+                                    torch.cat([m.weight_zero_point for m in members]))
             biased = [m.bias is not None for m in members]
-            if packed is None or packed.zero_scale is not None or any(biased) != all(biased):
-                self.qkv = None  # no kernel, 8-bit zero points, or biases on some members only
+            if not gemm.foldable or any(biased) != all(biased):
+                self.qkv = None  # 8-bit zero points, or biases on some members only
             else:
-                self.qkv = (packed, torch.cat([m.bias.detach().float() for m in members]) if all(biased) else None)
+                self.qkv = (gemm, torch.cat([m.bias.detach().float() for m in members]) if all(biased) else None)
             self.key = key
         return self.qkv
 
 
 def _own_pack(m: QuantLinear) -> Any:
-    if m._kernel is None:
-        m._kernel = m._prepare()
-    kernel = m._kernel
-    if not kernel or kernel[0] is not kernels.w8a8_linear or kernel[1].zero_scale is not None:
+    """The module's weight as a :class:`~secateur.quant.kernels.W8A8Gemm` (its kernel chosen per
+    token bucket by measurement), kept on the module; None for weights with unfoldable zero points."""
+    if m.kernel != "w8a8":
         return None
-    return kernel[1]
+    gemm = m._packs.get("w8a8_gemm")
+    if gemm is None:
+        gemm = m._packs["w8a8_gemm"] = kernels.W8A8Gemm(m.weight_q, m.weight_scale, m.weight_zero_point)
+    return gemm if gemm.foldable else None
 
 
 def _eligible_module(m: nn.Module) -> bool:
@@ -158,7 +160,7 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask:
     attn = self.get_submodule(plan.paths["attn.q"].rsplit(".", 1)[0])
     heads, head_dim = attn.num_attention_heads, attn.attention_head_size
     inner = heads * head_dim
-    products = kernels.w8a8_gemm(xq, joint)
+    products = joint(xq)
     if head_dim % 16 == 0 and attn.config._attn_implementation in ("sdpa", "eager") and (
             attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.dim() == 4)):
         context = native.w8a8_encoder_attention(products, xs, joint_bias, attention_mask, batch, heads,
@@ -171,19 +173,26 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask:
     aq, a_scale = native.quantize_per_token(context.reshape(batch * length, inner).contiguous())
     norm_attn, norm_mlp = (self.get_submodule(n) for n in plan.norms)
     o, up, down = mods["attn.o"], mods["mlp.up"], mods["mlp.down"]
-    h1, h1q, h1_scale = native.w8a8_residual_layernorm(kernels.w8a8_gemm(aq, packs["attn.o"]), a_scale, o.bias, x2,
+    h1, h1q, h1_scale = native.w8a8_residual_layernorm(packs["attn.o"](aq), a_scale, o.bias, x2,
                                                        norm_attn, True)
-    iq, i_scale = native.w8a8_gelu_quantize(kernels.w8a8_gemm(h1q, packs["mlp.up"]), h1_scale, up.bias)
-    h2, h2q, h2_scale = native.w8a8_residual_layernorm(kernels.w8a8_gemm(iq, packs["mlp.down"]), i_scale, down.bias,
+    iq, i_scale = native.w8a8_gelu_quantize(packs["mlp.up"](h1q), h1_scale, up.bias)
+    h2, h2q, h2_scale = native.w8a8_residual_layernorm(packs["mlp.down"](iq), i_scale, down.bias,
                                                        h1, norm_mlp, not plan.last)
     out = h2.view(batch, length, width)
     plan.handover.give(None if plan.last else out, h2q, h2_scale)
     return out
 
 
+def _fused_kernels(self: nn.Module) -> dict[str, dict[int, str]]:
+    """The joint q/k/v GEMM's kernels by token bucket (for :func:`secateur.quant.dispatch.summary`)."""
+    qkv = self._secateur_fused.qkv
+    return qkv[0].secateur_kernels() if qkv is not None else {}
+
+
 def _fused_class(base: type) -> type:
     if base not in _FUSED:
         _FUSED[base] = type(f"Fused{base.__name__}", (base,), {"forward": _fused_forward, "_secateur_base": base,
+                                                                "secateur_kernels": _fused_kernels,
                                                                 "__module__": __name__})
     return _FUSED[base]
 

@@ -1,49 +1,51 @@
-"""Low-precision CPU kernels behind :class:`~secateur.quant.linear.QuantLinear`.
+"""Low-precision CPU kernels behind :class:`~secateur.quant.linear.QuantLinear`: the candidates.
 
-Each kernel is a ``pack_*`` function, run once when a module first needs it (the module caches the
-result, which is never saved), and a ``*_linear(x, packed, bias)`` taking a 2-D ``x [tokens, in]``
-and returning ``[tokens, out]`` in ``x``'s dtype (float32 or bfloat16). ``pack_*`` returns None
-where the kernel cannot take the weight (shape, group size, zero points); the module then runs its
-reference path, ``x @ dequantized_weight.T + bias``.
+Each operation has several candidates (:data:`CANDIDATES`); which one runs for a shape and a
+token count is decided by measurement (:mod:`secateur.quant.dispatch`), never by the CPU's name.
+A candidate is a ``pack_*`` function, run once when a module first needs it (the module caches the
+result, which is never saved; None where the kernel cannot take the weight: shape, group size,
+zero points), and a run function ``(x [tokens, in], packed, bias) -> [tokens, out]`` in ``x``'s
+dtype (float32 or bfloat16).
 
 Integer convention (project-wide, :mod:`secateur.quant.primitives`): signed ``q`` of ``b`` bits,
 integer zero point ``zp`` in the same range, ``w = (q - zp) * scale`` with one scale per output
 row (``[out, 1]``) or per ``group_size`` consecutive input columns (``[out, in / group_size]``).
 
-==========  ==============================================  =========================================
-scheme      kernel (torch op)                               result vs. the float32 reference
-==========  ==============================================  =========================================
-W8A8        per-token int8 ``x`` (amax / 127, round half    exact int32 dot products; same integers
-            to even); <= W8A8_GEMV_TOKENS: secateur's       as ``primitives.quantize_activations_
-            VNNI GEMV (:mod:`.native`), else                per_token``; float rounding only
-            ``onednn.qlinear_pointwise`` (oneDNN brgemm:
-            AMX / VNNI); rescale ``x_s ⊗ w_s``
-W4A16       <= W4_GEMV_TOKENS: secateur's bf16 GEMV        bf16 rounding of ``x``; the native GEMV
-            (:mod:`.native`, float32 out); <= SMALL_BATCH   keeps scales and output in float32, the
-            ``aten._weight_int4pack_mm_for_cpu`` on bf16    torch ops round scale, zero and output
-            ``x``, else bf16 dequantize + bf16 ``F.linear``  to bf16
-W8A16       ``aten._weight_int8pack_mm`` on bf16 ``x``      bf16 rounding of ``x``, scale, output
-            (<= SMALL_BATCH tokens), else as W4A16
-==========  ==============================================  =========================================
+======  ============  ===========================================  ===================================
+op      candidate     kernel                                       result vs. the float32 reference
+======  ============  ===========================================  ===================================
+w8a8    gemv          secateur's VNNI GEMV (:mod:`.native`), few   per-token int8 ``x`` (amax / 127,
+                      tokens                                       round half to even), exact int32
+        onednn        ``onednn.qlinear_pointwise`` (brgemm: AMX,   dot products, then ``x_s ⊗ w_s``:
+                      VNNI; its reference code on some CPUs)       the same integers as
+        int_mm        ``torch._int_mm`` (oneDNN s8s8s32 GEMM)      ``primitives.quantize_activations_
+        fp32          the same integers dequantized, ``F.linear``  per_token``; float rounding only
+w4a16   gemv          secateur's bf16 GEMV, few tokens             bf16 rounding of ``x`` (scales and
+        int4pack      ``aten._weight_int4pack_mm_for_cpu``         output float32 in the GEMV, bf16
+        dequant_bf16  bf16 dequantize + bf16 ``F.linear``          in the torch ops)
+        fp32          the dequantized weight, kept, ``F.linear``   float rounding only
+w8a16   int8pack      ``aten._weight_int8pack_mm``                 bf16 rounding of ``x``, scale,
+        dequant_bf16  as for w4a16                                 output
+        fp32          as for w4a16                                 float rounding only
+======  ============  ===========================================  ===================================
 
-Speed: see benchmarks/quant_kernels.py.
+Speed: see benchmarks/quant_kernels.py and ``secateur info --machine``.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import native
+from ..errors import SecateurError
+from . import dispatch, native
 
-# tokens up to which secateur's own GEMV kernels (quant/native.py) are used when built: where they
-# beat torch's kernels for a 2048 x 768 weight on 2 threads (int8: 11 vs 56 us at 1 token, 45 vs
-# 66 at 8, even at 16; int4: 28 vs 45 us at 1 token, even at 2, slower from 4)
-W8A8_GEMV_TOKENS = 8
-W4_GEMV_TOKENS = 2
-SMALL_BATCH = 16  # weight-only: tokens up to which the packed GEMV kernels beat dequantize + bf16 GEMM
+# few-token kernels are offered to the dispatcher up to these token counts (their time grows with
+# every token, so larger buckets are not worth timing them on)
+FEW_TOKENS = 16  # secateur's own GEMVs
+SMALL_BATCH = 64  # torch's packed weight-only GEMV kernels
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu accepts
 
 
@@ -79,54 +81,113 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.div(x, scale).round_().to(torch.int8), scale
 
 
-# --- W8A8: int8 x int8 -> int32 on oneDNN -------------------------------------------------------
+# --- W8A8: int8 x int8 -> int32, on oneDNN or torch._int_mm ------------------------------------
 
-class W8A8Weight(NamedTuple):
+def _fold_zero(q: torch.Tensor, scale: torch.Tensor,
+               zero_point: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(int8 weight, zero_scale)``: zero points folded into the integers when ``q - zp`` stays in
+    int8 (``zero_scale`` None), else ``q`` as it is and ``zp * scale`` per channel, applied as a
+    correction ``- sum(x_q) * zp * scale`` (8-bit asymmetric weights need 9 bits otherwise)."""
+    weight = _zero_free(q, zero_point)
+    if weight is not None:
+        return weight, None
+    return q.contiguous(), (zero_point.reshape(-1).float() * scale.reshape(-1).float()).contiguous()
+
+
+class OneDNNWeight(NamedTuple):
     packed: torch.Tensor  # oneDNN-blocked int8 weight (an mkldnn tensor; not serialisable)
     scale: torch.Tensor  # float32 [out]
     zero: torch.Tensor  # int64 [out] zeros: the op's weight zero point (symmetric weights only)
     zero_scale: Optional[torch.Tensor]  # float32 [out] zp * scale where zero points did not fold into q
-    gemv: Optional[native.W8A8Gemv] = None  # secateur's few-token kernel, when built (no zero_scale)
 
 
-def pack_w8a8(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
-              gemv: bool = True) -> Optional[W8A8Weight]:
+class IntMMWeight(NamedTuple):
+    weight_t: torch.Tensor  # int8 [in, out], contiguous: torch._int_mm's fast layout
+    scale: torch.Tensor  # float32 [out]
+    zero_scale: Optional[torch.Tensor]
+
+
+def pack_onednn(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+                group_size: Optional[int] = None) -> Optional[OneDNNWeight]:
     """``onednn.qlinear_prepack`` of per-channel int8 weights (oneDNN's blocked layout for its
-    brgemm kernels, AMX tiles where the CPU has them). Zero points are folded into the integers
-    when ``q - zp`` stays in int8, else kept as a correction ``- sum(x_q) ⊗ zp * scale`` (the op
-    only takes zero-point-free weights). ``gemv=False`` skips the layout of secateur's few-token
-    GEMV (a weight only ever multiplied by many tokens). None without oneDNN or for group-wise scales."""
-    if not (torch.backends.mkldnn.is_available() and _has("onednn", "qlinear_prepack")) or scale.shape[1] != 1:
+    brgemm kernels; AMX tiles where the CPU has them, and on CPUs without AMX possibly its slow
+    reference implementation: the dispatcher measures). None without oneDNN or for group-wise scales."""
+    if group_size or scale.shape[-1] != 1 or not (torch.backends.mkldnn.is_available()
+                                                   and _has("onednn", "qlinear_prepack")):
         return None
-    weight = _zero_free(q, zero_point)
-    zero_scale = None
-    if weight is None:  # 8-bit asymmetric: q - zp needs 9 bits
-        weight, zero_scale = q.contiguous(), (zero_point.reshape(-1).float() * scale.reshape(-1).float())
-    out = q.shape[0]
-    few = native.pack_w8a8(weight, scale) if gemv and zero_scale is None and native.available() else None
-    return W8A8Weight(torch.ops.onednn.qlinear_prepack(weight, None), scale.reshape(-1).float().contiguous(),
-                      torch.zeros(out, dtype=torch.int64), zero_scale, few)
+    weight, zero_scale = _fold_zero(q, scale, zero_point)
+    return OneDNNWeight(torch.ops.onednn.qlinear_prepack(weight, None), scale.reshape(-1).float().contiguous(),
+                        torch.zeros(q.shape[0], dtype=torch.int64), zero_scale)
 
 
-def w8a8_gemm(xq: torch.Tensor, w: W8A8Weight) -> torch.Tensor:
-    """``(xq @ q.T) * w_scale`` as float32 ``[tokens, out]`` for int8 ``xq [tokens, in]``: oneDNN's
-    exact int32 accumulation, then the weight scales; the per-token scales and the bias are the
-    caller's (one activation scale of 1.0 goes to the op, which takes only one)."""
+def pack_int_mm(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+                group_size: Optional[int] = None) -> Optional[IntMMWeight]:
+    """The int8 weight transposed to ``[in, out]`` for ``torch._int_mm`` (oneDNN's s8s8s32 GEMM,
+    fast without AMX too). None for group-wise scales."""
+    if group_size or scale.shape[-1] != 1 or not _has("aten", "_int_mm"):
+        return None
+    weight, zero_scale = _fold_zero(q, scale, zero_point)
+    return IntMMWeight(weight.t().contiguous(), scale.reshape(-1).float().contiguous(), zero_scale)
+
+
+def pack_gemv_w8a8(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+                   group_size: Optional[int] = None) -> Optional[native.W8A8Gemv]:
+    """secateur's few-token VNNI GEMV layout (:func:`native.pack_w8a8`); None without the native
+    kernels, for group-wise scales or for zero points that do not fold into int8."""
+    if group_size or scale.shape[-1] != 1 or not native.available():
+        return None
+    weight, zero_scale = _fold_zero(q, scale, zero_point)
+    return None if zero_scale is not None else native.pack_w8a8(weight, scale)
+
+
+class ExactFp32Weight(NamedTuple):
+    chunks: tuple[torch.Tensor, ...]  # float32 [out, <= EXACT_K] slices of the integer weight along ``in``
+    scale: torch.Tensor  # float32 [out]
+    zero_scale: Optional[torch.Tensor]
+
+
+# int8 x int8 products are at most 127 * 128 in size, so float32 sums of up to 1024 of them stay
+# below 2^24, where every integer is exact, in any order the GEMM adds them
+EXACT_K = 1024
+
+
+def pack_exact_fp32(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+                    group_size: Optional[int] = None) -> Optional[ExactFp32Weight]:
+    """The int8 weight as float32 integers, in slices of at most :data:`EXACT_K` inputs: a float32
+    GEMM over them computes the exact integer dot products (the float32 candidate of W8A8, which
+    so gives the same floats as the int8 kernels). None for group-wise scales."""
+    if group_size or scale.shape[-1] != 1:
+        return None
+    weight, zero_scale = _fold_zero(q, scale, zero_point)
+    w = weight.float()
+    chunks = tuple(w[:, i:i + EXACT_K].contiguous() for i in range(0, max(w.shape[1], 1), EXACT_K))
+    return ExactFp32Weight(chunks, scale.reshape(-1).float().contiguous(), zero_scale)
+
+
+def w8a8_gemm(xq: torch.Tensor, w: OneDNNWeight | IntMMWeight | ExactFp32Weight) -> torch.Tensor:
+    """``(xq @ q.T) * w_scale`` as float32 ``[tokens, out]`` for int8 ``xq [tokens, in]``: exact
+    integer accumulation, the sum rounded once to float32, then times the weight scales (the same
+    floats from every kernel); the per-token scales, the bias and the zero-point correction are the
+    caller's. oneDNN takes one activation scale (1.0 here) and applies the weight scales itself;
+    ``torch._int_mm`` returns int32 products, scaled in one pass; the float32 GEMM sums exactly
+    within each slice of :data:`EXACT_K` inputs, and the slices are added in float64 (exact)."""
+    if isinstance(w, IntMMWeight):
+        return torch.mul(torch._int_mm(xq, w.weight_t), w.scale)
+    if isinstance(w, ExactFp32Weight):
+        x = xq.float()
+        if len(w.chunks) == 1:
+            return F.linear(x, w.chunks[0]).mul_(w.scale)
+        acc = sum(F.linear(x[:, i * EXACT_K:(i + 1) * EXACT_K], c).double() for i, c in enumerate(w.chunks))
+        return acc.float().mul_(w.scale)
     return torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, w.packed, w.scale, w.zero, None, 1.0, 0, torch.float32,
                                               "none", [], "")
 
 
-def w8a8_linear(x: torch.Tensor, w: W8A8Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """W8A8: :func:`quantize_per_token`, then ``torch.ops.onednn.qlinear_pointwise`` (s8 x s8 ->
-    exact s32 accumulation, times the weight scales, float32 out; the op takes a single activation
-    scale, so it gets 1.0 and the per-token scales are applied after, with the bias, in one
-    ``addcmul``). Any number of tokens (AMX int8 GEMM for prefill). ``torch._int_mm`` is exact too
-    but slower here, ``quantized.linear_dynamic`` quantizes per tensor (asymmetric). Up to
-    ``W8A8_GEMV_TOKENS`` tokens, secateur's VNNI GEMV does the same in one call (same floats).
-    With the native kernels built, the quantization and the ``addcmul`` are one pass each
-    (:func:`native.quantize_per_token`, :func:`native.w8a8_epilogue`; again the same floats)."""
-    if w.gemv is not None and x.shape[0] <= W8A8_GEMV_TOKENS:
-        return native.w8a8_gemv(x.float(), w.gemv, bias).to(x.dtype)
+def _w8a8_gemm_linear(x: torch.Tensor, w: OneDNNWeight | IntMMWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """W8A8 on a many-token GEMM: :func:`quantize_per_token`, :func:`w8a8_gemm` (exact s32
+    accumulation times the weight scales), then ``* x_scale + bias`` in one ``addcmul``. With the
+    native kernels built, the quantization and the epilogue are one pass each
+    (:func:`native.quantize_per_token`, :func:`native.w8a8_epilogue`; the same floats)."""
     # under torch.compile the eager ops stay (Inductor fuses them itself); is_compiling comes first
     # so that Dynamo never traces available(), whose graph break would cost the oneDNN lowering
     # its frozen weight
@@ -140,6 +201,42 @@ def w8a8_linear(x: torch.Tensor, w: W8A8Weight, bias: Optional[torch.Tensor]) ->
     else:
         out = torch.addcmul(bias.float(), out, xs) if bias is not None else out.mul_(xs)
     return out.to(x.dtype)
+
+
+def w8a8_onednn(x: torch.Tensor, w: OneDNNWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """W8A8 through ``onednn.qlinear_pointwise``."""
+    return _w8a8_gemm_linear(x, w, bias)
+
+
+def w8a8_int_mm(x: torch.Tensor, w: IntMMWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """W8A8 through ``torch._int_mm``."""
+    return _w8a8_gemm_linear(x, w, bias)
+
+
+def w8a8_fp32(x: torch.Tensor, w: ExactFp32Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """W8A8 on float32 GEMMs: the same integers and the same floats, at float32 GEMM speed."""
+    return _w8a8_gemm_linear(x, w, bias)
+
+
+def w8a8_gemv(x: torch.Tensor, w: native.W8A8Gemv, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """W8A8 for a few tokens: secateur's VNNI GEMV quantizes, multiplies and rescales in one call
+    (the same floats as the GEMM paths)."""
+    return native.w8a8_gemv(x.float(), w, bias).to(x.dtype)
+
+
+def pack_fp32(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+              group_size: Optional[int] = None) -> torch.Tensor:
+    """The dequantized weight ``(q - zp) * scale`` in float32, kept: the float32 candidate every
+    quantized kernel is measured against (4 bytes a weight, as the dense model had)."""
+    out, groups = scale.shape
+    w = (q.float().view(out, groups, -1) - zero_point.float().view(out, groups, 1)) * scale.float().unsqueeze(-1) \
+        if zero_point is not None else q.float().view(out, groups, -1) * scale.float().unsqueeze(-1)
+    return w.reshape(out, -1).contiguous()
+
+
+def fp32_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Weight-only in float32: ``x @ dequantized_weight.T + bias``."""
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
 
 
 # --- weight-only: bf16 activations --------------------------------------------------------------
@@ -184,12 +281,10 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
     return x if x.data_ptr() % 64 == 0 else x.clone()
 
 
-class Int4Weight(NamedTuple):
-    packed: Optional[torch.Tensor]  # uint8 [out, in / 2], the torch op's blocked nibble layout (None: op can't)
-    scales_and_zeros: Optional[torch.Tensor]  # bf16 [in / group, out, 2]
+class Int4Pack(NamedTuple):
+    packed: torch.Tensor  # uint8 [out, in / 2], the torch op's blocked nibble layout
+    scales_and_zeros: torch.Tensor  # bf16 [in / group, out, 2]
     group: int  # the torch op's group size (a divisor of ours when we have per-channel or wide groups)
-    dequant: DequantBF16
-    gemv: Optional[native.W4Gemv] = None  # secateur's few-token kernel, when built
 
 
 def int4_group(group_size: Optional[int], in_features: int) -> Optional[int]:
@@ -199,75 +294,203 @@ def int4_group(group_size: Optional[int], in_features: int) -> Optional[int]:
     return next((g for g in INT4_GROUPS if span % g == 0), None)
 
 
+def _int4(q: torch.Tensor) -> bool:
+    return q.numel() == 0 or (int(q.min()) >= -8 and int(q.max()) <= 7)
+
+
 def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
-              group_size: Optional[int]) -> Optional[Int4Weight]:
-    """secateur's GEMV layout (:func:`secateur.quant.native.pack_w4`, when built) and
-    ``aten._convert_weight_to_int4pack_for_cpu`` of ``q + 8`` (the op wants unsigned nibbles
+              group_size: Optional[int] = None) -> Optional[Int4Pack]:
+    """``aten._convert_weight_to_int4pack_for_cpu`` of ``q + 8`` (the op wants unsigned nibbles
     0..15 as int32 and dequantizes ``(u - 8) * s + z``). Our ``(q - zp) * scale`` is
     ``(u - 8) * scale + (-zp * scale)``, so ``scales_and_zeros[g, n] = (scale, -zp * scale)``
-    in bf16, laid out ``[groups, out, 2]``. Needs ``q`` in [-8, 7] (<= 4 bits); the torch op also
-    needs ``out % 16 == 0`` and a group size (or ``in_features`` per channel) that is a multiple
-    of 32. None when neither kernel takes the weight."""
+    in bf16, laid out ``[groups, out, 2]``. Needs ``q`` in [-8, 7] (<= 4 bits), ``out % 16 == 0``
+    and a group size (or ``in_features`` per channel) that is a multiple of 32; else None."""
     out, in_features = q.shape
-    if int(q.min()) < -8 or int(q.max()) > 7:
-        return None
-    gemv = native.pack_w4(q, scale, zero_point, group_size) if native.available() else None
-    dequant = pack_dequant_bf16(q, scale, zero_point)
     group = int4_group(group_size, in_features)
-    if group is None or out % 16 or not _has("aten", "_weight_int4pack_mm_for_cpu"):
-        return None if gemv is None else Int4Weight(None, None, group or 0, dequant, gemv)
+    if group is None or out % 16 or not _int4(q) or not _has("aten", "_weight_int4pack_mm_for_cpu"):
+        return None
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1)
     s = scale.float()
     zero = torch.zeros_like(s) if zero_point is None else -zero_point.float() * s
     repeat = (group_size or in_features) // group
     sz = torch.stack([s, zero], dim=-1).repeat_interleave(repeat, dim=1)  # [out, in / group, 2]
-    sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)
-    return Int4Weight(packed, sz, group, dequant, gemv)
+    return Int4Pack(packed, sz.transpose(0, 1).contiguous().to(torch.bfloat16), group)
 
 
-def int4_linear(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """W4A16. Up to ``W4_GEMV_TOKENS`` tokens: secateur's GEMV (nibbles to bf16 in registers, bf16
-    dot products, float32 sums; :mod:`secateur.quant.native`). Up to ``SMALL_BATCH``:
-    ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (AVX-512/AVX2 tinygemm kernel: nibbles
-    dequantized in registers, fp32 FMA, bf16 out) on ``x`` cast to bf16 — its float32 path is
-    scalar and ~20x slower, so the casts pay. Its time grows linearly with the tokens (4-row
-    blocks), so above ``SMALL_BATCH`` tokens :func:`dequant_bf16_linear` is used instead."""
-    tokens = x.shape[0]
-    if w.gemv is not None and (tokens <= W4_GEMV_TOKENS or (w.packed is None and tokens <= SMALL_BATCH)):
-        return native.w4_gemv(x, w.gemv, bias).to(x.dtype)
-    if tokens > SMALL_BATCH or w.packed is None:
-        return dequant_bf16_linear(x, w.dequant, bias)
+def int4pack_linear(x: torch.Tensor, w: Int4Pack, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """W4A16 through ``aten._weight_int4pack_mm_for_cpu`` (AVX-512/AVX2 tinygemm kernel: nibbles
+    dequantized in registers, fp32 FMA, bf16 out) on ``x`` cast to bf16 (its float32 path is
+    scalar and ~20x slower, so the casts pay). Its time grows linearly with the tokens."""
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(_bf16(x), w.packed, w.group, w.scales_and_zeros)
     return _finish(out, bias, x.dtype)
 
 
-class Int8Weight(NamedTuple):
+def pack_gemv_w4(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+                 group_size: Optional[int] = None) -> Optional[native.W4Gemv]:
+    """secateur's W4A16 GEMV layout (:func:`native.pack_w4`); None without the native kernels,
+    beyond 4 bits, or for groups that are not multiples of 16."""
+    return native.pack_w4(q, scale, zero_point, group_size) if native.available() and _int4(q) else None
+
+
+def w4_gemv(x: torch.Tensor, w: native.W4Gemv, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """W4A16 for a few tokens: secateur's GEMV (nibbles to bf16 in registers, bf16 dot products,
+    float32 sums; :mod:`secateur.quant.native`)."""
+    return native.w4_gemv(x, w, bias).to(x.dtype)
+
+
+def pack_dequant(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+                 group_size: Optional[int] = None) -> DequantBF16:
+    return pack_dequant_bf16(q, scale, zero_point)
+
+
+class Int8Pack(NamedTuple):
     q: torch.Tensor  # int8 [out, in], zero points folded in
     scale: torch.Tensor  # bf16 [out]
-    dequant: DequantBF16
 
 
-def pack_int8(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor]) -> Optional[Int8Weight]:
+def pack_int8(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+              group_size: Optional[int] = None) -> Optional[Int8Pack]:
     """W8A16 weights for ``aten._weight_int8pack_mm``: per-channel int8 (zero points folded into
     ``q`` when ``q - zp`` fits int8) and bf16 scales. Needs ``in_features % 16 == 0`` (aligned
     16-wide loads); None for group-wise scales or unfoldable zero points."""
-    if scale.shape[1] != 1 or q.shape[1] % 16 or not _has("aten", "_weight_int8pack_mm"):
+    if group_size or scale.shape[1] != 1 or q.shape[1] % 16 or not _has("aten", "_weight_int8pack_mm"):
         return None
     weight = _zero_free(q, zero_point)
     if weight is None:
         return None
-    s = scale.reshape(-1).to(torch.bfloat16).contiguous()
-    return Int8Weight(weight, s, pack_dequant_bf16(weight, scale, None))
+    return Int8Pack(weight, scale.reshape(-1).to(torch.bfloat16).contiguous())
 
 
-def int8_linear(x: torch.Tensor, w: Int8Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def int8pack_linear(x: torch.Tensor, w: Int8Pack, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """W8A16: ``torch.ops.aten._weight_int8pack_mm`` (AVX-512 kernel: int8 rows widened and scaled
-    in registers, fp32 FMA, bf16 out) on ``x`` cast to bf16 (its float32 path is scalar). Above
-    ``SMALL_BATCH`` tokens, :func:`dequant_bf16_linear`."""
-    if x.shape[0] > SMALL_BATCH:
-        return dequant_bf16_linear(x, w.dequant, bias)
+    in registers, fp32 FMA, bf16 out) on ``x`` cast to bf16 (its float32 path is scalar)."""
     return _finish(torch.ops.aten._weight_int8pack_mm(_bf16(x), w.q, w.scale), bias, x.dtype)
 
 
-__all__ = ["W8A8_GEMV_TOKENS", "W4_GEMV_TOKENS", "SMALL_BATCH", "quantize_per_token", "pack_w8a8", "w8a8_linear", "pack_int4", "int4_linear", "int4_group",
-           "pack_int8", "int8_linear", "pack_dequant_bf16", "dequant_bf16_linear"]
+# --- the candidates of each operation, for secateur.quant.dispatch ---------------------------------
+
+class Candidate(NamedTuple):
+    pack: Callable[..., Any]  # (q, scale, zero_point or None, group_size) -> packed weight, or None
+    run: Callable[[torch.Tensor, Any, Optional[torch.Tensor]], torch.Tensor]  # (x 2-D, packed, bias)
+    max_tokens: int = 1 << 30  # few-token kernels: their time grows with every token
+
+
+CANDIDATES: dict[str, dict[str, Candidate]] = {
+    "w8a8": {"gemv": Candidate(pack_gemv_w8a8, w8a8_gemv, FEW_TOKENS),
+             "onednn": Candidate(pack_onednn, w8a8_onednn),
+             "int_mm": Candidate(pack_int_mm, w8a8_int_mm),
+             "fp32": Candidate(pack_exact_fp32, w8a8_fp32)},
+    "w4a16": {"gemv": Candidate(pack_gemv_w4, w4_gemv, FEW_TOKENS),
+              "int4pack": Candidate(pack_int4, int4pack_linear, SMALL_BATCH),
+              "dequant_bf16": Candidate(pack_dequant, dequant_bf16_linear),
+              "fp32": Candidate(pack_fp32, fp32_linear)},
+    "w8a16": {"int8pack": Candidate(pack_int8, int8pack_linear, SMALL_BATCH),
+              "dequant_bf16": Candidate(pack_dequant, dequant_bf16_linear),
+              "fp32": Candidate(pack_fp32, fp32_linear)},
+}
+# the W8A8 GEMMs alone (int8 in, float32 out): op "w8a8_gemm"
+GEMMS = {"onednn": pack_onednn, "int_mm": pack_int_mm, "fp32": pack_exact_fp32}
+
+
+def op_of(bits: int, activation: Optional[str], group_size: Optional[int]) -> Optional[str]:
+    """The dispatcher's operation for a QuantLinear scheme, or None where no kernel applies."""
+    if activation == "int8":
+        return "w8a8" if group_size is None else None
+    return "w4a16" if bits <= 4 else "w8a16"
+
+
+def synthetic(op: str, in_features: int, out_features: int, group_size: Optional[int] = None,
+              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """``(q, scale, zero_point, bias)`` of the given shape, symmetric, for timing candidates."""
+    g = torch.Generator().manual_seed(seed)
+    hi = 7 if op == "w4a16" else 127
+    groups = in_features // group_size if group_size else 1
+    q = torch.randint(-hi, hi + 1, (out_features, in_features), generator=g, dtype=torch.int8)
+    scale = torch.rand(out_features, groups, generator=g) * 0.01 + 1e-3
+    return q, scale, None, torch.randn(out_features, generator=g)
+
+
+def bench_linear(op: str, in_features: int, out_features: int, group_size: Optional[int] = None
+                 ) -> Callable[[int], dict[str, Callable[[], Any]]]:
+    """The dispatcher's ``make`` for a quantized Linear of this shape: rows -> {candidate: call}
+    over synthetic weights (each candidate packed once, on first need) and float32 inputs."""
+    q, scale, zero, bias = synthetic(op, in_features, out_features, group_size)
+    packs: dict[str, Any] = {}
+
+    def make(rows: int) -> dict[str, Callable[[], Any]]:
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+        calls = {}
+        for name, cand in CANDIDATES[op].items():
+            if rows > cand.max_tokens:
+                continue
+            if name not in packs:
+                try:
+                    packs[name] = cand.pack(q, scale, zero, group_size)
+                except (RuntimeError, NotImplementedError):  # a torch build without the op's CPU kernel
+                    packs[name] = None
+            if packs[name] is not None:
+                calls[name] = (lambda c=cand, p=packs[name]: c.run(x, p, bias))
+        return calls
+    return make
+
+
+def bench_gemm(in_features: int, out_features: int) -> Callable[[int], dict[str, Callable[[], Any]]]:
+    """The dispatcher's ``make`` for op ``w8a8_gemm``: int8 rows times an int8 weight, float32 out."""
+    q, scale, zero, _ = synthetic("w8a8", in_features, out_features)
+    packs = {}
+    for name, pack in GEMMS.items():
+        try:
+            packs[name] = pack(q, scale, zero)
+        except (RuntimeError, NotImplementedError):
+            packs[name] = None
+
+    def make(rows: int) -> dict[str, Callable[[], Any]]:
+        xq = torch.randint(-127, 128, (rows, in_features), generator=torch.Generator().manual_seed(rows),
+                           dtype=torch.int8)
+        return {name: (lambda p=p: w8a8_gemm(xq, p)) for name, p in packs.items() if p is not None}
+    return make
+
+
+class W8A8Gemm:
+    """An int8 weight for many-token GEMMs whose kernel (oneDNN or ``torch._int_mm``) is chosen per
+    token bucket by measurement and packed on first use: the fused encoder's four GEMMs."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor]):
+        self.q, self.scale, self.zero_point = q, scale, zero_point
+        self.shape = (q.shape[1], q.shape[0])
+        self._packs: dict[str, Any] = {}
+        self._by_bucket: dict[int, tuple[str, Any]] = {}
+        self._generation = -1
+        self.foldable = _zero_free(q, zero_point) is not None  # no zero-point correction needed
+
+    def _entry(self, tokens: int) -> tuple[str, Any]:
+        if self._generation != dispatch.generation():
+            self._by_bucket, self._generation = {}, dispatch.generation()
+        b = dispatch.bucket(tokens)
+        entry = self._by_bucket.get(b)
+        if entry is None:
+            available = tuple(n for n in GEMMS if self._packs.get(n, True) is not None)
+            while available:
+                name = dispatch.choose("w8a8_gemm", tokens, self.shape, bench_gemm(*self.shape), available)
+                if name not in self._packs:
+                    self._packs[name] = GEMMS[name](self.q, self.scale, self.zero_point)
+                if self._packs[name] is not None:
+                    entry = self._by_bucket[b] = (name, self._packs[name])
+                    break
+                available = tuple(n for n in available if n != name)
+            else:
+                raise SecateurError("no int8 GEMM kernel can run here (neither oneDNN nor torch._int_mm)")
+        return entry
+
+    def __call__(self, xq: torch.Tensor) -> torch.Tensor:
+        """``(xq @ q.T) * scale`` as float32 (see :func:`w8a8_gemm`)."""
+        return w8a8_gemm(xq, self._entry(xq.shape[0])[1])
+
+    def secateur_kernels(self) -> dict[str, dict[int, str]]:
+        return {"w8a8_gemm": {b: name for b, (name, _) in self._by_bucket.items()}}
+
+
+__all__ = ["FEW_TOKENS", "SMALL_BATCH", "CANDIDATES", "GEMMS", "Candidate", "W8A8Gemm", "op_of", "synthetic",
+           "bench_linear", "bench_gemm", "quantize_per_token", "w8a8_gemm", "pack_onednn", "pack_int_mm",
+           "pack_gemv_w8a8", "pack_exact_fp32", "pack_int4", "pack_gemv_w4", "pack_int8", "pack_fp32", "pack_dequant_bf16",
+           "dequant_bf16_linear", "int4_group"]

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import SecateurError
-from . import kernels
+from . import dispatch, kernels
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,9 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self._kernel: Any = None  # (function, packed weight) once prepared, False where no kernel applies
+        self._packs: dict[str, Any] = {}  # kernel name -> packed weight (None: that kernel cannot take it)
+        self._entries: dict[int, Any] = {}  # token bucket -> (kernel name, run, packed) or None (reference)
+        self._generation = -1  # dispatch.generation() the entries were chosen under
         self._sibling: Any = None  # (SiblingGemv, first column, width) once linked (quant.siblings)
 
     @classmethod
@@ -131,52 +133,104 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _reference_only or not self.use_kernels or x.device.type != "cpu" or x.dtype not in _FAST_DTYPES \
-                or (x.requires_grad and torch.is_grad_enabled()):
-            return self.reference_forward(x)
-        kernel = self._kernel
-        if kernel is None:
-            kernel = self._kernel = self._prepare()
-        if not kernel or x.shape[-1] != self.in_features:  # a wrong width: F.linear's error
-            return self.reference_forward(x)
-        function, packed = kernel
+                or (x.requires_grad and torch.is_grad_enabled()) or x.shape[-1] != self.in_features:
+            return self.reference_forward(x)  # (a wrong width: F.linear's error)
         x2 = x.reshape(-1, self.in_features)
+        entry = self._entry(x2.shape[0])
+        if entry is None:
+            return self.reference_forward(x)
+        name, run, packed = entry
         sibling = self._sibling
-        if sibling is not None and sibling[0].valid and x2.shape[0] <= sibling[0].tokens:
+        if sibling is not None and name == "gemv" and sibling[0].valid and x2.shape[0] <= sibling[0].tokens:
             group, start, width = sibling
             out = group(x2, start)[:, start:start + width].to(x.dtype)
         else:
-            out = function(x2, packed, self.bias)
+            out = run(x2, packed, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
-    def _prepare(self) -> Any:
-        """``(kernel function, packed weight)`` for this module, or False (reference path)."""
-        q, scale, zero = self.weight_q, self.weight_scale, self.weight_zero_point
-        if q.device.type != "cpu":
-            return False
-        try:
-            if self.activation == "int8":
-                function, packed = kernels.w8a8_linear, kernels.pack_w8a8(q, scale, zero)
-            elif self.bits <= 4:
-                function, packed = kernels.int4_linear, kernels.pack_int4(q, scale, zero, self.group_size)
-            else:
-                function, packed = kernels.int8_linear, kernels.pack_int8(q, scale, zero)
-        except (RuntimeError, NotImplementedError) as exc:  # a torch build without the op's CPU kernel
-            log.debug("QuantLinear %s: no low-precision kernel (%s); reference path", self.extra_repr(), exc)
-            return False
-        return (function, packed) if packed is not None else False
+    def _entry(self, tokens: int) -> Any:
+        """``(kernel name, run, packed weight)`` for ``tokens`` rows, chosen once per token bucket
+        (:func:`secateur.quant.dispatch.choose`) and packed on first use; None: the reference path."""
+        if self._generation != dispatch.generation():
+            self._entries, self._generation = {}, dispatch.generation()
+        b = dispatch.bucket(tokens)
+        entry = self._entries.get(b, ())
+        if entry == ():
+            entry = self._entries[b] = self._choose(tokens)
+        return entry
+
+    def _choose(self, tokens: int) -> Any:
+        op = self.op
+        if op is None or self.weight_q.device.type != "cpu":
+            return None
+        candidates = kernels.CANDIDATES[op]
+        available = tuple(n for n, c in candidates.items() if tokens <= c.max_tokens and self._packs.get(n, 0) is not None)
+        make = kernels.bench_linear(op, self.in_features, self.out_features, self.group_size)
+        while available:
+            name = dispatch.choose(op, tokens, self.kernel_shape, make, available)
+            packed = self._pack(name)
+            if packed is not None:
+                return name, candidates[name].run, packed
+            available = tuple(n for n in available if n != name)
+        return None
+
+    def _pack(self, name: str) -> Any:
+        if name not in self._packs:
+            q, scale, zero = self.weight_q, self.weight_scale, self.weight_zero_point
+            try:
+                self._packs[name] = kernels.CANDIDATES[self.op][name].pack(q, scale, zero, self.group_size)
+            except (RuntimeError, NotImplementedError) as exc:  # a torch build without the op's CPU kernel
+                log.debug("QuantLinear %s: kernel %s unavailable (%s)", self.extra_repr(), name, exc)
+                self._packs[name] = None
+        return self._packs[name]
+
+    @property
+    def op(self) -> Optional[str]:
+        """The dispatcher's operation for this scheme (``"w8a8"``, ``"w4a16"``, ``"w8a16"``), or None."""
+        return kernels.op_of(self.bits, self.activation, self.group_size)
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """The shape key kernel choices are measured and cached under."""
+        shape = (self.in_features, self.out_features)
+        return shape + (self.group_size,) if self.op == "w4a16" and self.group_size else shape
 
     @property
     def kernel(self) -> str:
-        """Name of the kernel ``forward`` runs on float32 CPU input (``"reference"`` when none applies)."""
-        if _reference_only or not self.use_kernels:
+        """The operation ``forward`` runs on float32 CPU input (``"reference"`` when no kernel applies)."""
+        if _reference_only or not self.use_kernels or self.op is None:
             return "reference"
-        if self._kernel is None:
-            self._kernel = self._prepare()
-        return self._kernel[0].__name__ if self._kernel else "reference"
+        return self.op
+
+    def kernel_for(self, tokens: int) -> str:
+        """The kernel ``forward`` runs for ``tokens`` rows of float32 CPU input (chosen, and packed, now)."""
+        if self.kernel == "reference":
+            return "reference"
+        entry = self._entry(tokens)
+        return entry[0] if entry else "reference"
+
+    def prepare(self, *tokens: int) -> None:
+        """Choose and pack the kernels for these token counts now (e.g. before ``torch.compile``,
+        which cannot measure or pack while it traces)."""
+        for t in tokens:
+            self.kernel_for(t)
+
+    def secateur_kernels(self) -> dict[str, dict[int, str]]:
+        """The kernels chosen so far, by token bucket (read by :func:`secateur.quant.dispatch.summary`)."""
+        chosen = {b: e[0] for b, e in self._entries.items() if e}
+        report = {self.op: chosen} if chosen and self.op else {}
+        gemm = self._packs.get("w8a8_gemm")  # the fused encoder's GEMM of this weight
+        if gemm is not None and gemm.secateur_kernels()["w8a8_gemm"]:
+            report.update(gemm.secateur_kernels())
+        return report
+
+    def packed(self, name: str) -> Any:
+        """This module's weight packed for candidate ``name`` (None where that kernel cannot take it)."""
+        return self._pack(name) if self.op else None
 
     def reset_kernel(self) -> None:
         """Drop the packed weights (repacked on the next forward): call after editing the buffers in place."""
-        self._kernel = None
+        self._packs, self._entries = {}, {}
         self._unlink()
 
     def _unlink(self) -> None:
@@ -185,19 +239,16 @@ class QuantLinear(nn.Module):
             self._sibling = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> "QuantLinear":  # .to(), .cuda(), .half()...
-        self._kernel = None
-        self._unlink()
+        self.reset_kernel()
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._kernel = None
-        self._unlink()
+        self.reset_kernel()
         super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:  # copy / pickle without the packed (oneDNN) tensors
         state = dict(super().__getstate__())
-        state["_kernel"] = None
-        state["_sibling"] = None
+        state["_packs"], state["_entries"], state["_sibling"] = {}, {}, None
         return state
 
     def extra_repr(self) -> str:

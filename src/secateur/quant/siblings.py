@@ -64,16 +64,13 @@ class SiblingGemv:
 
 
 def _gemv_of(module: nn.Module) -> Optional[tuple[str, Any]]:
-    """``(kind, packed GEMV weight)`` of a QuantLinear whose kernel has one, else None."""
+    """``(kind, packed GEMV weight)`` of a QuantLinear whose one-token kernel is secateur's GEMV
+    (as measured for its shape on this machine), else None."""
     from .linear import QuantLinear
 
-    if not isinstance(module, QuantLinear) or not module.use_kernels or module.kernel == "reference":
+    if not isinstance(module, QuantLinear) or module.kernel == "reference" or module.kernel_for(1) != "gemv":
         return None
-    function, packed = module._kernel
-    gemv = getattr(packed, "gemv", None)
-    if gemv is None:
-        return None
-    return ("w8a8" if function is kernels.w8a8_linear else "w4"), gemv
+    return ("w8a8" if module.op == "w8a8" else "w4"), module.packed("gemv")
 
 
 def _joint(kind: str, parts: list[Any]) -> tuple[Any, list[Any]]:
@@ -133,12 +130,12 @@ def link_siblings(model: nn.Module) -> int:
             if biased.pop():
                 bias = torch.cat([torch.nn.functional.pad(m.bias.detach().float(), (0, p.w.shape[0] * native.LANES - p.n))
                                   for m, p in zip(members, parts)])
-            tokens = kernels.W8A8_GEMV_TOKENS if kind == "w8a8" else kernels.W4_GEMV_TOKENS
-            sibling = SiblingGemv(kind, joint, bias, tokens)
+            sibling = SiblingGemv(kind, joint, bias, kernels.FEW_TOKENS)
             start = 0
             for member, part, view in zip(members, parts, views):
-                function, packed = member._kernel
-                member._kernel = (function, packed._replace(gemv=view))
+                member._packs["gemv"] = view
+                member._entries = {b: (e[0], e[1], view) if e and e[0] == "gemv" else e  # the view, in place
+                                   for b, e in member._entries.items()}
                 member._sibling = (sibling, start, part.n)
                 start += part.w.shape[0] * native.LANES
             linked += 1
