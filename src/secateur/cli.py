@@ -117,12 +117,22 @@ def eval_cmd(model: str = typer.Argument(..., help="Model directory, artifact or
 
 
 @app.command("info")
-def info_cmd(model: str = typer.Argument(..., help="Model directory, artifact or hub id."),
+def info_cmd(model: Optional[str] = typer.Argument(None, help="Model directory, artifact or hub id."),
+             machine: bool = typer.Option(False, "--machine", help="This machine: the CPU, its flags, and the kernel "
+                                          "each quantized operation runs, timed beside float32."),
+             remeasure: bool = typer.Option(False, "--remeasure", help="--machine: forget this machine's cached "
+                                            "kernel choices and measure again."),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Show a model's architecture facts and, for an artifact, its compression card summary."""
+    """Show a model's architecture facts and, for an artifact, its compression card summary; with
+    --machine, what each quantized operation runs on this CPU and how fast beside float32."""
     from .artifacts import card_summary
     from .models import load
 
+    if machine:
+        _machine_info(remeasure, as_json)
+        return
+    if model is None:
+        raise SecateurError("info needs a MODEL (a directory, artifact or hub id), or --machine")
     loaded = load(model)
     data = {"arch": loaded.arch.to_dict(), "source": {k: v for k, v in loaded.info.items() if k != "card"}}
     if "card" in loaded.info:
@@ -131,6 +141,30 @@ def info_cmd(model: str = typer.Argument(..., help="Model directory, artifact or
     for key, value in {**data["arch"], **data.get("card", {})}.items():
         table.add_row(key, str(value))
     _emit(data, as_json, table)
+
+
+def _machine_info(remeasure: bool, as_json: bool) -> None:
+    from .quant import dispatch
+    from .quant.survey import survey
+
+    if remeasure:
+        dispatch.clear()
+    data = survey()
+    m = data["machine"]
+    table = Table("operation", "shape", "tokens", "kernel", "µs", "float32 µs", "× float32", "GOP/s", "candidates (µs)",
+                  title=f"{m['cpu']} · {', '.join(m['flags']) or 'no SIMD flags read'} · {m['threads']} threads · "
+                        f"torch {m['torch']} · native kernels {'built' if data['native_kernels'] else 'off'}")
+    for r in data["rows"]:
+        fmt = (lambda v, spec: "—" if v is None else format(v, spec))
+        others = ", ".join(f"{k} {v:.0f}" for k, v in r["candidates"].items())
+        if r["screened"]:
+            others += f"; screened out after one row: {', '.join(r['screened'])}"
+        table.add_row(r["op"], "×".join(map(str, r["shape"])), str(r["tokens"]), r["kernel"], fmt(r["us"], ".1f"),
+                      fmt(r["fp32_us"], ".1f"), fmt(r["vs_fp32"], ".2f"), fmt(r["gops"], ".0f"), others)
+    _emit(data, as_json, table)
+    if not as_json:
+        out.print(f"cached choices: {data['cache']} (SECATEUR_KERNELS forces one, e.g. w8a8=int_mm; "
+                  "decode_attention's × is against sdpa)", markup=False, highlight=False)
 
 
 @app.command("compress")

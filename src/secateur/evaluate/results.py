@@ -42,11 +42,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def environment(model: Any) -> dict[str, Any]:
-    """Threads, dtype, device, the model's identity and the versions that produced a number."""
+    """Threads, the CPU, the kernels the model's quantized operations ran, dtype, device, the model's
+    identity and the versions that produced a number."""
     import torch
     import transformers
 
     from .. import __version__
+    from ..quant import dispatch, machine
 
     param = next(model.parameters(), None)
     config = getattr(model, "config", None)
@@ -56,6 +58,9 @@ def environment(model: Any) -> dict[str, Any]:
                   "weights_sha256": source.get("weights_sha256"),
                   "model_type": getattr(config, "model_type", None), "class": type(model).__name__},
         "threads": torch.get_num_threads(),
+        "machine": {k: v for k, v in machine.describe().items() if k in ("cpu", "vendor", "flags", "amx",
+                                                                           "onednn_max_isa")},
+        "kernels": dispatch.summary(model),  # what each quantized operation ran, by token bucket
         "dtype": str(param.dtype).replace("torch.", "") if param is not None else None,
         "device": str(param.device) if param is not None else "cpu",
         "versions": {"python": platform.python_version(), "torch": torch.__version__,

@@ -15,8 +15,9 @@ The measurement, per bucket:
    that row plus ``SCREEN_SLACK_S`` is dropped without ever running the full shape (the
    pathology above would otherwise cost seconds per call);
 2. *time*: the others run alternately on the bucket's row count (a warm-up, then at least
-   ``MIN_ROUNDS`` and at most ``MAX_ROUNDS`` rounds, until ``BUDGET_S`` is spent); the lowest median
-   wins. One far slower than the best after its first timed call is dropped early.
+   ``MIN_ROUNDS`` and at most ``MAX_ROUNDS`` rounds, until ``BUDGET_S`` is spent); the lowest time
+   wins (the fastest run of each, least disturbed by other work). One far slower than the best
+   after its first timed call is dropped early.
 
 Choices are kept in memory and in ``$SECATEUR_CACHE_DIR/kernels/choices-<machine key>.json``
 (default ``~/.cache/secateur``), a JSON file written atomically and merged with what other
@@ -34,7 +35,6 @@ import contextlib
 import json
 import logging
 import os
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -109,8 +109,13 @@ def parse_forced(text: str) -> dict[str, str]:
     return out
 
 
+def parse_forced_env() -> dict[str, str]:
+    """What ``SECATEUR_KERNELS`` forces (an error names a bad item)."""
+    return parse_forced(os.environ.get("SECATEUR_KERNELS", ""))
+
+
 def _forcing() -> dict[str, str]:
-    merged = parse_forced(os.environ.get("SECATEUR_KERNELS", ""))
+    merged = parse_forced_env()
     for layer in _forced_stack:
         merged.update(layer)
     return merged
@@ -205,20 +210,20 @@ def _time_once(run: Runner) -> float:
 
 def measure(make: Maker, rows: int) -> dict[str, Any]:
     """Time the candidates ``make`` builds (see the module docstring); returns the record
-    ``{"kernel": fastest, "us": {candidate: median microseconds}, "screened": [...], "rows": rows}``."""
+    ``{"kernel": fastest, "us": {candidate: fastest run in microseconds}, "screened": [...], "rows": rows}``."""
     import torch
 
     with torch.inference_mode():
-        one = dict(make(1))
+        full = dict(make(rows))
+        one = {name: run for name, run in (dict(make(1)) if rows > 1 else full).items() if name in full}
         if not one:
             raise SecateurError("no kernel candidate can run this operation here")
         for run in one.values():  # first calls pay one-time set-up (oneDNN primitives, JIT)
             run()
         single = {name: min(_time_once(run), _time_once(run)) for name, run in one.items()}
         base = single.get(REFERENCE, min(single.values()))
-        keep = [n for n, t in single.items() if t <= SCREEN_FACTOR * base + SCREEN_SLACK_S]
-        screened = sorted(set(single) - set(keep))
-        full = {name: run for name, run in (dict(make(rows)) if rows > 1 else one).items() if name in keep}
+        screened = sorted(n for n, t in single.items() if t > SCREEN_FACTOR * base + SCREEN_SLACK_S)
+        full = {name: run for name, run in full.items() if name not in screened}
         for run in full.values():
             run()
         times: dict[str, list[float]] = {name: [] for name in full}
@@ -230,9 +235,11 @@ def measure(make: Maker, rows: int) -> dict[str, Any]:
                 if rounds == 0 and times[name][0] > DROP_FACTOR * best and len(full) > 1:
                     del full[name]  # far slower than the best already seen: not worth more calls
             rounds += 1
-    medians = {name: statistics.median(ts) for name, ts in times.items() if ts}
-    fastest = min((n for n in medians if n in full), key=medians.__getitem__)
-    return {"kernel": fastest, "us": {n: round(t * 1e6, 2) for n, t in sorted(medians.items())},
+    # the fastest run of each: what the kernel can do, least disturbed by whatever else the machine
+    # was doing (a median would let one busy moment decide a choice that is then cached)
+    fastest_runs = {name: min(ts) for name, ts in times.items() if ts}
+    fastest = min((n for n in fastest_runs if n in full), key=fastest_runs.__getitem__)
+    return {"kernel": fastest, "us": {n: round(t * 1e6, 2) for n, t in sorted(fastest_runs.items())},
             "screened": screened, "rows": rows}
 
 
@@ -295,4 +302,4 @@ def summary(model: Any) -> dict[str, dict[str, str]]:
 
 
 __all__ = ["OPS", "REFERENCE", "BUCKETS", "bucket", "bucket_label", "generation", "parse_forced", "forced",
-           "forced_choice", "measuring", "cache_path", "recorded", "clear", "measure", "choose", "summary"]
+           "parse_forced_env", "forced_choice", "measuring", "cache_path", "recorded", "clear", "measure", "choose", "summary"]

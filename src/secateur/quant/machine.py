@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import platform
 from typing import Any
 
@@ -62,7 +63,10 @@ def describe() -> dict[str, Any]:
     from .._version import __version__
 
     return {"cpu": cpu_model(), "vendor": vendor(), "flags": list(cpu_flags()), "amx": has_amx(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "secateur": __version__}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "secateur": __version__,
+            # oneDNN's own ISA cap (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 makes an AMX Xeon run as one
+            # without AMX): choices measured under one cap must not be read under another
+            "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")}
 
 
 def key() -> str:
