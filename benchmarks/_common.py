@@ -25,9 +25,21 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    from secateur.quant import machine
+
+    facts = machine.describe()  # the CPU model, its kernel-relevant flags (AMX or not), oneDNN's ISA cap
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(), "cpu": cpu}
+            "threads": torch.get_num_threads(), "cpu": facts["cpu"], "cpu_flags": facts["flags"], "amx": facts["amx"],
+            "onednn_max_isa": facts["onednn_max_isa"], "machine_key": machine.key()}
+
+
+def cpu_line() -> str:
+    """``"AMD EPYC, no AMX, 2 threads"``: what every printed table says it was measured on."""
+    import torch
+
+    from secateur.quant import machine
+
+    return f"{machine.cpu_model()}, {'AMX' if machine.has_amx() else 'no AMX'}, {torch.get_num_threads()} threads"
 
 
 def write_json(name: str, data: dict[str, Any], path: str | None = None) -> Path:
@@ -53,7 +65,7 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=f"{title}\n(measured on {cpu_line()})")  # every table names its CPU
     for col in columns:
         table.add_column(col, justify="right" if col not in (columns[0], columns[1]) else "left")
     for row in rows:

@@ -1,8 +1,8 @@
 """W8A8 on MiniLM: STS-B dev quality and encoding speed, against fp32 and torch's quantize_dynamic.
 
 Protocol P2 (STS-B dev, batch 64, max_length 128, fp32 inputs), 2 threads. Variants: dense fp32;
-secateur SmoothQuant W8A8 (int8 per-channel weights, dynamic per-token int8 activations, oneDNN
-int8 GEMM) in its runtime (fused blocks, secateur.evaluate.fused_encoder) and the same model
+secateur SmoothQuant W8A8 (int8 per-channel weights, dynamic per-token int8 activations, the int8
+GEMM this machine measured fastest) in its runtime (fused blocks, secateur.evaluate.fused_encoder) and the same model
 module by module; torch's ``quantize_dynamic`` (per-tensor activation scales). Each variant encodes the
 whole dev set (both sides, 3,000 sentences) ``--rounds`` times, alternating; speed-up = dense
 median / variant median. Batch independence: the embedding of one sentence encoded alone vs
@@ -10,8 +10,9 @@ inside its batch of 64 (max |difference|).
 
     python benchmarks/quant_encoder_speed.py [--rounds 3]
 
-Prints a table and writes benchmarks/results/quant_encoder_speed.json. Bar (issue 5): W8A8 within
-0.5 of dense (86.72) and at least 3x faster than fp32.
+Prints a table and writes benchmarks/results/quant_encoder_speed.json, with the CPU and the kernels
+each variant ran (chosen by measurement on this machine). Bar: W8A8 within 0.2 of dense (86.72)
+and at least 3x faster than fp32, on either kind of CPU (with AMX or without).
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def main() -> None:
     first, second, _ = source("stsb").pairs("dev")
     texts = list(first) + list(second)
 
-    quality = {name: evaluate(m, tok, "sts", "stsb").value for name, m in models.items()}
+    evaluated = {name: evaluate(m, tok, "sts", "stsb") for name, m in models.items()}
+    quality = {name: r.value for name, r in evaluated.items()}
+    kernels = {name: r.settings.get("kernels", {}) for name, r in evaluated.items()}  # chosen by measurement
     times = {name: [] for name in models}
     for r in range(args.rounds):
         for name, model in models.items():
@@ -72,14 +75,17 @@ def main() -> None:
     for name in models:
         t = statistics.median(times[name])
         results[name] = {"spearman": quality[name], "seconds": times[name], "median_s": t, "speedup": base / t,
-                         "batch_dependence_max_abs": independence[name]}
+                         "batch_dependence_max_abs": independence[name], "kernels": kernels[name]}
         rows.append([name, quality[name], quality[name] - quality["dense fp32"], t, base / t, independence[name]])
     print_table(f"P2 MiniLM STS-B dev: quality and encoding time of {len(texts)} sentences, 2 threads, "
                 f"{args.rounds} alternating rounds",
                 ["variant", "Spearman", "Δ", "seconds", "speed-up", "batch dependence"], rows)
     ours = results["secateur SmoothQuant W8A8"]
-    passed = ours["spearman"] >= quality["dense fp32"] - 0.5 and ours["speedup"] >= 3.0
-    print(f"bar (W8A8 within 0.5 and >= 3x): {'PASS' if passed else 'FAIL'}")
+    passed = ours["spearman"] >= quality["dense fp32"] - 0.2 and ours["speedup"] >= 3.0
+    print(f"bar (W8A8 within 0.2 of dense and >= 3x): {'PASS' if passed else 'FAIL'}")
+    for name, used in kernels.items():
+        if used:
+            print(f"kernels {name}: {used}")
     out = write_json("quant_encoder_speed", {"environment": environment(), "rounds": args.rounds,
                                              "variants": results, "bar_passed": passed}, args.out)
     print(f"wrote {out}")

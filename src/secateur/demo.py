@@ -64,11 +64,14 @@ def measure_speed(models: list[Any]) -> list[dict[str, Any]]:
     from .evaluate import evaluate
 
     runs: list[list[dict[str, Any]]] = [[] for _ in models]
+    kernels: list[dict[str, Any]] = [{} for _ in models]
     for _ in range(SPEED_ROUNDS):
         for i, model in enumerate(models):
-            runs[i].append(evaluate(model, None, "speed", **SPEED_OPTIONS).extra)
+            result = evaluate(model, None, "speed", **SPEED_OPTIONS)
+            runs[i].append(result.extra)
+            kernels[i] = result.settings.get("kernels", {})
     out = []
-    for extras in runs:
+    for extras, used in zip(runs, kernels):
         first = extras[0]
         prefill = [e.get("prefill_ms_median", e.get("latency_ms_median")) for e in extras]
         decode = [e["decode_tokens_per_s"] for e in extras if "decode_tokens_per_s" in e]
@@ -76,7 +79,7 @@ def measure_speed(models: list[Any]) -> list[dict[str, Any]]:
                     "decode_tok_s": statistics.median(decode) if decode else None,
                     "sparsity": first.get("sparsity"), "params": first.get("parameters"),
                     "bytes_on_disk": first.get("disk_bytes"),
-                    "peak_rss_mib": max(e.get("peak_rss_mib", 0) for e in extras)})
+                    "peak_rss_mib": max(e.get("peak_rss_mib", 0) for e in extras), "kernels": used})
     return out
 
 
@@ -86,6 +89,7 @@ def run_demo(models_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     from .errors import SecateurError
     from .models import load
     from .pipeline import run_recipe
+    from .quant import machine
     from .recipe import Recipe
 
     models_dir, out_dir = Path(models_dir), Path(out_dir)
@@ -113,11 +117,11 @@ def run_demo(models_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
         rows.append(dense)
         for (label, result), speed in zip(variants, speeds[1:]):
             rows.append(_row(case["label"], label, result.after[0], speed, dense, result.artifact))
-    summary = {"rows": rows, "speed": {**SPEED_OPTIONS, "rounds": SPEED_ROUNDS}}
+    summary = {"rows": rows, "speed": {**SPEED_OPTIONS, "rounds": SPEED_ROUNDS}, "machine": machine.describe()}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "demo.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     (out_dir / "demo.md").write_text(markdown_table(rows))
-    print_table(rows)
+    print_table(rows, summary["machine"])
     return summary
 
 
@@ -146,11 +150,25 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
+def kernel_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per variant that ran quantized kernels: each operation's kernel by token bucket."""
+    lines = []
+    for r in rows:
+        used = r.get("kernels") or {}
+        if used:
+            ops = "; ".join(f"{op} " + ", ".join(f"{b} tok: {k}" for b, k in by.items()) for op, by in used.items())
+            lines.append(f"{r['model']} {r['variant']}: {ops}")
+    return lines
+
+
+def print_table(rows: list[dict[str, Any]], machine: dict[str, Any] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="secateur demo: before / after (P1 perplexity: lower is better; P2 Spearman: higher)")
+    title = "secateur demo: before / after (P1 perplexity: lower is better; P2 Spearman: higher)"
+    if machine:
+        title += f"\n{machine['cpu']}, {machine['threads']} threads, {'AMX' if machine['amx'] else 'no AMX'}"
+    table = Table(title=title)
     for col in COLUMNS:
         table.add_column(col, justify="left" if col in ("model", "variant") else "right")
     for r in rows:
@@ -160,3 +178,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     console.print("Pruned weights are stored as bitmask + values (size ×: bytes against the dense checkpoint); they "
                   "still run on dense kernels, so expect speed × near 1.00 (measured above, same process, alternating). "
                   "Speed wins come from structured pruning and quantization.")
+    lines = kernel_lines(rows)
+    if lines:
+        console.print("Kernels chosen by measurement on this machine (secateur info --machine):", highlight=False)
+        for line in lines:
+            console.print("  " + line, highlight=False, markup=False)
