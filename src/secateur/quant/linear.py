@@ -12,13 +12,14 @@ convention). ``activation`` is None (weight-only: W4A16, W8A16, ...) or ``"int8"
 input is quantized per token on the fly, symmetric int8, one scale per row, so a token's output
 never depends on the rest of the batch).
 
-``forward`` runs the fastest real low-precision CPU kernel of :mod:`secateur.quant.kernels` that
-takes the module (W8A8 int8 GEMM, int4 / int8 weight-only GEMV), packed on first use and cached on
-the module (not in the state dict), and otherwise the reference: dequantize, then ``F.linear``
-(W8A8: on the fake-quantized input). The weight-only kernels compute in bfloat16 (bf16 activations,
-scales and outputs; float32 accumulation), so their outputs differ from the reference by bf16
-rounding; the W8A8 kernel only by float rounding. Set ``module.use_kernels = False`` or run inside
-``with reference_only():`` for the reference path.
+``forward`` runs a real low-precision CPU kernel of :mod:`secateur.quant.kernels`, the one
+measured fastest for this shape and token bucket on this machine (:mod:`secateur.quant.dispatch`:
+oneDNN, ``torch._int_mm``, torch's packed GEMVs, bf16 dequantize + GEMM, secateur's GEMVs, or the
+float32 candidate when nothing quantized beats it), packed on first use and cached on the module
+(not in the state dict). The weight-only bf16 kernels differ from the reference by bf16 rounding;
+the W8A8 kernels (its float32 candidate included) compute the exact integer products and differ
+only by float rounding, and give the same floats as each other. Set ``module.use_kernels = False``
+or run inside ``with reference_only():`` for the reference path (dequantize, then ``F.linear``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 ACTIVATIONS = (None, "int8")
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
 _reference_only = False
+_UNCHOSEN = object()  # a token bucket whose kernel is not chosen yet
 
 
 @contextmanager
@@ -154,8 +156,8 @@ class QuantLinear(nn.Module):
         if self._generation != dispatch.generation():
             self._entries, self._generation = {}, dispatch.generation()
         b = dispatch.bucket(tokens)
-        entry = self._entries.get(b, ())
-        if entry == ():
+        entry = self._entries.get(b, _UNCHOSEN)
+        if entry is _UNCHOSEN:
             entry = self._entries[b] = self._choose(tokens)
         return entry
 
