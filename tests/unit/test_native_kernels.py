@@ -139,6 +139,36 @@ def test_fused_epilogue_gives_the_floats_of_addcmul(n, bias):
     assert torch.equal(native.w8a8_epilogue(y, xs, b), ref)
 
 
+@pytest.mark.parametrize("n", [16, 37, 1536])
+@pytest.mark.parametrize("bias", [True, False])
+def test_every_pass_reads_int32_products_with_their_weight_scales_as_the_float_products(n, bias):
+    """torch._int_mm's int32 products plus the weight scales give each native pass exactly the
+    floats it gets from torch.mul(products, scales), the separate pass the int32 form saves."""
+    g = torch.Generator().manual_seed(n)
+    rows = 32
+    y = torch.randint(-2**22, 2**22, (rows, 3 * n if n % 16 == 0 else n), generator=g, dtype=torch.int32)
+    ws = torch.rand(y.shape[1], generator=g) * 1e-4
+    xs = torch.rand(rows, 1, generator=g) * 1e-2
+    b = torch.randn(y.shape[1], generator=g) if bias else None
+    yf = torch.mul(y, ws)
+    assert torch.equal(native.w8a8_epilogue(y, xs, b, ws), native.w8a8_epilogue(yf, xs, b))
+    for got, ref in zip(native.w8a8_gelu_quantize(y, xs, b, ws), native.w8a8_gelu_quantize(yf, xs, b)):
+        assert torch.equal(got, ref)
+    norm = torch.nn.LayerNorm(y.shape[1])
+    residual = torch.randn(rows, y.shape[1], generator=g)
+    for got, ref in zip(native.w8a8_residual_layernorm(y, xs, b, residual, norm, True, ws),
+                        native.w8a8_residual_layernorm(yf, xs, b, residual, norm, True)):
+        assert torch.equal(got, ref)
+    if n % 16 == 0:  # head_dim 16, n / 16 heads, 4 sequences of 8
+        heads = n // 16
+        mask = torch.ones(4, 1, 8, 8, dtype=torch.bool)
+        mask[1, ..., 5:] = False
+        assert torch.equal(native.w8a8_encoder_attention(y, xs, b, mask, 4, heads, 0.25, ws),
+                           native.w8a8_encoder_attention(yf, xs, b, mask, 4, heads, 0.25))
+    with pytest.raises(RuntimeError, match="weight scales"):
+        native.w8a8_epilogue(y, xs, b)
+
+
 @pytest.mark.parametrize("gemm", ["onednn", "int_mm", "fp32"])
 @pytest.mark.parametrize("k", [384, 2500])  # 2500 > kernels.EXACT_K: the float32 GEMM in three exact slices
 def test_many_token_w8a8_is_the_exact_integer_dot_product_with_the_fused_passes(gemm, k):

@@ -160,24 +160,25 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask:
     attn = self.get_submodule(plan.paths["attn.q"].rsplit(".", 1)[0])
     heads, head_dim = attn.num_attention_heads, attn.attention_head_size
     inner = heads * head_dim
-    products = joint(xq)
+    products, ws = joint.products(xq)
     if head_dim % 16 == 0 and attn.config._attn_implementation in ("sdpa", "eager") and (
             attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.dim() == 4)):
         context = native.w8a8_encoder_attention(products, xs, joint_bias, attention_mask, batch, heads,
-                                                float(attn.scaling))
+                                                float(attn.scaling), ws)
     else:  # other head sizes or masks: rescale, then the model's own attention function
-        projected = native.w8a8_epilogue(products, xs, joint_bias)
+        projected = native.w8a8_epilogue(products, xs, joint_bias, ws)
         q, k, v = (projected[:, i * inner:(i + 1) * inner].view(batch, length, heads, head_dim).transpose(1, 2)
                    for i in range(3))
         context, _ = _attention_function(attn)(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling)
     aq, a_scale = native.quantize_per_token(context.reshape(batch * length, inner).contiguous())
     norm_attn, norm_mlp = (self.get_submodule(n) for n in plan.norms)
     o, up, down = mods["attn.o"], mods["mlp.up"], mods["mlp.down"]
-    h1, h1q, h1_scale = native.w8a8_residual_layernorm(packs["attn.o"](aq), a_scale, o.bias, x2,
-                                                       norm_attn, True)
-    iq, i_scale = native.w8a8_gelu_quantize(packs["mlp.up"](h1q), h1_scale, up.bias)
-    h2, h2q, h2_scale = native.w8a8_residual_layernorm(packs["mlp.down"](iq), i_scale, down.bias,
-                                                       h1, norm_mlp, not plan.last)
+    y, ws = packs["attn.o"].products(aq)
+    h1, h1q, h1_scale = native.w8a8_residual_layernorm(y, a_scale, o.bias, x2, norm_attn, True, ws)
+    y, ws = packs["mlp.up"].products(h1q)
+    iq, i_scale = native.w8a8_gelu_quantize(y, h1_scale, up.bias, ws)
+    y, ws = packs["mlp.down"].products(iq)
+    h2, h2q, h2_scale = native.w8a8_residual_layernorm(y, i_scale, down.bias, h1, norm_mlp, not plan.last, ws)
     out = h2.view(batch, length, width)
     plan.handover.give(None if plan.last else out, h2q, h2_scale)
     return out

@@ -183,6 +183,16 @@ def w8a8_gemm(xq: torch.Tensor, w: OneDNNWeight | IntMMWeight | ExactFp32Weight)
                                               "none", [], "")
 
 
+def w8a8_products(xq: torch.Tensor, w: OneDNNWeight | IntMMWeight | ExactFp32Weight
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(y, ws)``: ``torch._int_mm``'s int32 products and the weight scales still to apply, or
+    (other kernels) :func:`w8a8_gemm`'s float32 ``y`` and None. The native passes take either form
+    and read the same floats from both (:mod:`secateur.quant.native`)."""
+    if isinstance(w, IntMMWeight):
+        return torch._int_mm(xq, w.weight_t), w.scale
+    return w8a8_gemm(xq, w), None
+
+
 def _w8a8_gemm_linear(x: torch.Tensor, w: OneDNNWeight | IntMMWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """W8A8 on a many-token GEMM: :func:`quantize_per_token`, :func:`w8a8_gemm` (exact s32
     accumulation times the weight scales), then ``* x_scale + bias`` in one ``addcmul``. With the
@@ -193,6 +203,9 @@ def _w8a8_gemm_linear(x: torch.Tensor, w: OneDNNWeight | IntMMWeight, bias: Opti
     # its frozen weight
     fused = not torch.compiler.is_compiling() and x.dim() == 2 and native.available()
     xq, xs = native.quantize_per_token(x.float()) if fused else quantize_per_token(x)
+    if fused and w.zero_scale is None:  # the int32 products are rescaled in the epilogue's pass
+        y, ws = w8a8_products(xq, w)
+        return native.w8a8_epilogue(y, xs, bias, ws).to(x.dtype)
     out = w8a8_gemm(xq, w)
     if w.zero_scale is not None:
         out = torch.addcmul(out, xq.sum(-1, keepdim=True, dtype=torch.float32), w.zero_scale, value=-1)
@@ -485,6 +498,10 @@ class W8A8Gemm:
     def __call__(self, xq: torch.Tensor) -> torch.Tensor:
         """``(xq @ q.T) * scale`` as float32 (see :func:`w8a8_gemm`)."""
         return w8a8_gemm(xq, self._entry(xq.shape[0])[1])
+
+    def products(self, xq: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """:func:`w8a8_products`: int32 products with the scales still to apply, or float32 ones."""
+        return w8a8_products(xq, self._entry(xq.shape[0])[1])
 
     def secateur_kernels(self) -> dict[str, dict[int, str]]:
         return {"w8a8_gemm": {b: name for b, (name, _) in self._by_bucket.items()}}

@@ -112,21 +112,22 @@ def _register_fakes() -> None:
         return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]))
 
     @torch.library.register_fake("secateur::w8a8_epilogue")
-    def _epilogue(y, xs, bias):  # noqa: ANN001, ANN202
-        return torch.empty_like(y)
+    def _epilogue(y, xs, bias, ws=None):  # noqa: ANN001, ANN202
+        return torch.empty_like(y, dtype=torch.float32)
 
     @torch.library.register_fake("secateur::w8a8_gelu_quantize")
-    def _gelu_quantize(y, xs, bias):  # noqa: ANN001, ANN202
-        return torch.empty_like(y, dtype=torch.int8), y.new_empty((y.shape[0], 1))
+    def _gelu_quantize(y, xs, bias, ws=None):  # noqa: ANN001, ANN202
+        return torch.empty_like(y, dtype=torch.int8), y.new_empty((y.shape[0], 1), dtype=torch.float32)
 
     @torch.library.register_fake("secateur::w8a8_encoder_attention")
-    def _encoder_attention(y, xs, bias, mask, batch, heads, scale):  # noqa: ANN001, ANN202
-        return y.new_empty((y.shape[0], y.shape[1] // 3))
+    def _encoder_attention(y, xs, bias, mask, batch, heads, scale, ws=None):  # noqa: ANN001, ANN202
+        return y.new_empty((y.shape[0], y.shape[1] // 3), dtype=torch.float32)
 
     @torch.library.register_fake("secateur::w8a8_residual_layernorm")
-    def _residual_layernorm(y, xs, bias, residual, gamma, beta, eps, quantize):  # noqa: ANN001, ANN202
+    def _residual_layernorm(y, xs, bias, residual, gamma, beta, eps, quantize, ws=None):  # noqa: ANN001, ANN202
         rows = y.shape[0] if quantize else 0
-        return torch.empty_like(y), y.new_empty((rows, y.shape[1]), dtype=torch.int8), y.new_empty((rows, 1))
+        return (torch.empty_like(y, dtype=torch.float32), y.new_empty((rows, y.shape[1]), dtype=torch.int8),
+                y.new_empty((rows, 1), dtype=torch.float32))
 
 
 def _pad_rows(t: torch.Tensor) -> torch.Tensor:
@@ -168,35 +169,43 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.secateur.quantize_per_token(x)
 
 
-def w8a8_epilogue(y: torch.Tensor, xs: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+# In the four functions below ``y`` is a GEMM's float32 output with the weight scales applied, or
+# its int32 products (``torch._int_mm``) with the weight scales ``ws`` still to apply: float(y) * ws
+# is then formed as the row is read (the floats of ``torch.mul(y, ws)``, without that pass).
+
+def w8a8_epilogue(y: torch.Tensor, xs: torch.Tensor, bias: Optional[torch.Tensor],
+                  ws: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``y * xs + bias`` per row as one FMA (``torch.addcmul(bias, y, xs)``'s floats), ``y * xs``
-    without a bias; ``y`` 2-D float32, ``xs`` one float per row."""
-    return torch.ops.secateur.w8a8_epilogue(y, xs, bias)
+    without a bias; ``y`` 2-D float32 (or int32 with ``ws``), ``xs`` one float per row."""
+    return torch.ops.secateur.w8a8_epilogue(y, xs, bias, ws)
 
 
-def w8a8_gelu_quantize(y: torch.Tensor, xs: torch.Tensor,
-                       bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def w8a8_gelu_quantize(y: torch.Tensor, xs: torch.Tensor, bias: Optional[torch.Tensor],
+                       ws: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_per_token(gelu(y * xs + bias))`` in one pass per row (GELU with erf to 3e-7
     absolute; times the reciprocal of the scale, which may move a value within a float ulp of a
-    half step); ``y`` contiguous 2-D float32, ``xs`` one float per row."""
-    return torch.ops.secateur.w8a8_gelu_quantize(y, xs, bias)
+    half step); ``y`` contiguous 2-D float32 (or int32 with ``ws``), ``xs`` one float per row."""
+    return torch.ops.secateur.w8a8_gelu_quantize(y, xs, bias, ws)
 
 
 def w8a8_encoder_attention(y: torch.Tensor, xs: torch.Tensor, bias: Optional[torch.Tensor],
-                           mask: Optional[torch.Tensor], batch: int, heads: int, scale: float) -> torch.Tensor:
+                           mask: Optional[torch.Tensor], batch: int, heads: int, scale: float,
+                           ws: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Self-attention from a joint q/k/v GEMM output ``y [batch * length, 3 * heads * head_dim]``
     (rescaled by ``xs`` and ``bias`` as it is read; ``mask`` bool, broadcastable to ``[batch, heads,
     length, length]``, True where a query may attend; ``scale`` multiplies q). Returns ``[batch *
     length, heads * head_dim]``; head_dim must be a multiple of 16."""
-    return torch.ops.secateur.w8a8_encoder_attention(y, xs, bias, mask, batch, heads, scale)
+    return torch.ops.secateur.w8a8_encoder_attention(y, xs, bias, mask, batch, heads, scale, ws)
 
 
 def w8a8_residual_layernorm(y: torch.Tensor, xs: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
-                            norm: torch.nn.LayerNorm, quantize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            norm: torch.nn.LayerNorm, quantize: bool,
+                            ws: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``h = norm(y * xs + bias + residual)`` in one pass per row, and with ``quantize`` also
-    ``quantize_per_token(h)`` (else two empty tensors); ``y`` and ``residual`` contiguous 2-D float32."""
+    ``quantize_per_token(h)`` (else two empty tensors); ``y`` (int32 with ``ws``) and ``residual``
+    contiguous 2-D float32."""
     return torch.ops.secateur.w8a8_residual_layernorm(y, xs, bias, residual, norm.weight, norm.bias, float(norm.eps),
-                                                      quantize)
+                                                      quantize, ws)
 
 
 # --- W4A16 ---------------------------------------------------------------------------------------

@@ -12,8 +12,11 @@
 //   w8a8_encoder_attention   self-attention on the joint q/k/v GEMM output, rescaled as it is read
 //
 // `y` is the GEMM's float32 output with the weight scales applied (onednn.qlinear_pointwise with an
-// activation scale of 1), `xs` the per-token activation scales. The rescale is one FMA, as in
-// w8a8_epilogue; the quantization is quantize_row's (the integers of quantize_per_token).
+// activation scale of 1), or its int32 products (torch._int_mm) with the weight scales `ws` still
+// to apply: float(y) * ws, the floats torch.mul(y, ws) would give, so both forms read the same
+// values and the float form's separate pass is saved. `xs` holds the per-token activation scales.
+// The rescale is one FMA, as in w8a8_epilogue; the quantization is quantize_row's (the integers of
+// quantize_per_token).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -61,28 +64,36 @@ inline __m512 gelu512(__m512 x) {
 
 struct Rows {
   int64_t rows, n;
-  const float* y;
+  const float* y;  // float32 products with the weight scales applied, or nullptr
+  const int32_t* yi;  // int32 products (then ws holds the weight scales), or nullptr
+  const float* ws;
   const float* xs;
   const float* bias;  // nullptr: none
 };
-
-Rows check_rows(const at::Tensor& y, const at::Tensor& xs, const at::Tensor& b, const char* op) {
-  TORCH_CHECK(y.dim() == 2 && y.scalar_type() == at::kFloat && y.is_contiguous(), op,
-              ": y must be a contiguous 2-D float32 tensor");
-  TORCH_CHECK(xs.scalar_type() == at::kFloat && xs.is_contiguous() && xs.numel() == y.size(0), op,
-              ": xs must hold one float per row");
-  TORCH_CHECK(!b.defined() || (b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == y.size(1)), op,
-              ": bias must be float32 with one entry per column");
-  return {y.size(0), y.size(1), y.data_ptr<float>(), xs.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr};
-}
 
 at::Tensor optional_float(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->to(at::kFloat).contiguous() : at::Tensor();
 }
 
-// y[m, j] * xs[m] + bias[j] for one row (the float of w8a8_epilogue).
+Rows check_rows(const at::Tensor& y, const at::Tensor& xs, const at::Tensor& b, const at::Tensor& ws, const char* op) {
+  const bool integer = y.scalar_type() == at::kInt;
+  TORCH_CHECK(y.dim() == 2 && (y.scalar_type() == at::kFloat || integer) && y.is_contiguous(), op,
+              ": y must be a contiguous 2-D float32 or int32 tensor");
+  TORCH_CHECK(integer == ws.defined(), op, ": int32 products need their weight scales ws (and float32 ones none)");
+  TORCH_CHECK(!ws.defined() || ws.numel() == y.size(1), op, ": ws must hold one float per column");
+  TORCH_CHECK(xs.scalar_type() == at::kFloat && xs.is_contiguous() && xs.numel() == y.size(0), op,
+              ": xs must hold one float per row");
+  TORCH_CHECK(!b.defined() || (b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == y.size(1)), op,
+              ": bias must be float32 with one entry per column");
+  return {y.size(0), y.size(1), integer ? nullptr : y.data_ptr<float>(), integer ? y.data_ptr<int32_t>() : nullptr,
+          ws.defined() ? ws.data_ptr<float>() : nullptr, xs.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr};
+}
+
+// y[m, j] (times ws[j] for int32 products) * xs[m] + bias[j] for one row (the float of w8a8_epilogue).
 inline __m512 rescale(const Rows& r, int64_t m, int64_t j, __mmask16 mask) {
-  const __m512 v = _mm512_maskz_loadu_ps(mask, r.y + m * r.n + j);
+  const __m512 v = r.yi ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, r.yi + m * r.n + j)),
+                                        _mm512_maskz_loadu_ps(mask, r.ws + j))
+                        : _mm512_maskz_loadu_ps(mask, r.y + m * r.n + j);
   const __m512 s = _mm512_set1_ps(r.xs[m]);
   return r.bias ? _mm512_fmadd_ps(v, s, _mm512_maskz_loadu_ps(mask, r.bias + j)) : _mm512_mul_ps(v, s);
 }
@@ -90,11 +101,12 @@ inline __m512 rescale(const Rows& r, int64_t m, int64_t j, __mmask16 mask) {
 constexpr int64_t kQ = 8;  // query rows per pass of encoder attention
 
 std::tuple<at::Tensor, at::Tensor> w8a8_gelu_quantize(const at::Tensor& y, const at::Tensor& xs,
-                                                     const c10::optional<at::Tensor>& bias) {
-  const at::Tensor b = optional_float(bias);
-  const Rows r = check_rows(y, xs, b, "w8a8_gelu_quantize");
+                                                     const c10::optional<at::Tensor>& bias,
+                                                     const c10::optional<at::Tensor>& ws) {
+  const at::Tensor b = optional_float(bias), w = optional_float(ws);
+  const Rows r = check_rows(y, xs, b, w, "w8a8_gelu_quantize");
   at::Tensor q = at::empty({r.rows, r.n}, y.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({r.rows, 1}, y.options());
+  at::Tensor scale = at::empty({r.rows, 1}, y.options().dtype(at::kFloat));
   uint8_t* qp = reinterpret_cast<uint8_t*>(q.data_ptr<int8_t>());
   float* sp = scale.data_ptr<float>();
   at::parallel_for(0, r.rows, row_grain(r.n), [&](int64_t r0, int64_t r1) {
@@ -128,16 +140,16 @@ std::tuple<at::Tensor, at::Tensor> w8a8_gelu_quantize(const at::Tensor& y, const
 // (two passes over the row in L1), (v - mean) / sqrt(var + eps) * gamma + beta.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> w8a8_residual_layernorm(
     const at::Tensor& y, const at::Tensor& xs, const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
-    const at::Tensor& gamma, const at::Tensor& beta, double eps, bool quantize) {
-  const at::Tensor b = optional_float(bias);
-  const Rows r = check_rows(y, xs, b, "w8a8_residual_layernorm");
+    const at::Tensor& gamma, const at::Tensor& beta, double eps, bool quantize, const c10::optional<at::Tensor>& ws) {
+  const at::Tensor b = optional_float(bias), w = optional_float(ws);
+  const Rows r = check_rows(y, xs, b, w, "w8a8_residual_layernorm");
   TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.is_contiguous() && residual.numel() == r.rows * r.n,
               "w8a8_residual_layernorm: residual must be contiguous float32 of y's shape");
   const at::Tensor g = gamma.to(at::kFloat).contiguous(), be = beta.to(at::kFloat).contiguous();
   TORCH_CHECK(g.numel() == r.n && be.numel() == r.n, "w8a8_residual_layernorm: gamma and beta need one entry per column");
-  at::Tensor out = at::empty({r.rows, r.n}, y.options());
+  at::Tensor out = at::empty({r.rows, r.n}, y.options().dtype(at::kFloat));
   at::Tensor q = at::empty({quantize ? r.rows : 0, r.n}, y.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({quantize ? r.rows : 0, 1}, y.options());
+  at::Tensor scale = at::empty({quantize ? r.rows : 0, 1}, y.options().dtype(at::kFloat));
   const float* rp = residual.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
   const float* bp = be.data_ptr<float>();
@@ -187,9 +199,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> w8a8_residual_layernorm(
 // the values. A row with no allowed key gives zeros. Returns [B*T, W]: each token's heads side by
 // side, the layout the output projection reads. scale multiplies q (HF: D^-0.5).
 at::Tensor w8a8_encoder_attention(const at::Tensor& y, const at::Tensor& xs, const c10::optional<at::Tensor>& bias,
-                                  const c10::optional<at::Tensor>& mask, int64_t batch, int64_t heads, double scale) {
-  const at::Tensor b = optional_float(bias);
-  const Rows r = check_rows(y, xs, b, "w8a8_encoder_attention");
+                                  const c10::optional<at::Tensor>& mask, int64_t batch, int64_t heads, double scale,
+                                  const c10::optional<at::Tensor>& ws) {
+  const at::Tensor b = optional_float(bias), w = optional_float(ws);
+  const Rows r = check_rows(y, xs, b, w, "w8a8_encoder_attention");
   TORCH_CHECK(batch > 0 && heads > 0 && r.rows % batch == 0 && r.n % (3 * heads) == 0,
               "w8a8_encoder_attention: y must be [batch * length, 3 * heads * head_dim]");
   const int64_t T = r.rows / batch, W = r.n / 3, D = W / heads, Tp = (T + kVec - 1) / kVec * kVec;
@@ -201,7 +214,7 @@ at::Tensor w8a8_encoder_attention(const at::Tensor& y, const at::Tensor& xs, con
     m = mask->expand({batch, heads, T, T});
     if (m.stride(3) != 1) m = m.contiguous();  // key masks are read 16 bytes at a time
   }
-  at::Tensor out = at::empty({r.rows, W}, y.options());
+  at::Tensor out = at::empty({r.rows, W}, y.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   const bool* mp = m.defined() ? m.data_ptr<bool>() : nullptr;
   const float qscale = static_cast<float>(scale);
@@ -302,11 +315,11 @@ at::Tensor w8a8_encoder_attention(const at::Tensor& y, const at::Tensor& xs, con
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(secateur, m) {
-  m.def("w8a8_gelu_quantize(Tensor y, Tensor xs, Tensor? bias) -> (Tensor, Tensor)");
+  m.def("w8a8_gelu_quantize(Tensor y, Tensor xs, Tensor? bias, Tensor? ws=None) -> (Tensor, Tensor)");
   m.def("w8a8_residual_layernorm(Tensor y, Tensor xs, Tensor? bias, Tensor residual, Tensor gamma, Tensor beta, "
-        "float eps, bool quantize) -> (Tensor, Tensor, Tensor)");
-  m.def("w8a8_encoder_attention(Tensor y, Tensor xs, Tensor? bias, Tensor? mask, int batch, int heads, float scale) "
-        "-> Tensor");
+        "float eps, bool quantize, Tensor? ws=None) -> (Tensor, Tensor, Tensor)");
+  m.def("w8a8_encoder_attention(Tensor y, Tensor xs, Tensor? bias, Tensor? mask, int batch, int heads, float scale, "
+        "Tensor? ws=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(secateur, CPU, m) {

@@ -103,15 +103,24 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x) {
 }
 
 // y[m, :] * xs[m] + bias, as one FMA per element (the floats of the GEMV's epilogue and of
-// torch.addcmul(bias, y, xs)); y * xs without a bias.
-at::Tensor w8a8_epilogue(const at::Tensor& y, const at::Tensor& xs, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(y.dim() == 2 && y.scalar_type() == at::kFloat, "w8a8_epilogue: y must be 2-D float32");
+// torch.addcmul(bias, y, xs)); y * xs without a bias. y is float32 with the weight scales applied,
+// or the int32 products (torch._int_mm) with the weight scales ws still to apply: float(y) * ws
+// first, the floats of torch.mul(y, ws), in the same pass.
+at::Tensor w8a8_epilogue(const at::Tensor& y, const at::Tensor& xs, const c10::optional<at::Tensor>& bias,
+                         const c10::optional<at::Tensor>& ws) {
+  const bool integer = y.scalar_type() == at::kInt;
+  TORCH_CHECK(y.dim() == 2 && (y.scalar_type() == at::kFloat || integer), "w8a8_epilogue: y must be 2-D float32 or int32");
   const int64_t rows = y.size(0), n = y.size(1);
   TORCH_CHECK(xs.scalar_type() == at::kFloat && xs.numel() == rows, "w8a8_epilogue: xs must hold one float per row");
+  const bool scaled = ws.has_value() && ws->defined();
+  TORCH_CHECK(integer == scaled, "w8a8_epilogue: int32 products need their weight scales ws (and float32 ones none)");
   const at::Tensor b = float_bias(bias, n, "w8a8_epilogue");
+  const at::Tensor w = scaled ? float_bias(ws, n, "w8a8_epilogue") : at::Tensor();
   const at::Tensor yc = y.contiguous(), sc = xs.contiguous();
-  at::Tensor out = at::empty({rows, n}, y.options());
-  const float* yp = yc.data_ptr<float>();
+  at::Tensor out = at::empty({rows, n}, y.options().dtype(at::kFloat));
+  const float* yp = integer ? nullptr : yc.data_ptr<float>();
+  const int32_t* yi = integer ? yc.data_ptr<int32_t>() : nullptr;
+  const float* wp = scaled ? w.data_ptr<float>() : nullptr;
   const float* sp = sc.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
@@ -120,7 +129,9 @@ at::Tensor w8a8_epilogue(const at::Tensor& y, const at::Tensor& xs, const c10::o
       const __m512 s = _mm512_set1_ps(sp[m]);
       for (int64_t j = 0; j < n; j += 16) {
         const __mmask16 mask = tail_mask(n - j);
-        const __m512 v = _mm512_maskz_loadu_ps(mask, yp + m * n + j);
+        const __m512 v = yi ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, yi + m * n + j)),
+                                            _mm512_maskz_loadu_ps(mask, wp + j))
+                            : _mm512_maskz_loadu_ps(mask, yp + m * n + j);
         const __m512 r = bp ? _mm512_fmadd_ps(v, s, _mm512_maskz_loadu_ps(mask, bp + j)) : _mm512_mul_ps(v, s);
         _mm512_mask_storeu_ps(op + m * n + j, mask, r);
       }
@@ -313,7 +324,7 @@ TORCH_LIBRARY(secateur, m) {
   m.def("w8a8_gemv(Tensor x, Tensor w, Tensor wsum, Tensor scale, Tensor? bias, int n) -> Tensor");
   m.def("w4_gemv(Tensor x, Tensor w, Tensor sc, int group, Tensor? bias, int n) -> Tensor");
   m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
-  m.def("w8a8_epilogue(Tensor y, Tensor xs, Tensor? bias) -> Tensor");
+  m.def("w8a8_epilogue(Tensor y, Tensor xs, Tensor? bias, Tensor? ws=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(secateur, CPU, m) {
