@@ -161,3 +161,29 @@ def test_override_matching_nothing_names_the_step(capsys, tmp_path, tiny_dir):
                                     "steps:\n  - method: wanda\n    overrides: {'re:nomatch': 0.3}\n")
     code, _, err = run(capsys, "compress", str(recipe))
     assert code == 2 and "steps[0].overrides.re:nomatch: pattern 're:nomatch' matches no module" in err
+
+
+def test_info_machine_names_the_cpu_and_each_operations_kernel_beside_float32(capsys, monkeypatch):
+    from secateur.quant import dispatch, machine, survey
+
+    monkeypatch.setattr(survey, "SHAPE", (128, 256))  # small, so that a first measurement is quick
+    monkeypatch.setattr(survey, "ATTENTION", (4, 4, 16, 64))
+    code, out, _ = run(capsys, "info", "--machine", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["machine"]["cpu"] == machine.cpu_model() and data["cache"] == str(dispatch.cache_path())
+    rows = {(r["op"], r["tokens"]): r for r in data["rows"]}
+    assert {("w8a8", 1), ("w8a8", 128), ("w4a16", 1), ("w8a16", 128), ("w8a8_gemm", 128)} <= set(rows)
+    for r in data["rows"]:
+        assert r["kernel"] in dispatch.OPS[r["op"]] and r["kernel"] not in r["screened"]
+        if r["op"] != "decode_attention":  # the chosen kernel is the fastest timed, float32 included
+            assert r["us"] == min(r["candidates"].values()) and r["fp32_us"] == r["candidates"]["fp32"]
+    code, out, _ = run(capsys, "info", "--machine")
+    assert code == 0 and machine.cpu_model() in out and "w8a8_gemm" in out
+
+
+def test_info_without_a_model_and_bad_kernel_settings_are_one_line(capsys, monkeypatch):
+    code, _, err = run(capsys, "info")
+    assert code == 2 and "info needs a MODEL" in err and "--machine" in err
+    monkeypatch.setenv("SECATEUR_KERNELS", "w8a8=int_m")
+    code, _, err = run(capsys, "info", "--machine")
+    assert code == 2 and err.strip().count("\n") == 0 and "did you mean 'int_mm'" in err
