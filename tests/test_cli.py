@@ -187,3 +187,62 @@ def test_info_without_a_model_and_bad_kernel_settings_are_one_line(capsys, monke
     monkeypatch.setenv("SECATEUR_KERNELS", "w8a8=int_m")
     code, _, err = run(capsys, "info", "--machine")
     assert code == 2 and err.strip().count("\n") == 0 and "did you mean 'int_mm'" in err
+
+
+@pytest.mark.parametrize("method,expected", [
+    ("fp8", {"method": "fp8"}),  # no bits field: the CLI used to add one and fp8 refused it
+    ("smoothquant", {"method": "smoothquant", "bits": 8, "activations": "int8"}),  # its own W8A8 defaults
+    ("rtn", {"method": "rtn", "bits": 4, "strategy": "channel"}),
+])
+def test_quantize_takes_each_methods_own_defaults(capsys, tiny_dir, tmp_path, method, expected):
+    text = tmp_path / "calib.txt"
+    text.write_text("one small story about a cat.\n" * 200)
+    extra = ["--data", str(text), "--samples", "4", "--seq-len", "16"] if method == "smoothquant" else []
+    code, out, err = run(capsys, "quantize", str(tiny_dir), "--method", method, "--dry-run", "--json", *extra)
+    assert code == 0, err
+    step = json.loads(out)["recipe"]["steps"][0]
+    assert expected.items() <= step.items()
+
+
+def test_quantize_activations_option_gives_w8a8_and_wrong_options_are_one_line(capsys, tiny_dir):
+    code, out, err = run(capsys, "quantize", str(tiny_dir), "--method", "rtn", "--bits", "8", "--activations", "int8",
+                         "--dry-run", "--json")
+    assert code == 0, err
+    assert {"bits": 8, "activations": "int8"}.items() <= json.loads(out)["recipe"]["steps"][0].items()
+    code, _, err = run(capsys, "quantize", str(tiny_dir), "--method", "fp8", "--group-size", "8", "--dry-run")
+    assert code == 2 and "takes no --group-size" in err and "strategy" in err and err.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("how", ["raised", "returned"])
+def test_ctrl_c_exits_130_with_one_line_never_0(capsys, monkeypatch, how):
+    """Ctrl-C inside a command: typer either lets KeyboardInterrupt through or returns 130 from the
+    app; both must leave with 130 and say so, so that `secateur … && next-step` stops."""
+    import secateur.cli as cli
+
+    if how == "raised":
+        def interrupted(remeasure, as_json):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(cli, "_machine_info", interrupted)
+    else:
+        monkeypatch.setattr(cli, "app", lambda **kwargs: 130)
+    code, out, err = run(capsys, "info", "--machine")
+    assert code == 130 and "interrupted: info" in err and err.strip().count("\n") == 0
+    with pytest.raises(SystemExit) as info:  # a command writing to --out says how to resume
+        cli._interrupted(["prune", "MODEL", "--out", "runs/x"])
+    assert info.value.code == 130 and "re-running the same command resumes" in capsys.readouterr().err
+
+
+def test_ctrl_c_on_a_real_process_exits_130(tmp_path, tiny_dir):
+    import os
+    import signal
+    import time
+
+    script = ("import time, secateur.cli as c\n"
+              "def slow(*a, **k):\n    print('started', flush=True); time.sleep(60)\n"
+              "c._machine_info = slow\nc.main(['info', '--machine'])\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err

@@ -233,9 +233,13 @@ def prune_cmd(model: str = typer.Argument(..., help="Model directory, artifact o
 @app.command("quantize")
 def quantize_cmd(model: str = typer.Argument(..., help="Model directory, artifact or hub id."),
                  method: str = typer.Option("rtn", "--method", "-m", help="A quantization method (see `secateur methods`)."),
-                 bits: int = typer.Option(4, "--bits", "-b", help="Bits per weight."),
+                 bits: Optional[int] = typer.Option(None, "--bits", "-b", help="Bits per weight (default: the "
+                                                    "method's: 4, smoothquant 8; fp8 has none)."),
                  group_size: Optional[int] = typer.Option(None, "--group-size", "-g",
                                                           help="Input columns per scale (default: per channel)."),
+                 activations: Optional[str] = typer.Option(None, "--activations", help="int8: W8A8, dynamic per-token "
+                                                           "int8 activations (smoothquant's default); none: weights "
+                                                           "only (the default of the others; fp8: fp8 or none)."),
                  asymmetric: bool = typer.Option(False, "--asymmetric", help="Integer zero points."),
                  observer: Optional[str] = typer.Option(None, "--observer", help="minmax | mse."),
                  no_fallback: bool = typer.Option(False, "--no-fallback", help="Fail where the group size does "
@@ -247,18 +251,31 @@ def quantize_cmd(model: str = typer.Argument(..., help="Model directory, artifac
                  out_dir: Optional[Path] = typer.Option(None, "--out", help="Write the artifact here."),
                  dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the modules touched."),
                  as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Quantize a model with one method; prints the recipe it ran (the same step works in a recipe file)."""
-    step: dict[str, Any] = {"method": method, "bits": bits}
-    if group_size is None:
-        step["strategy"] = "channel"
-    else:
-        step.update(strategy="group", group_size=group_size)
-    if asymmetric:
-        step["symmetric"] = False
-    if observer is not None:
-        step["observer"] = observer
-    if no_fallback:
-        step["fallback"] = False
+    """Quantize a model with one method; prints the recipe it ran (the same step works in a recipe file).
+    Every option left out keeps the method's own default (`secateur explain METHOD`)."""
+    import dataclasses
+
+    from .api import get_method
+
+    fields = {f.name for f in dataclasses.fields(get_method(method).config)}
+    asked = {"bits": bits, "activations": None if activations in (None, "none") else activations,
+             "symmetric": False if asymmetric else None, "observer": observer, "fallback": False if no_fallback else None}
+    if group_size is not None:
+        asked.update(strategy="group", group_size=group_size)
+    elif "strategy" in fields and "group_size" in fields:
+        asked["strategy"] = "channel"  # the CLI's documented default: per channel
+    step: dict[str, Any] = {"method": method}
+    for key, value in asked.items():
+        if value is None:
+            continue
+        if key not in fields:  # an option this method has no field for: one line naming what it has
+            option = {"group_size": "--group-size", "strategy": "--group-size", "symmetric": "--asymmetric",
+                      "fallback": "--no-fallback"}.get(key, "--" + key)
+            raise SecateurError(f"quantize --method {method} takes no {option} (its fields: "
+                                f"{', '.join(sorted(fields - {'targets', 'ignore', 'overrides'}))})")
+        step[key] = value
+    if activations == "none" and "activations" in fields:
+        step["activations"] = None
     _run_step(model, step, data, samples, seq_len, evals, out_dir, dry_run, as_json)
 
 
@@ -473,29 +490,39 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        app(args=args, prog_name="secateur", standalone_mode=False)
+        code = app(args=args, prog_name="secateur", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        err.print("aborted")
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _interrupted(args)
     except SecateurError as exc:
         if debug:
             raise
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
     except Exception as exc:  # a bug: one line unless --debug
         if debug:
             raise
         err.print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
                   markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
+    if code == 130:  # typer turns Ctrl-C into a returned 130 (with standalone_mode off), never an exit
+        _interrupted(args)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _interrupted(args: List[str]) -> None:
+    """Ctrl-C: exit 130 (never 0, so ``secateur … && next`` stops) with one line saying so."""
+    command = next((a for a in args if not a.startswith("-")), "secateur")
+    resumes = "; re-running the same command resumes from its last checkpoint" if "--out" in args or any(
+        a.startswith("--out=") or a.startswith("--checkpoint") for a in args) else ""
+    err.print(f"interrupted: {command} stopped before it finished (Ctrl-C){resumes}", markup=False, highlight=False,
+              soft_wrap=True)
+    sys.exit(130)
 
 
 if __name__ == "__main__":
