@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from secateur.cli import main
+from secateur.errors import SecateurError
 from secateur.testing import tiny_model, tiny_tokenizer
 
 
@@ -246,3 +247,22 @@ def test_ctrl_c_on_a_real_process_exits_130(tmp_path, tiny_dir):
     os.kill(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["bogus"], "No such command 'bogus'. (commands: compress"),
+    (["prun"], "Did you mean 'prune'?"),
+    (["prune"], "Missing argument 'model'"),
+    (["prune", "x", "--sparsty", "0.5"], "No such option: --sparsty (Possible options: --sparsity)"),
+])
+def test_usage_errors_are_exit_2_with_the_valid_choices_not_a_bug(capsys, args, expected):
+    code, _, err = run(capsys, *args)
+    assert code == 2 and expected in err and "--debug" not in err and err.strip().count("\n") == 0
+
+
+def test_debug_works_after_the_subcommand_too(capsys, tmp_path):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(SecateurError):  # --debug: the error itself, with its traceback
+        main(["info", missing, "--debug"])
+    code, _, err = run(capsys, "info", missing)
+    assert code == 2 and err.startswith("error:")

@@ -484,19 +484,55 @@ def import_llama2c_cmd(model_bin: Path = typer.Argument(..., help="llama2.c chec
     out.print(f"wrote {path}")
 
 
+def _usage_error_classes() -> tuple[type, ...]:
+    """Click's usage errors: typer bundles its own copy of click, whose classes are not click's."""
+    import click
+
+    classes: list[type] = [click.ClickException]
+    try:
+        from typer._click.exceptions import ClickException
+        classes.append(ClickException)
+    except ImportError:  # a typer that uses click itself
+        pass
+    return tuple(classes)
+
+
+def _usage(exc: Any) -> None:
+    """One line for a usage error (unknown command or option, missing argument) with the valid
+    choices or a did-you-mean where click knows them; exit 2 (not a bug: no traceback hint)."""
+    from .errors import did_you_mean
+
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    option = getattr(exc, "option_name", None)
+    ctx = getattr(exc, "ctx", None)
+    if option and not getattr(exc, "possibilities", None) and ctx is not None:  # click suggested none
+        message += did_you_mean(option, [o for p in ctx.command.params for o in getattr(p, "opts", [])])
+    commands = sorted(getattr(getattr(ctx, "command", None), "commands", None) or [])
+    if message.startswith("No such command") and commands and "did you mean" not in message.lower():
+        word = message.split("'")[1] if message.count("'") >= 2 else ""
+        message += did_you_mean(word, commands) or f" (commands: {', '.join(commands)})"
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None else " (see `secateur --help`)"
+    err.print(f"error: {message}{where}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     import click
 
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    if debug:  # accepted in any position, not only before the command
+        args = ["--debug"] + [a for a in args if a != "--debug"]
+    usage_errors = _usage_error_classes()
     try:
         code = app(args=args, prog_name="secateur", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except usage_errors as exc:
+        if debug:
+            raise
+        _usage(exc)
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         _interrupted(args)
     except SecateurError as exc:
         if debug:
