@@ -388,3 +388,19 @@ def test_compressed_model_card(tmp_path: Path) -> None:
     assert card["sparsity"]["block_fraction"] == pytest.approx(0.5)
     assert card_summary(card)["steps"] == ["magnitude"]
     assert torch.equal(outputs(secateur.load(path).model), expected)
+
+
+def test_artifact_files_get_the_users_umask_not_0600(tmp_path):
+    import os
+    import stat
+
+    import secateur
+    from secateur.testing import tiny_model
+
+    old = os.umask(0o022)
+    try:
+        path = secateur.save(tiny_model("llama"), tmp_path / "art")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir() if p.is_file()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes

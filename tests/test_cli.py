@@ -41,6 +41,10 @@ def test_methods_json(capsys):
     rows = {row["name"]: row for row in json.loads(out)}
     assert code == 0 and {"kind": "prune", "needs_data": False}.items() <= rows["magnitude"].items()
     assert rows["sparsegpt"]["needs_data"] and rows["wanda"]["needs_data"]
+    assert rows["magnitude"]["needs"] == "nothing" and "calibration windows" in rows["gptq"]["needs"]
+    for name in ("distill", "qat", "gradual"):  # they said "needs data: no"; they need training text
+        assert "training text" in rows[name]["needs"]
+    assert "activation, Taylor or depth" in rows["structured"]["needs"]
 
 
 def test_explain(capsys):
@@ -266,3 +270,8 @@ def test_debug_works_after_the_subcommand_too(capsys, tmp_path):
         main(["info", missing, "--debug"])
     code, _, err = run(capsys, "info", missing)
     assert code == 2 and err.startswith("error:")
+
+
+def test_a_mistyped_storage_fails_a_dry_run_too(capsys, tiny_dir):
+    code, _, err = run(capsys, "prune", str(tiny_dir), "--sparsity", "0.5", "--storage", "sprase", "--dry-run")
+    assert code == 2 and "unknown storage 'sprase' (did you mean 'sparse'?)" in err

@@ -28,6 +28,14 @@ class Method:
     needs_data: bool
     paper: str
     trains: bool = False  # runs the training loop (needs a teacher; checkpoints like calibrated steps)
+    uses: str = ""  # what data it reads beyond calibration windows, in words ("" when none)
+
+    @property
+    def needs(self) -> str:
+        """What the method needs to run, in words (``secateur methods``)."""
+        if self.needs_data:
+            return "calibration windows (the recipe's data:)"
+        return self.uses or "nothing"
 
 
 METHODS: dict[str, Method] = {}
@@ -39,7 +47,8 @@ _METHOD_MODULES = ("secateur.prune.magnitude", "secateur.prune.wanda", "secateur
                    "secateur.distill.distill", "secateur.distill.qat", "secateur.distill.gradual")
 
 
-def register(name: str, *, kind: str, needs_data: bool = False, paper: str = "", trains: bool = False) -> Callable:
+def register(name: str, *, kind: str, needs_data: bool = False, paper: str = "", trains: bool = False,
+             uses: str = "") -> Callable:
     """Class decorator for a step config; ``apply`` is the config's module-level function.
 
     Usage, in the method's own file::
@@ -53,7 +62,7 @@ def register(name: str, *, kind: str, needs_data: bool = False, paper: str = "",
 
     def decorate(cls: type[StepConfig]) -> type[StepConfig]:
         cls.method = name
-        METHODS[name] = Method(name, cls, _module_apply(cls.__module__), kind, needs_data, paper, trains)
+        METHODS[name] = Method(name, cls, _module_apply(cls.__module__), kind, needs_data, paper, trains, uses)
         return cls
 
     return decorate

@@ -384,6 +384,28 @@ def _write_card(tmp: Path, card: dict[str, Any]) -> None:
     _fsync_dir(tmp)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc tells it (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
+    os.umask(mask)
+    return mask
+
+
+def _user_modes(root: Path) -> None:
+    """Give every file the mode any other file of the user's gets (0666 less the umask): some
+    writers (transformers' safetensors) create theirs 0600, unreadable to a serving account."""
+    mode = 0o666 & ~_umask()
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 @contextmanager
 def _staging(target: Path, card: dict[str, Any]) -> Iterator[Path]:
     """Yield a temporary sibling of ``target`` to write into; on success hash every file, write the
@@ -394,6 +416,7 @@ def _staging(target: Path, card: dict[str, Any]) -> Iterator[Path]:
     installed = False
     try:
         yield tmp
+        _user_modes(tmp)
         card["files"], card["weights_sha256"] = _hash_and_sync(tmp)
         _write_card(tmp, card)
         _install(tmp, target)

@@ -52,14 +52,14 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on 
 
 @app.command("methods")
 def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """List the compression methods: name, kind, whether they need data, paper."""
+    """List the compression methods: name, kind, what data each needs, paper."""
     from .api import methods
 
-    rows = [{"name": m.name, "kind": m.kind, "needs_data": m.needs_data, "paper": m.paper,
+    rows = [{"name": m.name, "kind": m.kind, "needs_data": m.needs_data, "needs": m.needs, "paper": m.paper,
              "config": m.config.__name__} for m in sorted(methods().values(), key=lambda m: (m.kind, m.name))]
-    table = Table("method", "kind", "needs data", "config", "paper")
+    table = Table("method", "kind", "needs", "config", "paper")
     for r in rows:
-        table.add_row(r["name"], r["kind"], "yes" if r["needs_data"] else "no", r["config"], r["paper"])
+        table.add_row(r["name"], r["kind"], r["needs"], r["config"], r["paper"])
     _emit(rows, as_json, table)
 
 
@@ -429,8 +429,9 @@ def export_cmd(artifact: Path = typer.Argument(..., help="A secateur artifact (p
 
 def _run(recipe: Any, out_dir: Optional[Path], dry_run: bool, as_json: bool, storage: str = "dense",
          loaded: Any = None) -> None:
-    from .pipeline import dry_run as plan_recipe, run_recipe
+    from .pipeline import check_storage, dry_run as plan_recipe, run_recipe
 
+    check_storage(storage)  # every option is checked in a dry run too
     if dry_run:
         plan = plan_recipe(recipe)
         table = Table("step", "method", "modules touched", title="dry run: recipe is valid")

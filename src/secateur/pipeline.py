@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, SecateurError
+from .errors import ConfigError, SecateurError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,12 @@ def dry_run(recipe: Any) -> list[dict[str, Any]]:
     return plan
 
 
+def check_storage(storage: str) -> None:
+    """One line naming the valid storage modes (and the closest one) for anything else."""
+    if storage not in STORAGE:
+        raise SecateurError(f"unknown storage '{storage}'{did_you_mean(storage, STORAGE)}; valid: {', '.join(STORAGE)}")
+
+
 def run_recipe(recipe: Any, out: str | Path | None = None, loaded: Any = None,
                evaluate_before: bool = True, storage: str = "dense") -> RunResult:
     """Run every step of ``recipe`` on its model (or on ``loaded``, a :class:`secateur.Loaded`).
@@ -103,8 +109,7 @@ def run_recipe(recipe: Any, out: str | Path | None = None, loaded: Any = None,
     ``storage="sparse"`` writes pruned weights as bitmask + values (``secateur export`` makes a
     dense copy for stock transformers); ``"dense"`` writes a plain checkpoint.
     """
-    if storage not in STORAGE:
-        raise SecateurError(f"unknown storage '{storage}'; valid: {', '.join(STORAGE)}")
+    check_storage(storage)
     from .api import compress_
     from .artifacts import save
     from .models import load

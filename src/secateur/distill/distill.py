@@ -32,7 +32,9 @@ from .train import TrainingConfig, train
 log = logging.getLogger(__name__)
 
 
-@register("distill", kind="distill", trains=True,
+@register("distill", kind="distill",
+          uses="training text (its data: field) or the recipe's calibration windows",
+          trains=True,
           paper="Hinton et al. 2015; DistilBERT arXiv:1910.01108; TinyBERT arXiv:1909.10351")
 @dataclass(frozen=True)
 class DistillConfig(TrainingConfig):

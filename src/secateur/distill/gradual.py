@@ -331,7 +331,9 @@ def _check(modules: dict[str, nn.Module], sparsity: float, total_steps: int, sta
 
 
 # --- the registered step --------------------------------------------------------------------------
-@register("gradual", kind="prune", trains=True, paper="Zhu & Gupta arXiv:1710.01878; Sanh et al. arXiv:2005.07683")
+@register("gradual", kind="prune",
+          uses="training text (its data: field) or the recipe's calibration windows",
+          trains=True, paper="Zhu & Gupta arXiv:1710.01878; Sanh et al. arXiv:2005.07683")
 @dataclass(frozen=True)
 class GradualConfig(TargetedConfig, TrainingConfig):
     """Prune while training: sparsity rises on a cubic schedule, the model recovers as it goes."""

@@ -23,8 +23,10 @@ from .distill import run_training
 from .train import TrainingConfig
 
 
-@register("qat", kind="quantize", trains=True, paper="Jacob et al. arXiv:1712.05877; LSQ arXiv:1902.08153; "
-                                                     "LLM-QAT arXiv:2305.17888")
+@register("qat", kind="quantize",
+          uses="training text (its data: field) or the recipe's calibration windows",
+          trains=True, paper="Jacob et al. arXiv:1712.05877; LSQ arXiv:1902.08153; "
+          "LLM-QAT arXiv:2305.17888")
 @dataclass(frozen=True)
 class QATConfig(WeightQuantConfig, TrainingConfig):
     """Quantize the weights and train through the rounding, distilling from the full-precision model."""

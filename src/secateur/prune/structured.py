@@ -36,7 +36,9 @@ from . import importance, structure
 log = logging.getLogger(__name__)
 
 
-@register("structured", kind="prune", needs_data=False, paper="Minitron arXiv:2407.14679; ShortGPT arXiv:2403.03853")
+@register("structured", kind="prune",
+          uses="calibration windows for activation, Taylor or depth scores (magnitude needs none)",
+          needs_data=False, paper="Minitron arXiv:2407.14679; ShortGPT arXiv:2403.03853")
 @dataclass(frozen=True)
 class StructuredConfig(StepConfig):
     """Remove attention heads, MLP channels, whole blocks and hidden width."""
