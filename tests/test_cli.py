@@ -275,3 +275,17 @@ def test_debug_works_after_the_subcommand_too(capsys, tmp_path):
 def test_a_mistyped_storage_fails_a_dry_run_too(capsys, tiny_dir):
     code, _, err = run(capsys, "prune", str(tiny_dir), "--sparsity", "0.5", "--storage", "sprase", "--dry-run")
     assert code == 2 and "unknown storage 'sprase' (did you mean 'sparse'?)" in err
+
+
+def test_info_on_a_quantized_artifact_counts_packed_weights_and_names_the_storage(capsys, tmp_path):
+    import secateur
+    from secateur.quant.rtn import RTNConfig
+
+    model = tiny_model("llama")
+    dense_parameters = sum(p.numel() for p in model.parameters())
+    secateur.compress_(model, RTNConfig(bits=4, strategy="group", group_size=16))
+    path = secateur.save(model, tmp_path / "q4", tokenizer=tiny_tokenizer("llama"))
+    code, out, _ = run(capsys, "info", str(path), "--json")
+    data = json.loads(out)
+    assert code == 0 and data["arch"]["parameters"] == dense_parameters == data["card"]["parameters"]
+    assert data["card"]["storage"].startswith("compressed-tensors pack-quantized, 4-bit, group 16")

@@ -170,7 +170,9 @@ def sparsity_summary(model: Any) -> dict[str, Any]:
         zeros, total = zeros + z, total + n
         if prefix is not None and name.startswith(prefix):
             block_zeros, block_total = block_zeros + z, block_total + n
-    parameters = sum(p.numel() for p in model.parameters())
+    from .models.arch import count_parameters
+
+    parameters = count_parameters(model)
     return {"fraction": round(zeros / total, 6) if total else 0.0, "zeros": zeros, "weights": total,
             "block_fraction": round(block_zeros / block_total, 6) if block_total else None,
             "parameters": parameters}
@@ -217,6 +219,24 @@ def build_card(model: Any, *, recipe: Any = None, metrics: dict[str, Any] | None
     return _jsonable(card)
 
 
+def _storage_name(card: dict[str, Any]) -> str:
+    """How the weights are stored, in words: ``dense``, ``bitmask-v1``, or the compressed-tensors
+    format with its bits and group sizes (``compressed-tensors pack-quantized, 4-bit, group 128``)."""
+    storage = (card.get("storage") or {}).get("format", "dense")
+    quant = card.get("quantization") or {}
+    if not quant.get("layers"):
+        return storage
+    layers = quant["layers"].values()
+    bits = sorted({int(layer.get("bits", 0)) for layer in layers})
+    groups = sorted({f"group {layer['group_size']}" if layer.get("group_size") else "per channel" for layer in layers})
+    activations = sorted({str(layer["activations"]) for layer in layers if layer.get("activations")})
+    parts = [f"{quant.get('format', 'compressed-tensors')} {quant.get('compression_format') or ''}".strip(),
+             "/".join(f"{b}-bit" for b in bits), ", ".join(groups)]
+    if activations:
+        parts.append(f"{'/'.join(activations)} activations")
+    return ", ".join(parts) + ("" if storage == "dense" else f" + {storage}")
+
+
 def card_summary(card: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of a card, flat, for tables."""
     files = card.get("files") or {}
@@ -235,7 +255,7 @@ def card_summary(card: dict[str, Any]) -> dict[str, Any]:
         "block_sparsity": sparsity.get("block_fraction"),
         "weights_bytes": sum(int(e.get("bytes", 0)) for n, e in files.items() if n.endswith(".safetensors")),
         "total_bytes": sum(int(e.get("bytes", 0)) for e in files.values()),
-        "storage": (card.get("storage") or {}).get("format", "dense"),
+        "storage": _storage_name(card),
         "storage_ratio": (card.get("storage") or {}).get("ratio", 1.0),
         "seconds": round(sum(float(entry.get("seconds") or 0.0) for entry in history), 3),
         "created": card.get("created"),

@@ -181,5 +181,28 @@ def arch_of(model: nn.Module, strict: bool = True) -> ArchFacts | None:
         sizes["head_dim"] = sizes["hidden"] // sizes["heads"]
     if "kv_heads" in sizes and sizes["kv_heads"] is None:
         sizes["kv_heads"] = sizes.get("heads")
-    sizes["parameters"] = sum(p.numel() for p in model.parameters())
+    sizes["parameters"] = count_parameters(model)
     return ArchFacts(model_type, arch, sizes)
+
+
+# buffers that hold a layer's weight in packed or low-precision form (QuantLinear, FP8Linear): they
+# count as the weights they stand for
+PACKED_WEIGHTS = ("weight_q", "weight_fp8")
+
+
+def count_parameters(model: Any) -> int:
+    """The model's parameters as its user counts them: every parameter once, plus each quantized
+    layer's weight, which such layers keep as a buffer (int8 ``weight_q``, ``weight_fp8``)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    for module in model.modules():
+        for name in PACKED_WEIGHTS:
+            buffer = module._buffers.get(name) if hasattr(module, "_buffers") else None
+            if buffer is not None and id(buffer) not in seen:
+                seen.add(id(buffer))
+                total += buffer.numel()
+    return total
