@@ -345,10 +345,10 @@ def distill_cmd(student: str = typer.Argument(..., help="Student: a model direct
         if ":" in sources[0]:
             spec["data"]["split"] = sources[0].split(":", 1)[1]
     recipe = _keep_to_blocks(spec)
-    if not as_json:
+    _run(recipe, out_dir, dry_run, as_json, loaded=loaded)
+    if not as_json:  # on success only: an error is shown alone
         err.print("[bold]recipe[/bold]" + (f" (on a fresh student: {fresh})" if fresh else ""))
         err.print(recipe.dump(), markup=False, highlight=False)
-    _run(recipe, out_dir, dry_run, as_json, loaded=loaded)
 
 
 def _keep_to_blocks(spec: dict[str, Any]) -> Any:
@@ -374,7 +374,7 @@ def _keep_to_blocks(spec: dict[str, Any]) -> Any:
 
 def _run_step(model: str, step: dict[str, Any], data: Optional[str], samples: int, seq_len: int, evals: List[str],
               out_dir: Optional[Path], dry_run: bool, as_json: bool, storage: str = "dense") -> None:
-    """The one-step recipe of ``prune``/``quantize``: printed (it works as it is in a recipe file), then run."""
+    """The one-step recipe of ``prune``/``quantize``: run, then printed (it works as it is in a recipe file)."""
     from .recipe import Recipe
 
     spec: dict[str, Any] = {"model": model, "steps": [step]}
@@ -382,10 +382,10 @@ def _run_step(model: str, step: dict[str, Any], data: Optional[str], samples: in
         spec["data"] = {"source": data, "samples": samples, "seq_len": seq_len}
     spec["eval"] = [dict(zip(("task", "data"), e.split(":", 1))) for e in evals]
     recipe = Recipe.from_dict(spec)
-    if not as_json:
-        err.print("[bold]recipe[/bold]")
-        err.print(recipe.dump(), markup=False, highlight=False)
     _run(recipe, out_dir, dry_run, as_json, storage)
+    if not as_json:  # on success only: an error is shown alone, not after a screen of YAML
+        err.print("[bold]recipe[/bold] (works as it is in a recipe file)")
+        err.print(recipe.dump(), markup=False, highlight=False)
 
 
 def _structured_step(heads: float, mlp: float, drop_layers: int, blocks: Optional[str], hidden: float,

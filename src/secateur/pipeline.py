@@ -114,6 +114,10 @@ def run_recipe(recipe: Any, out: str | Path | None = None, loaded: Any = None,
     from .artifacts import save
     from .models import load
 
+    if recipe.data is not None:  # a missing or mistyped data file fails now, not after loading the model
+        from .data import source
+
+        source(recipe.data.source)
     if loaded is None:
         if recipe.model is None:
             raise SecateurError("model: the recipe names no model; add 'model: PATH' or pass --set model=PATH")
