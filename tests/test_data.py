@@ -238,3 +238,19 @@ def test_calibration_errors_and_short_sources(tmp_path, tok, caplog):
         calibration_set(path, tok, n_samples=2, seq_len=64, mode="random")
     with pytest.raises(SecateurError, match="unknown calibration mode 'rand'; valid modes: 'consecutive', 'random'"):
         calibration_set(path, tok, mode="rand")
+
+
+def test_an_sts_file_in_the_published_layout_is_read_as_it_comes(tmp_path, data_dir):
+    """secateur eval --task sts --data FILE took only sentence1,sentence2,score with a header; the
+    benchmark's own files (tab-separated, headerless, genre/file/year/id columns) are read too."""
+    from secateur.data.sources import read_pairs_file, read_stsb
+
+    published = data_dir / "stsb" / "sts-dev.csv"
+    for name in ("copy.csv", "copy.tsv", "copy.txt"):
+        path = tmp_path / name
+        path.write_bytes(published.read_bytes())
+        first, second, scores = read_pairs_file(path)
+        assert (first, second, scores) == read_stsb(published) and len(scores) == 1500
+    header = tmp_path / "pairs.csv"
+    header.write_text("sentence1,sentence2,score\na cat,a dog,1.5\n")
+    assert read_pairs_file(header) == (["a cat"], ["a dog"], [1.5])

@@ -119,10 +119,26 @@ def read_stsb(path: Path) -> tuple[list[str], list[str], list[float]]:
     return first, second, scores
 
 
+def _stsb_layout(path: Path) -> bool:
+    """Whether ``path`` is in the published STS benchmark layout (tab-separated, headerless, the
+    score in the fifth field), as the benchmark's own ``sts-*.csv`` files are."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            first = fh.readline().rstrip("\r\n").split("\t")
+        float(first[4]) if len(first) >= 7 else float("x")
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return True
+
+
 def read_pairs_file(path: Path) -> tuple[list[str], list[str], list[float]]:
-    """Sentence pairs from a user file: columns/fields ``sentence1``, ``sentence2``, ``score``."""
+    """Sentence pairs from a user file: columns/fields ``sentence1``, ``sentence2``, ``score``, or
+    the published STS benchmark layout as it comes (tab-separated, headerless: genre, file, year,
+    id, score, sentence1, sentence2)."""
     names = ("sentence1", "sentence2", "score")
     suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv", ".txt") and _stsb_layout(path):
+        return read_stsb(path)
     if suffix == ".jsonl":
         cols = {n: read_jsonl(path, n) for n in names}
     elif suffix in (".csv", ".tsv", ".parquet"):
