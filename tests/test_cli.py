@@ -303,3 +303,32 @@ def test_an_error_is_shown_alone_and_a_missing_data_file_fails_before_the_model_
     assert not loads  # the data source was checked first
     code, _, err = run(capsys, "prune", str(tiny_dir), "--sparsity", "0.3")
     assert code == 0 and "method: magnitude" in err  # on success the recipe it ran is printed
+
+
+def test_known_library_deprecation_noise_is_filtered_unless_debug(capsys):
+    import logging
+    import warnings
+
+    from secateur.cli import _quiet_known_noise
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _quiet_known_noise()
+        warnings.warn("`past_key_values` is deprecated and will be removed in version 5.40.0", FutureWarning)
+        warnings.warn("something else", FutureWarning)
+    assert [str(w.message) for w in caught] == ["something else"]
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("transformers.utils.generic")
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        logger.warning("`past_key_values`/`cache_params` are deprecated. Use `cache` instead.")
+        logger.warning("a real warning")
+    finally:
+        logger.removeHandler(handler)
+    assert records == ["a real warning"]

@@ -517,6 +517,31 @@ def _usage(exc: Any) -> None:
     sys.exit(2)
 
 
+# warnings the libraries print on every run that say nothing to a secateur user (the deprecations
+# are of arguments secateur passes for the transformers versions it supports); --debug shows them
+KNOWN_NOISE = (r".*`past_key_values`.* deprecated.*", r".*`past_key_values`/`cache_params` are deprecated.*",
+               r".*torch\.jit\.script_method.* deprecated.*", r"To copy construct from a tensor, it is recommended.*",
+               r".*torch\.ao\.quantization is deprecated.*")
+
+
+def _quiet_known_noise() -> None:
+    import logging
+    import re
+    import warnings
+
+    for pattern in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    noise = re.compile("|".join(KNOWN_NOISE), re.S)
+
+    class _DropKnown(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not noise.match(record.getMessage())
+
+    # a logger's filters see the records made at that logger (transformers need not be imported yet)
+    for name in ("transformers", "transformers.utils.generic", "transformers.modeling_utils"):
+        logging.getLogger(name).addFilter(_DropKnown())
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     import click
 
@@ -524,6 +549,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     debug = "--debug" in args
     if debug:  # accepted in any position, not only before the command
         args = ["--debug"] + [a for a in args if a != "--debug"]
+    else:
+        _quiet_known_noise()
     usage_errors = _usage_error_classes()
     try:
         code = app(args=args, prog_name="secateur", standalone_mode=False)

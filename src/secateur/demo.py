@@ -170,7 +170,7 @@ def print_table(rows: list[dict[str, Any]], machine: dict[str, Any] | None = Non
         title += f"\n{machine['cpu']}, {machine['threads']} threads, {'AMX' if machine['amx'] else 'no AMX'}"
     table = Table(title=title)
     for col in COLUMNS:
-        table.add_column(col, justify="left" if col in ("model", "variant") else "right")
+        table.add_column(col, justify="left" if col in ("model", "variant") else "right", overflow="fold")
     for r in rows:
         table.add_row(*_cells(r))
     console = Console(width=max(Console().width, 140))

@@ -104,7 +104,8 @@ def results_table(results: EvalResult | Iterable[EvalResult], title: str | None 
     table = Table(title=title, show_lines=False)
     for name, style in (("task", "bold"), ("protocol", ""), ("metric", ""), ("value", "bold cyan"), ("data", ""),
                         ("fingerprint", "dim"), ("setup", "dim"), ("details", "")):
-        table.add_column(name, style=style or None, justify="right" if name == "value" else "left")
+        table.add_column(name, style=style or None, justify="right" if name == "value" else "left",
+                         overflow="fold")  # a narrow terminal wraps a value, never cuts it
     for r in results:
         data = r.settings.get("data") or {}
         name = str(data.get("name", "")).replace("\\", "/").rsplit("/", 1)[-1]  # a file: its base name
