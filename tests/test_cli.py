@@ -332,3 +332,12 @@ def test_known_library_deprecation_noise_is_filtered_unless_debug(capsys):
     finally:
         logger.removeHandler(handler)
     assert records == ["a real warning"]
+
+
+def test_the_before_after_table_labels_its_rows(capsys, tiny_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("a small story about a cat and a dog.\n" * 50)
+    code, out, err = run(capsys, "prune", str(tiny_dir), "--sparsity", "0.5", "--eval", f"perplexity:{text}")
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if "perplexity" in line]
+    assert len(rows) == 2 and "before" in rows[0] and "after" in rows[1]

@@ -455,7 +455,7 @@ def _run(recipe: Any, out_dir: Optional[Path], dry_run: bool, as_json: bool, sto
             from .evaluate import EvalResult, results_table
 
             rows = [EvalResult.from_dict(r) for pair in zip(result.before, result.after) for r in pair]
-            out.print(results_table(rows, title="before / after"))
+            out.print(results_table(rows, title="before / after", labels=["before", "after"] * len(result.before)))
         if result.artifact:
             out.print(f"artifact: {result.artifact}")
     else:

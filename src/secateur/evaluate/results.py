@@ -95,21 +95,28 @@ def _setup(result: EvalResult) -> str:
     return " · ".join(parts)
 
 
-def results_table(results: EvalResult | Iterable[EvalResult], title: str | None = None) -> Any:
-    """A rich Table with one row per result: task, protocol, metric, value, data, setup, details."""
+def results_table(results: EvalResult | Iterable[EvalResult], title: str | None = None,
+                  labels: Iterable[str] | None = None) -> Any:
+    """A rich Table with one row per result: task, protocol, metric, value, data, setup, details;
+    with ``labels`` (e.g. "before", "after"), a first column naming each row."""
     from rich.table import Table
 
     if isinstance(results, EvalResult):
         results = [results]
+    results = list(results)
+    names = list(labels) if labels is not None else None
     table = Table(title=title, show_lines=False)
+    if names is not None:
+        table.add_column("", style="bold")
     for name, style in (("task", "bold"), ("protocol", ""), ("metric", ""), ("value", "bold cyan"), ("data", ""),
                         ("fingerprint", "dim"), ("setup", "dim"), ("details", "")):
         table.add_column(name, style=style or None, justify="right" if name == "value" else "left",
                          overflow="fold")  # a narrow terminal wraps a value, never cuts it
-    for r in results:
+    for i, r in enumerate(results):
         data = r.settings.get("data") or {}
         name = str(data.get("name", "")).replace("\\", "/").rsplit("/", 1)[-1]  # a file: its base name
         where = f"{name}:{data.get('split', '')}" if data else "-"
-        table.add_row(r.task, r.protocol or "-", r.metric, format_value(r.value), where,
-                      str(r.settings.get("fingerprint") or "-"), _setup(r), _details(r))
+        cells = [r.task, r.protocol or "-", r.metric, format_value(r.value), where,
+                 str(r.settings.get("fingerprint") or "-"), _setup(r), _details(r)]
+        table.add_row(*([names[i]] if names is not None else []), *cells)
     return table
