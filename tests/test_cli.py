@@ -216,6 +216,10 @@ def test_quantize_activations_option_gives_w8a8_and_wrong_options_are_one_line(c
     assert {"bits": 8, "activations": "int8"}.items() <= json.loads(out)["recipe"]["steps"][0].items()
     code, _, err = run(capsys, "quantize", str(tiny_dir), "--method", "fp8", "--group-size", "8", "--dry-run")
     assert code == 2 and "takes no --group-size" in err and "strategy" in err and err.strip().count("\n") == 0
+    code, _, err = run(capsys, "quantize", str(tiny_dir), "--method", "rtn", "--bits", "8", "--activations", "int8")
+    assert code == 0 and "scheme: W8A8 per channel" in err
+    code, _, err = run(capsys, "quantize", str(tiny_dir), "--method", "rtn", "--group-size", "16")
+    assert code == 0 and "scheme: W4A16 g16" in err
 
 
 @pytest.mark.parametrize("how", ["raised", "returned"])

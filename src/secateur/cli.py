@@ -386,6 +386,23 @@ def _run_step(model: str, step: dict[str, Any], data: Optional[str], samples: in
     if not as_json:  # on success only: an error is shown alone, not after a screen of YAML
         err.print("[bold]recipe[/bold] (works as it is in a recipe file)")
         err.print(recipe.dump(), markup=False, highlight=False)
+        scheme = scheme_name(recipe.steps[0])
+        if scheme:
+            err.print(f"scheme: {scheme}", markup=False, highlight=False)
+
+
+def scheme_name(config: Any) -> str:
+    """``W8A8``, ``W4A16 g128``, ``W8A8-FP8``…: what a quantization step makes, in the usual words
+    ("" for other steps)."""
+    bits, activations = getattr(config, "bits", None), getattr(config, "activations", None)
+    if getattr(config, "method", "") == "fp8":
+        return "W8A8-FP8" if activations == "fp8" else "W8A16-FP8"
+    if bits is None:
+        return ""
+    name = f"W{bits}A{8 if activations == 'int8' else 16}"
+    strategy = getattr(config, "strategy", None)
+    return name + (f" g{config.group_size}" if strategy == "group" else " per tensor" if strategy == "tensor"
+                   else " per channel")
 
 
 def _structured_step(heads: float, mlp: float, drop_layers: int, blocks: Optional[str], hidden: float,
