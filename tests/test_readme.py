@@ -42,3 +42,33 @@ def test_every_python_snippet_defines_what_it_uses():
                 defined.add(node.id)
         used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
         assert used <= defined, f"README python block {i} uses undefined names {sorted(used - defined)}"
+
+
+def test_every_concrete_cli_command_in_the_readme_is_valid(shared_dir, data_dir, tmp_path, monkeypatch):
+    """Each `secateur ...` line of the README's bash blocks that names real files runs as written:
+    the steps that compress run with --dry-run (the recipe is validated and the modules listed, no
+    training), the others in full. Lines with placeholders (MODEL, DIR, a|b) are templates."""
+    import shlex
+
+    import pytest
+
+    from secateur.cli import main
+
+    monkeypatch.chdir(REPO)
+    text = (REPO / "README.md").read_text()
+    lines = [line.split("  #")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.replace("\\\n", " ").splitlines()]
+    commands = [line for line in lines if line.startswith("secateur ")
+                and not re.search(r"\b(MODEL|DIR|OUT|FILE|OUT_DIR)\b|\||\[", line)
+                and not line.startswith("secateur import")]  # its llama2c files are placeholders too
+    assert len(commands) >= 8
+    for line in commands:
+        args = shlex.split(line.replace("../shared", str(shared_dir)))[1:]
+        if args[0] in ("compress", "prune", "quantize", "distill"):
+            if "--out" in args:
+                args[args.index("--out") + 1] = str(tmp_path / "out")
+            args.append("--dry-run")
+        with pytest.raises(SystemExit) as info:
+            main(args)
+            raise SystemExit(0)
+        assert info.value.code == 0, line
