@@ -32,7 +32,14 @@ def _emit(data: Any, as_json: bool, table: Any = None) -> None:
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     elif table is not None:
-        out.print(table)
+        _show(table)
+
+
+def _show(table: Any) -> None:
+    """Print a table whose cells wrap on a narrow terminal rather than lose their ends."""
+    for column in getattr(table, "columns", []):
+        column.overflow = "fold"
+    out.print(table)
 
 
 def _print_version(value: bool) -> None:
@@ -70,8 +77,7 @@ def explain_cmd(method: str = typer.Argument(..., help="A method name, see `seca
     from .recipe import example_yaml
 
     spec = get_method(method)
-    out.print(f"[bold]{spec.name}[/bold] ({spec.kind}; {'needs' if spec.needs_data else 'no'} calibration data)"
-              f" — {spec.paper}")
+    out.print(f"[bold]{spec.name}[/bold] ({spec.kind}; needs {spec.needs}) — {spec.paper}")
     doc = (spec.config.__doc__ or "").strip()
     module_doc = (sys.modules[spec.config.__module__].__doc__ or "").strip()
     if module_doc:
@@ -82,7 +88,7 @@ def explain_cmd(method: str = typer.Argument(..., help="A method name, see `seca
     for f in spec.config.describe():
         valid = f"[{f['range'][0]}, {f['range'][1]}]" if f["range"] else (", ".join(map(str, f["choices"])) if f["choices"] else "")
         table.add_row(f["name"], f["type"], repr(f["default"]), valid, f["doc"])
-    out.print(table)
+    _show(table)
     out.print("Example recipe:")
     out.print(example_yaml(spec), markup=False, highlight=False)
 
@@ -464,7 +470,7 @@ def _run(recipe: Any, out_dir: Optional[Path], dry_run: bool, as_json: bool, sto
         summary = {k: v for k, v in h["result"].items() if not isinstance(v, (dict, list))}
         table.add_row(str(i), h["step"]["method"], str(h["seconds"]), json.dumps(summary))
     if not as_json:
-        out.print(table)
+        _show(table)
         for h in result.steps:
             if isinstance(h["result"].get("before"), dict) and isinstance(h["result"].get("after"), dict):
                 out.print(_shapes_table(h["result"]["before"], h["result"]["after"]))
