@@ -58,3 +58,21 @@ def test_unsupported_architecture_message():
         arch_of(Other())
     assert arch_of(Other(), strict=False) is None
     assert set(FAMILIES) <= set(ARCHS)
+
+
+def test_a_built_wheel_ships_every_file_the_native_build_reads(tmp_path):
+    """A non-editable install must be able to compile the kernels: the wheel holds every source and
+    header native.py compiles (it once lacked csrc/simd.h, so installs silently lost the kernels)."""
+    import zipfile
+    from pathlib import Path
+
+    from secateur.quant import native
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation",
+                           "-q", "-w", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("secateur-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    needed = {f"secateur/quant/csrc/{p.name}" for p in native.SOURCES + native.HEADERS}
+    assert needed <= names, sorted(needed - names)

@@ -37,6 +37,13 @@ from .config import StepConfig, _type_name, check_value
 from .errors import ConfigError, SecateurError, did_you_mean, one_of
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+# bounds on what a recipe may hold: a hostile file gets the recipe's own one-line error, never a
+# RecursionError, a conversion ValueError or an exponential walk through YAML aliases
+MAX_RECIPE_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_NODES = 100_000
+MAX_STRING = 10_000
+MAX_INT = 2 ** 63
 
 
 # --- small specs: validated like step configs -------------------------------------------------
@@ -212,7 +219,9 @@ class Recipe:
         """From YAML text, or from a file when given a path (a ``Path``, or a one-line string naming a file)."""
         if _looks_like_path(text_or_path):
             return cls.load(text_or_path)
-        return cls.from_dict(_parse_yaml(str(text_or_path), None))
+        text = str(text_or_path)
+        _check_size(len(text.encode("utf-8", "surrogatepass")), "the recipe text")
+        return cls.from_dict(_parse_yaml(text, None))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recipe":
@@ -225,7 +234,11 @@ class Recipe:
         suffix = p.suffix.lower()
         if suffix not in RECIPE_SUFFIXES:
             raise SecateurError(f"recipe file '{path}' has suffix '{p.suffix}'; expected one of {one_of(RECIPE_SUFFIXES)}")
-        text = p.read_text(encoding="utf-8")
+        _check_size(p.stat().st_size, f"recipe file '{path}'")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError("", f"recipe file '{path}' is not UTF-8 text (byte {exc.start})") from None
         data = _parse_json(text, str(path)) if suffix == ".json" else _parse_yaml(text, str(path))
         return cls.from_dict(data)
 
@@ -418,9 +431,45 @@ def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> Any:
 _Dumper.add_representer(list, _represent_list)
 
 
+def _check_size(nbytes: int, what: str) -> None:
+    if nbytes > MAX_RECIPE_BYTES:
+        raise ConfigError("", f"{what} holds {nbytes:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,}")
+
+
+def _check_bounds(data: Any, source: str | None) -> Any:
+    """Walk the parsed data once (iteratively, aliases included): depth, node count, string and
+    integer sizes within the bounds above, or one ConfigError naming the bound."""
+    of = f" in {source}" if source else ""
+    stack, nodes = [(data, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if depth > MAX_DEPTH:
+            raise ConfigError("", f"the recipe{of} is nested deeper than {MAX_DEPTH} levels")
+        if nodes > MAX_NODES:
+            raise ConfigError("", f"the recipe{of} holds more than {MAX_NODES:,} values (YAML aliases count each time)")
+        if isinstance(value, str) and len(value) > MAX_STRING:
+            raise ConfigError("", f"a string of {len(value):,} characters{of}; recipe strings are at most {MAX_STRING:,}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            raise ConfigError("", f"an integer of {len(str(abs(value)))} digits{of}; recipe integers stay within ±2^63")
+        if isinstance(value, Mapping):
+            stack.extend((v, depth + 1) for kv in value.items() for v in kv)
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, depth + 1) for v in value)
+    return data
+
+
 def _parse_yaml(text: str, source: str | None) -> Any:
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        return _check_bounds(yaml.load(text, Loader=_Loader), source)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError("", f"the recipe{f' in {source}' if source else ''} is nested too deeply "
+                              f"(at most {MAX_DEPTH} levels)") from None
+    except ValueError as exc:  # e.g. an integer past Python's digit limit
+        raise ConfigError("", f"invalid YAML{f' in {source}' if source else ''}: "
+                              f"{' '.join(str(exc).split())[:200]}") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -442,9 +491,15 @@ def _parse_json(text: str, source: str) -> Any:
         return out
 
     try:
-        return json.loads(text, object_pairs_hook=no_duplicates)
+        return _check_bounds(json.loads(text, object_pairs_hook=no_duplicates), source)
+    except ConfigError:
+        raise
     except json.JSONDecodeError as exc:
         raise ConfigError("", f"invalid JSON at line {exc.lineno}, column {exc.colno} of {source}: {exc.msg}") from None
+    except RecursionError:
+        raise ConfigError("", f"the recipe in {source} is nested too deeply (at most {MAX_DEPTH} levels)") from None
+    except ValueError as exc:  # e.g. an integer past Python's digit limit
+        raise ConfigError("", f"invalid JSON in {source}: {' '.join(str(exc).split())[:200]}") from None
 
 
 def _looks_like_path(value: Any) -> bool:

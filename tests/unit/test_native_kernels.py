@@ -251,3 +251,17 @@ def test_ops_compile_as_opaque_calls():
 
     x = x_case(1, 64)
     assert torch.allclose(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+def test_a_failed_build_is_a_visible_warning_naming_what_falls_back(monkeypatch, caplog):
+    import logging
+
+    def broken():
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(native, "_build", broken)
+    monkeypatch.setattr(torch.ops, "secateur", type("NoOps", (), {})())  # as before any build
+    with caplog.at_level(logging.WARNING, logger="secateur.quant.native"):
+        assert native.available.__wrapped__() is False  # the check itself, not this process's cached answer
+    message = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert "no compiler here" in message and "fall back" in message and "sdpa" in message

@@ -286,3 +286,37 @@ def test_from_quantized_checks_its_inputs():
         QuantLinear.from_quantized(q, torch.ones(OUT, 1), None, 4, 100)
     with pytest.raises(SecateurError, match="activation"):
         QuantLinear.from_quantized(q, torch.ones(OUT, 1), None, 8, None, activation="int4")
+
+
+def test_reference_only_in_one_thread_never_switches_another():
+    """reference_only is a context variable: a thread inside it gets the reference path while
+    another thread, running at the same moment, keeps its kernels (a threaded server's requests)."""
+    import threading
+
+    module = make(4, 128)
+    x = inputs(3)
+    with dispatch.forced({"w4a16": "dequant_bf16"}):  # a bf16 kernel: its output differs from the reference
+        fast = run(module, x)
+        with reference_only():
+            slow = run(module, x)
+        assert not torch.equal(fast, slow)
+        inside, done = threading.Event(), threading.Event()
+        got = {}
+
+        def switched():
+            with reference_only():
+                inside.set()
+                done.wait(10)  # stays inside while the other thread runs
+                got["switched"] = run(module, x)
+
+        def plain():
+            inside.wait(10)
+            got["plain"] = run(module, x)
+            done.set()
+
+        threads = [threading.Thread(target=switched), threading.Thread(target=plain)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+    assert torch.equal(got["plain"], fast) and torch.equal(got["switched"], slow)

@@ -139,7 +139,7 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask:
     plan: _Plan = self._secateur_fused
     base = type(self)._secateur_base
     x = hidden_states
-    if (self.training or torch.compiler.is_compiling() or linear._reference_only or x.dim() != 3
+    if (self.training or torch.compiler.is_compiling() or linear.reference_only_active() or x.dim() != 3
             or x.dtype != torch.float32 or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled())
             or any(a is not None for a in args) or any(v is not None and v is not False for v in kwargs.values())
             or not native.available()):

@@ -102,9 +102,9 @@ class FP8Linear(nn.Module):
 
 
 def _reference_only() -> bool:
-    from . import linear
+    from .linear import reference_only_active
 
-    return linear._reference_only
+    return reference_only_active()
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Iterator, Optional
 
 import torch
@@ -39,19 +40,26 @@ log = logging.getLogger(__name__)
 
 ACTIVATIONS = (None, "int8")
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
-_reference_only = False
+_REFERENCE_ONLY: ContextVar[bool] = ContextVar("secateur_reference_only", default=False)
 _UNCHOSEN = object()  # a token bucket whose kernel is not chosen yet
 
 
 @contextmanager
 def reference_only() -> Iterator[None]:
-    """Every QuantLinear runs its reference path (dequantize, then ``F.linear``) inside the block."""
-    global _reference_only
-    previous, _reference_only = _reference_only, True
+    """Every QuantLinear (and FP8Linear) run *by this thread or task* takes its reference path
+    (dequantize, then ``F.linear``) inside the block; a context variable, so one request of a
+    threaded server can never change another's kernels. Compiled graphs (``torch.compile``) are
+    traced with the kernels and are not switched by it."""
+    token = _REFERENCE_ONLY.set(True)
     try:
         yield
     finally:
-        _reference_only = previous
+        _REFERENCE_ONLY.reset(token)
+
+
+def reference_only_active() -> bool:
+    """Whether the calling thread or task is inside :func:`reference_only` (never while compiling)."""
+    return not torch.compiler.is_compiling() and _REFERENCE_ONLY.get()
 
 
 class QuantLinear(nn.Module):
@@ -134,7 +142,7 @@ class QuantLinear(nn.Module):
     # --- the kernels -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _reference_only or not self.use_kernels or x.device.type != "cpu" or x.dtype not in _FAST_DTYPES \
+        if reference_only_active() or not self.use_kernels or x.device.type != "cpu" or x.dtype not in _FAST_DTYPES \
                 or (x.requires_grad and torch.is_grad_enabled()) or x.shape[-1] != self.in_features:
             return self.reference_forward(x)  # (a wrong width: F.linear's error)
         x2 = x.reshape(-1, self.in_features)
@@ -200,7 +208,7 @@ class QuantLinear(nn.Module):
     @property
     def kernel(self) -> str:
         """The operation ``forward`` runs on float32 CPU input (``"reference"`` when no kernel applies)."""
-        if _reference_only or not self.use_kernels or self.op is None:
+        if reference_only_active() or not self.use_kernels or self.op is None:
             return "reference"
         return self.op
 
@@ -271,4 +279,4 @@ def _check_scheme(in_features: int, bits: int, group_size: Optional[int], activa
                             f"got group_size {group_size}")
 
 
-__all__ = ["QuantLinear", "reference_only"]
+__all__ = ["QuantLinear", "reference_only", "reference_only_active"]

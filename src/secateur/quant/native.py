@@ -86,7 +86,10 @@ def available() -> bool:
             _build()
         ok = bool(torch.ops.secateur.supported())
     except Exception as exc:  # no compiler / ninja, an old compiler, a sandbox without a cache dir
-        log.info("secateur's native GEMV kernels are not available (%s); torch's kernels are used", exc)
+        log.warning("secateur's native kernels could not be built or loaded (%s): the W8A8 and W4A16 GEMVs "
+                    "fall back to torch's kernels, decode attention to sdpa, and W8A8 encoders run module by "
+                    "module (slower, same results); SECATEUR_NATIVE=0 turns them off without this warning",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return False
     if ok:
         _register_fakes()
