@@ -404,3 +404,64 @@ def test_artifact_files_get_the_users_umask_not_0600(tmp_path):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir() if p.is_file()}
     assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
+@pytest.mark.parametrize("edit", ["sparsity", "recipe", "base_hash"])
+def test_an_edited_card_is_refused(llama_artifact: Path, tmp_path: Path, edit: str) -> None:
+    """The card is sealed by a digest over its content: editing what it records is noticed."""
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(llama_artifact, copy)
+    card = json.loads((copy / "compression.json").read_text())
+    assert card["card_sha256"]
+    if edit == "sparsity":
+        card["sparsity"]["fraction"] = 0.9
+    elif edit == "recipe":
+        card["recipe"] = {"steps": [{"method": "magnitude", "sparsity": 0.1}]}
+    else:  # the base model's identity (None for a model built in memory)
+        card["base_model"] = {**(card.get("base_model") or {}), "weights_sha256": "0" * 64}
+    (copy / "compression.json").write_text(json.dumps(card, indent=2))
+    with pytest.raises(ArtifactError, match="edited after it was written"):
+        secateur.load(copy)
+
+
+@pytest.mark.parametrize("stray", ["pytorch_model.bin", "extra.safetensors"])
+def test_weight_files_the_card_does_not_list_are_refused_by_name(llama_artifact: Path, tmp_path: Path,
+                                                                 stray: str) -> None:
+    import shutil
+
+    copy = tmp_path / "stray"
+    shutil.copytree(llama_artifact, copy)
+    (copy / stray).write_bytes(b"not listed")
+    with pytest.raises(ArtifactError, match=f"does not list: {stray}"):
+        verify(copy)
+
+
+def test_a_malformed_safetensors_header_is_an_artifact_error_naming_the_file(llama_artifact: Path,
+                                                                           tmp_path: Path) -> None:
+    """Even with a card that matches it (hash and seal rewritten), a file whose header is not
+    safetensors is named in one line, not left to the library's bare exception."""
+    import shutil
+
+    copy = tmp_path / "malformed"
+    shutil.copytree(llama_artifact, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes((10**9).to_bytes(8, "little") + b"{not json")
+    card = json.loads((copy / "compression.json").read_text())
+    card["files"]["model.safetensors"] = {"sha256": artifacts._sha256(weights), "bytes": weights.stat().st_size}
+    card["card_sha256"] = artifacts._seal(card)
+    (copy / "compression.json").write_text(json.dumps(card))
+    with pytest.raises(ArtifactError, match="model.safetensors is not a safetensors file"):
+        verify(copy)
+
+
+def test_an_unsealed_card_of_an_older_artifact_still_loads(llama_artifact: Path, tmp_path: Path, caplog) -> None:
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(llama_artifact, copy)
+    card = json.loads((copy / "compression.json").read_text())
+    del card["card_sha256"]
+    (copy / "compression.json").write_text(json.dumps(card))
+    assert verify(copy)["files"] and "unsealed" in caplog.text

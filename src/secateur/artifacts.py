@@ -395,7 +395,19 @@ def _sparse_candidates(model: Any) -> set[str]:
             and getattr(module, "weight", None) is not None and module.weight.dim() == 2}
 
 
+SEAL = "card_sha256"  # a digest over the rest of the card, so that an edited card is noticed
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack")
+
+
+def _seal(card: dict[str, Any]) -> str:
+    """sha256 of the card's canonical JSON (sorted keys, no spaces), the seal itself left out."""
+    body = {k: v for k, v in card.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False,
+                                     ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 def _write_card(tmp: Path, card: dict[str, Any]) -> None:
+    card[SEAL] = _seal(card)
     with open(tmp / CARD_NAME, "w", encoding="utf-8") as fh:
         json.dump(card, fh, indent=2, allow_nan=False)
         fh.write("\n")
@@ -553,10 +565,41 @@ def verify(directory: str | os.PathLike) -> dict[str, Any]:
         if got != entry["sha256"]:
             raise ArtifactError(f"{damaged} {name} sha256 mismatch (expected {entry['sha256'][:12]}…, "
                                 f"got {got[:12]}…); re-create it")
-    unlisted = sorted(p.name for p in root.glob("*.safetensors") if p.name not in files)
+    seal = card.get(SEAL)
+    if seal is None:
+        log.warning("artifact %s has an unsealed card (written before cards were sealed); its content is "
+                    "not checked", directory)
+    elif seal != _seal(card):
+        raise ArtifactError(f"{damaged} {CARD_NAME} was edited after it was written (its {SEAL} does not match "
+                            "its content); re-create it")
+    unlisted = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES
+                      and p.name not in files)
     if unlisted:
-        log.warning("artifact %s holds weight files its card does not list: %s", directory, ", ".join(unlisted))
+        raise ArtifactError(f"artifact {directory} holds weight files its card does not list: {', '.join(unlisted)}; "
+                            "remove them (they are not part of the artifact and would be loaded with it)")
+    for name in files:
+        if name.endswith(".safetensors"):
+            _check_safetensors_header(root / name, damaged)
     return card
+
+
+def _check_safetensors_header(path: Path, damaged: str) -> None:
+    """The 8-byte header length and the JSON header of a safetensors file, read and checked, so
+    that a malformed file is an artifact error naming it, not a library's bare exception."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if length < 2 or 8 + length > size or length > 100 * 2**20:
+            raise ArtifactError(f"{damaged} {path.name} is not a safetensors file (its header length is wrong)")
+        try:
+            header = json.loads(fh.read(length).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ArtifactError(f"{damaged} {path.name} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{damaged} {path.name} is not a safetensors file (its header is not an object)")
 
 
 def materialize_dense(directory: str | os.PathLike) -> dict[str, Any]:
