@@ -89,6 +89,12 @@ def _matches(compiled: re.Pattern[str] | str, name: str, module: Any) -> bool:
     return compiled in classes or any(alias in classes for alias in CLASS_ALIASES.get(compiled, ()))
 
 
+def matches(pattern: str, name: str, module: Any) -> bool:
+    """Whether one pattern (a class name with its aliases, a module name, or ``re:<regex>``) matches
+    the module ``name``: the package's one matcher (targets, ignore, quantization overrides)."""
+    return _matches(compile_pattern(pattern), name, module)
+
+
 # --- the model side ---------------------------------------------------------------------------
 def _has_2d_weight(module: Any) -> bool:
     import torch

@@ -274,12 +274,17 @@ def test_early_stopping_restores_the_best_weights():
     assert total / len(data.holdout) == pytest.approx(best, rel=1e-5)
 
 
-def test_zeros_of_a_pruned_student_stay_zero():
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "opt", "gpt2"])  # GPT-2's Conv1D: was wiped
+def test_zeros_of_a_pruned_student_stay_zero(family):
+    from transformers.pytorch_utils import Conv1D
+
     from secateur import MagnitudeConfig
 
-    teacher = tiny_model("llama", seed=1)
-    student = compress_(tiny_model("llama", seed=1), MagnitudeConfig(sparsity=0.5))
-    zeros = {n: (m.weight == 0) for n, m in student.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    teacher = tiny_model(family, seed=1)
+    student = compress_(tiny_model(family, seed=1), MagnitudeConfig(sparsity=0.5))
+    zeros = {n: (m.weight == 0) for n, m in student.named_modules()
+             if isinstance(m, (torch.nn.Linear, Conv1D)) and n != "lm_head"}
+    assert zeros
     train(student, teacher, TrainingSet(_windows(), []), _cfg(checkpoint_every=0))
     for n, z in zeros.items():
         w = student.get_submodule(n).weight

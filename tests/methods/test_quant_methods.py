@@ -21,7 +21,7 @@ from secateur.quant.mixed import MixedPrecisionConfig, allocate
 from secateur.quant.primitives import Scheme, quantize_weight
 from secateur.quant.rtn import RTNConfig
 from secateur.quant.smoothquant import SmoothQuantConfig
-from secateur.testing import tiny_model
+from secateur.testing import FAMILIES, tiny_model
 
 
 def calib(n=8, seq=16):
@@ -167,3 +167,18 @@ def test_stories260k_quality_order(stories_dir, data_dir):
     assert ppl["rtn8"] < 5.508 * 1.002
     assert ppl["gptq4"] < 6.08 < ppl["rtn4"]
     assert ppl["awq4"] < ppl["rtn4"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bit_overrides_match_like_targets_in_every_family(family):
+    """`overrides: {Linear: 8}` uses the targets' matcher, where `Linear` covers GPT-2's Conv1D:
+    on GPT-2 it was silently ignored (a second matcher compared the class name alone)."""
+    model = tiny_model(family)
+    compress_(model, RTNConfig(bits=4, strategy="channel", overrides={"Linear": 8}))
+    bits = {m.bits for m in model.modules() if isinstance(m, QuantLinear)}
+    assert bits == {8}
+    model = tiny_model(family)
+    first = "re:\\.0\\."  # the first block only
+    compress_(model, RTNConfig(bits=4, strategy="channel", overrides={first: 8}))
+    by_block = {name: m.bits for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert {b for n, b in by_block.items() if ".0." in n} == {8} and {b for n, b in by_block.items() if ".0." not in n} == {4}

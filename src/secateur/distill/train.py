@@ -208,13 +208,17 @@ class Hook(Protocol):
 
 
 class KeepZeros:
-    """Zeros of an already-pruned Linear stay zero: the weight is re-masked after every step."""
+    """Zeros of an already-pruned Linear (or GPT-2 Conv1D) stay zero: the weight is re-masked after
+    every step (weights held as parameters only: a parametrized weight is computed, not stored)."""
 
     MIN_ZEROS = 0.10
 
     def __init__(self, model: nn.Module):
+        from ..targets import matches
+
         self.masks = {name: (m.weight != 0) for name, m in model.named_modules()
-                      if type(m) is nn.Linear and float((m.weight == 0).float().mean()) >= self.MIN_ZEROS}
+                      if matches("Linear", name, m) and isinstance(getattr(m, "weight", None), nn.Parameter)
+                      and m.weight.dim() == 2 and float((m.weight == 0).float().mean()) >= self.MIN_ZEROS}
         self.modules = {name: model.get_submodule(name) for name in self.masks}
 
     @torch.no_grad()

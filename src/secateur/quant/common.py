@@ -53,13 +53,12 @@ class WeightQuantConfig(TargetedConfig):
 def scheme_for(config: WeightQuantConfig, name: str, module: nn.Module) -> Scheme:
     """The module's scheme: the config's, with its bits overridden by the last matching pattern."""
     import dataclasses
-    import re
+
+    from ..targets import matches
 
     scheme = config.scheme
-    for pattern, bits in config.overrides.items():
-        hit = (re.search(pattern[3:], name) if pattern.startswith("re:") else
-               name == pattern or name.startswith(pattern + ".") or type(module).__name__ == pattern)
-        if hit:
+    for pattern, bits in config.overrides.items():  # the targets' matcher: `Linear` covers GPT-2's Conv1D too
+        if matches(pattern, name, module):
             scheme = dataclasses.replace(scheme, bits=bits)
     return resolve_group(weight_matrix(module).shape[1], scheme, config.fallback, where=name)
 
