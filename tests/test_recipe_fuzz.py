@@ -18,34 +18,31 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples" / "recipes")
 CASES = 5000
 
 
-def _lines_with_values(text: str) -> list[int]:
-    return [i for i, line in enumerate(text.splitlines()) if ":" in line and not line.strip().startswith("#")]
+def _edit_a_line(rng: random.Random, text: str, edit) -> str:
+    """``text`` with one of its ``key: value`` lines (chosen by ``rng``) passed through ``edit``."""
+    lines = text.splitlines()
+    candidates = [i for i, line in enumerate(lines) if ":" in line and not line.strip().startswith("#")]
+    if not candidates:
+        return text
+    i = rng.choice(candidates)
+    lines[i] = edit(lines[i])
+    return "\n".join(lines) + "\n"
 
 
 def _replace_value(rng: random.Random, text: str, value: str) -> str:
-    lines = text.splitlines()
-    candidates = _lines_with_values(text)
-    if not candidates:
-        return text
-    i = rng.choice(candidates)
-    key, _, _ = lines[i].partition(":")
-    lines[i] = f"{key}: {value}"
-    return "\n".join(lines) + "\n"
+    return _edit_a_line(rng, text, lambda line: f"{line.partition(':')[0]}: {value}")
 
 
 def _typo(rng: random.Random, text: str) -> str:
-    lines = text.splitlines()
-    candidates = _lines_with_values(text)
-    if not candidates:
-        return text
-    i = rng.choice(candidates)
-    key, sep, rest = lines[i].partition(":")
-    stripped = key.strip(" -")
-    if len(stripped) > 1:
+    def misspell(line: str) -> str:
+        key, sep, rest = line.partition(":")
+        stripped = key.strip(" -")
+        if len(stripped) < 2:
+            return line
         j = rng.randrange(len(stripped))
         new = stripped[:j] + rng.choice("abcdefghijklmnopqrstuvwxyz_") + stripped[j + 1:]
-        lines[i] = key.replace(stripped, new, 1) + sep + rest
-    return "\n".join(lines) + "\n"
+        return key.replace(stripped, new, 1) + sep + rest
+    return _edit_a_line(rng, text, misspell)
 
 
 VALUES = [".nan", ".inf", "-.inf", "-1", "0", "-0.5", "1e308", "1e-320", "99999999999999999999999",
