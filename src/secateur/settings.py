@@ -2,7 +2,9 @@
 
 ``SECATEUR_DATA_DIR``   folder holding named datasets (``tinystories/``, ``wikitext2/``, ``c4/``,
                         ``stsb/``); unset means "use the Hugging Face hub" where that is possible.
-``SECATEUR_PROGRESS``   ``0`` hides progress bars, ``1`` forces them; by default they show on a terminal.
+``SECATEUR_PROGRESS``   ``0`` hides progress, ``1`` forces bars; by default bars show on a terminal and,
+                        elsewhere (a log, CI), a line with the stage, percent and ETA every
+                        ``SECATEUR_PROGRESS_EVERY`` seconds (default 30) of a long loop.
 """
 
 from __future__ import annotations
@@ -14,6 +16,25 @@ from pathlib import Path
 def data_dir() -> Path | None:
     value = os.environ.get("SECATEUR_DATA_DIR")
     return Path(value).expanduser() if value else None
+
+
+def progress_mode() -> str:
+    """``"bar"`` (a terminal, or ``SECATEUR_PROGRESS=1``), ``"lines"`` (stderr is not a terminal:
+    periodic plain lines), or ``"off"`` (``SECATEUR_PROGRESS=0``)."""
+    import sys
+
+    value = os.environ.get("SECATEUR_PROGRESS", "")
+    if value in ("0", "false", "no"):
+        return "off"
+    return "bar" if value in ("1", "true", "yes") or sys.stderr.isatty() else "lines"
+
+
+def progress_every() -> float:
+    """Seconds between two progress lines when stderr is not a terminal (``SECATEUR_PROGRESS_EVERY``)."""
+    try:
+        return max(0.0, float(os.environ.get("SECATEUR_PROGRESS_EVERY", "30")))
+    except ValueError:
+        return 30.0
 
 
 def show_progress() -> bool:
