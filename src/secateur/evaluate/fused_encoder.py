@@ -112,13 +112,10 @@ class _Plan:
 
 def _own_pack(m: QuantLinear) -> Any:
     """The module's weight as a :class:`~secateur.quant.kernels.W8A8Gemm` (its kernel chosen per
-    token bucket by measurement), kept on the module; None for weights with unfoldable zero points."""
-    if m.kernel != "w8a8":
-        return None
-    gemm = m._packs.get("w8a8_gemm")
-    if gemm is None:
-        gemm = m._packs["w8a8_gemm"] = kernels.W8A8Gemm(m.weight_q, m.weight_scale, m.weight_zero_point)
-    return gemm if gemm.foldable else None
+    token bucket by measurement, its packs the module's own); None for weights with unfoldable
+    zero points."""
+    gemm = m.gemm() if m.kernel == "w8a8" else None
+    return gemm if gemm is not None and gemm.foldable else None
 
 
 def _eligible_module(m: nn.Module) -> bool:

@@ -186,6 +186,16 @@ def _table() -> dict[str, dict[str, Any]]:
     return table
 
 
+def _key(op: str, tokens: int, shape: tuple[Any, ...]) -> str:
+    return f"{op}|{'x'.join(str(s) for s in shape)}|m{bucket(tokens)}"
+
+
+def record_of(op: str, tokens: int, shape: tuple[Any, ...]) -> dict[str, Any]:
+    """The measurement behind the choice for ``op`` on ``shape`` at ``tokens`` ({} if none yet)."""
+    with _lock:
+        return dict(_table().get(_key(op, tokens, shape), {}))
+
+
 def recorded() -> dict[str, dict[str, Any]]:
     """Every choice known on this machine (this process's and the cache file's), by choice key."""
     with _lock:
@@ -259,7 +269,7 @@ def choose(op: str, tokens: int, shape: tuple[Any, ...], make: Maker,
         log.warning("SECATEUR_KERNELS forces %s=%s, which cannot take this %s weight; measuring instead",
                     op, name, shape)
     b = bucket(tokens)
-    key = f"{op}|{'x'.join(str(s) for s in shape)}|m{b}"
+    key = _key(op, tokens, shape)
     with _lock:
         record = _table().get(key)
         if record is None and not measuring():
@@ -302,4 +312,5 @@ def summary(model: Any) -> dict[str, dict[str, str]]:
 
 
 __all__ = ["OPS", "REFERENCE", "BUCKETS", "bucket", "bucket_label", "generation", "parse_forced", "forced",
-           "parse_forced_env", "forced_choice", "measuring", "cache_path", "recorded", "clear", "measure", "choose", "summary"]
+           "parse_forced_env", "forced_choice", "measuring", "cache_path", "record_of", "recorded", "clear", "measure",
+           "choose", "summary"]

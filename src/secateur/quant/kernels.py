@@ -164,37 +164,38 @@ def pack_exact_fp32(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[t
     return ExactFp32Weight(chunks, scale.reshape(-1).float().contiguous(), zero_scale)
 
 
+def w8a8_products(xq: torch.Tensor, w: OneDNNWeight | IntMMWeight | ExactFp32Weight
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(y, ws)``: ``torch._int_mm``'s int32 products and the weight scales still to apply, or
+    (other kernels) float32 products with the weight scales applied and None. The native passes
+    take either form and read the same floats from both (:mod:`secateur.quant.native`). oneDNN
+    takes one activation scale (1.0 here) and applies the weight scales itself; the float32 GEMM
+    sums exactly within each slice of :data:`EXACT_K` inputs, and the slices are added in float64."""
+    if isinstance(w, IntMMWeight):
+        return torch._int_mm(xq, w.weight_t), w.scale
+    if isinstance(w, ExactFp32Weight):
+        x = xq.float()
+        if len(w.chunks) == 1:
+            return F.linear(x, w.chunks[0]).mul_(w.scale), None
+        acc = sum(F.linear(x[:, i * EXACT_K:(i + 1) * EXACT_K], c).double() for i, c in enumerate(w.chunks))
+        return acc.float().mul_(w.scale), None
+    return torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, w.packed, w.scale, w.zero, None, 1.0, 0, torch.float32,
+                                              "none", [], ""), None
+
+
 def w8a8_gemm(xq: torch.Tensor, w: OneDNNWeight | IntMMWeight | ExactFp32Weight) -> torch.Tensor:
     """``(xq @ q.T) * w_scale`` as float32 ``[tokens, out]`` for int8 ``xq [tokens, in]``: exact
     integer accumulation, the sum rounded once to float32, then times the weight scales (the same
     floats from every kernel); the per-token scales, the bias and the zero-point correction are the
-    caller's. oneDNN takes one activation scale (1.0 here) and applies the weight scales itself;
-    ``torch._int_mm`` returns int32 products, scaled in one pass; the float32 GEMM sums exactly
-    within each slice of :data:`EXACT_K` inputs, and the slices are added in float64 (exact)."""
-    if isinstance(w, IntMMWeight):
-        return torch.mul(torch._int_mm(xq, w.weight_t), w.scale)
-    if isinstance(w, ExactFp32Weight):
-        x = xq.float()
-        if len(w.chunks) == 1:
-            return F.linear(x, w.chunks[0]).mul_(w.scale)
-        acc = sum(F.linear(x[:, i * EXACT_K:(i + 1) * EXACT_K], c).double() for i, c in enumerate(w.chunks))
-        return acc.float().mul_(w.scale)
-    return torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, w.packed, w.scale, w.zero, None, 1.0, 0, torch.float32,
-                                              "none", [], "")
+    caller's."""
+    y, ws = w8a8_products(xq, w)
+    return y if ws is None else torch.mul(y, ws)
 
 
-def w8a8_products(xq: torch.Tensor, w: OneDNNWeight | IntMMWeight | ExactFp32Weight
-                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(y, ws)``: ``torch._int_mm``'s int32 products and the weight scales still to apply, or
-    (other kernels) :func:`w8a8_gemm`'s float32 ``y`` and None. The native passes take either form
-    and read the same floats from both (:mod:`secateur.quant.native`)."""
-    if isinstance(w, IntMMWeight):
-        return torch._int_mm(xq, w.weight_t), w.scale
-    return w8a8_gemm(xq, w), None
-
-
-def _w8a8_gemm_linear(x: torch.Tensor, w: OneDNNWeight | IntMMWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """W8A8 on a many-token GEMM: :func:`quantize_per_token`, :func:`w8a8_gemm` (exact s32
+def w8a8_gemm_linear(x: torch.Tensor, w: OneDNNWeight | IntMMWeight | ExactFp32Weight,
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """W8A8 on a GEMM (oneDNN, ``torch._int_mm`` or the exact float32 one, by the packed weight's
+    type): :func:`quantize_per_token`, :func:`w8a8_gemm` (exact s32
     accumulation times the weight scales), then ``* x_scale + bias`` in one ``addcmul``. With the
     native kernels built, the quantization and the epilogue are one pass each
     (:func:`native.quantize_per_token`, :func:`native.w8a8_epilogue`; the same floats)."""
@@ -214,21 +215,6 @@ def _w8a8_gemm_linear(x: torch.Tensor, w: OneDNNWeight | IntMMWeight, bias: Opti
     else:
         out = torch.addcmul(bias.float(), out, xs) if bias is not None else out.mul_(xs)
     return out.to(x.dtype)
-
-
-def w8a8_onednn(x: torch.Tensor, w: OneDNNWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """W8A8 through ``onednn.qlinear_pointwise``."""
-    return _w8a8_gemm_linear(x, w, bias)
-
-
-def w8a8_int_mm(x: torch.Tensor, w: IntMMWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """W8A8 through ``torch._int_mm``."""
-    return _w8a8_gemm_linear(x, w, bias)
-
-
-def w8a8_fp32(x: torch.Tensor, w: ExactFp32Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """W8A8 on float32 GEMMs: the same integers and the same floats, at float32 GEMM speed."""
-    return _w8a8_gemm_linear(x, w, bias)
 
 
 def w8a8_gemv(x: torch.Tensor, w: native.W8A8Gemv, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -261,7 +247,8 @@ class DequantBF16(NamedTuple):
     zero: Optional[torch.Tensor]  # bf16 [out, groups, 1] = -zp * scale, None when symmetric
 
 
-def pack_dequant_bf16(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor]) -> DequantBF16:
+def pack_dequant_bf16(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+                      group_size: Optional[int] = None) -> DequantBF16:
     out, groups = scale.shape
     s = scale.float()
     zero = None if zero_point is None or not bool(zero_point.any()) else \
@@ -351,11 +338,6 @@ def w4_gemv(x: torch.Tensor, w: native.W4Gemv, bias: Optional[torch.Tensor]) -> 
     return native.w4_gemv(x, w, bias).to(x.dtype)
 
 
-def pack_dequant(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
-                 group_size: Optional[int] = None) -> DequantBF16:
-    return pack_dequant_bf16(q, scale, zero_point)
-
-
 class Int8Pack(NamedTuple):
     q: torch.Tensor  # int8 [out, in], zero points folded in
     scale: torch.Tensor  # bf16 [out]
@@ -390,19 +372,19 @@ class Candidate(NamedTuple):
 
 CANDIDATES: dict[str, dict[str, Candidate]] = {
     "w8a8": {"gemv": Candidate(pack_gemv_w8a8, w8a8_gemv, FEW_TOKENS),
-             "onednn": Candidate(pack_onednn, w8a8_onednn),
-             "int_mm": Candidate(pack_int_mm, w8a8_int_mm),
-             "fp32": Candidate(pack_exact_fp32, w8a8_fp32)},
+             "onednn": Candidate(pack_onednn, w8a8_gemm_linear),
+             "int_mm": Candidate(pack_int_mm, w8a8_gemm_linear),
+             "fp32": Candidate(pack_exact_fp32, w8a8_gemm_linear)},
     "w4a16": {"gemv": Candidate(pack_gemv_w4, w4_gemv, FEW_TOKENS),
               "int4pack": Candidate(pack_int4, int4pack_linear, SMALL_BATCH),
-              "dequant_bf16": Candidate(pack_dequant, dequant_bf16_linear),
+              "dequant_bf16": Candidate(pack_dequant_bf16, dequant_bf16_linear),
               "fp32": Candidate(pack_fp32, fp32_linear)},
     "w8a16": {"int8pack": Candidate(pack_int8, int8pack_linear, SMALL_BATCH),
-              "dequant_bf16": Candidate(pack_dequant, dequant_bf16_linear),
+              "dequant_bf16": Candidate(pack_dequant_bf16, dequant_bf16_linear),
               "fp32": Candidate(pack_fp32, fp32_linear)},
 }
-# the W8A8 GEMMs alone (int8 in, float32 out): op "w8a8_gemm"
-GEMMS = {"onednn": pack_onednn, "int_mm": pack_int_mm, "fp32": pack_exact_fp32}
+# the W8A8 GEMMs alone (int8 in, float32 out; op "w8a8_gemm"): the same packs as the w8a8 candidates
+GEMMS = {name: Candidate(CANDIDATES["w8a8"][name].pack, w8a8_products) for name in ("onednn", "int_mm", "fp32")}
 
 
 def op_of(bits: int, activation: Optional[str], group_size: Optional[int]) -> Optional[str]:
@@ -423,91 +405,117 @@ def synthetic(op: str, in_features: int, out_features: int, group_size: Optional
     return q, scale, None, torch.randn(out_features, generator=g)
 
 
-def bench_linear(op: str, in_features: int, out_features: int, group_size: Optional[int] = None
-                 ) -> Callable[[int], dict[str, Callable[[], Any]]]:
-    """The dispatcher's ``make`` for a quantized Linear of this shape: rows -> {candidate: call}
-    over synthetic weights (each candidate packed once, on first need) and float32 inputs."""
+def try_pack(candidate: Candidate, q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+             group_size: Optional[int]) -> Any:
+    """``candidate.pack(...)``, or None where it cannot take the weight or this torch build lacks
+    the op's CPU kernel."""
+    try:
+        return candidate.pack(q, scale, zero_point, group_size)
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def bench(op: str, in_features: int, out_features: int, group_size: Optional[int] = None
+          ) -> Callable[[int], dict[str, Callable[[], Any]]]:
+    """The dispatcher's ``make`` for ``op`` on this shape: rows -> {candidate: call} over synthetic
+    weights (each candidate packed once, on first need); float32 inputs, int8 ones for ``w8a8_gemm``."""
+    table = GEMMS if op == "w8a8_gemm" else CANDIDATES[op]
     q, scale, zero, bias = synthetic(op, in_features, out_features, group_size)
     packs: dict[str, Any] = {}
 
     def make(rows: int) -> dict[str, Callable[[], Any]]:
-        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+        g = torch.Generator().manual_seed(rows)
+        x = (torch.randint(-127, 128, (rows, in_features), generator=g, dtype=torch.int8) if op == "w8a8_gemm"
+             else torch.randn(rows, in_features, generator=g))
         calls = {}
-        for name, cand in CANDIDATES[op].items():
+        for name, cand in table.items():
             if rows > cand.max_tokens:
                 continue
             if name not in packs:
-                try:
-                    packs[name] = cand.pack(q, scale, zero, group_size)
-                except (RuntimeError, NotImplementedError):  # a torch build without the op's CPU kernel
-                    packs[name] = None
+                packs[name] = try_pack(cand, q, scale, zero, group_size)
             if packs[name] is not None:
-                calls[name] = (lambda c=cand, p=packs[name]: c.run(x, p, bias))
+                run = cand.run
+                calls[name] = ((lambda p=packs[name], r=run: r(x, p)) if op == "w8a8_gemm" else
+                               (lambda p=packs[name], r=run: r(x, p, bias)))
         return calls
     return make
 
 
-def bench_gemm(in_features: int, out_features: int) -> Callable[[int], dict[str, Callable[[], Any]]]:
-    """The dispatcher's ``make`` for op ``w8a8_gemm``: int8 rows times an int8 weight, float32 out."""
-    q, scale, zero, _ = synthetic("w8a8", in_features, out_features)
-    packs = {}
-    for name, pack in GEMMS.items():
-        try:
-            packs[name] = pack(q, scale, zero)
-        except (RuntimeError, NotImplementedError):
-            packs[name] = None
+class KernelSlot:
+    """One weight's kernels for one operation: per token bucket, the candidate the dispatcher
+    chose, packed on first use. Each candidate is packed at most once (``packs``, which a slot for
+    another operation on the same weight may share); the choices are dropped when forcing changes
+    (:func:`secateur.quant.dispatch.generation`)."""
 
-    def make(rows: int) -> dict[str, Callable[[], Any]]:
-        xq = torch.randint(-127, 128, (rows, in_features), generator=torch.Generator().manual_seed(rows),
-                           dtype=torch.int8)
-        return {name: (lambda p=p: w8a8_gemm(xq, p)) for name, p in packs.items() if p is not None}
-    return make
+    def __init__(self, op: str, shape: tuple[int, ...], group_size: Optional[int] = None,
+                 packs: Optional[dict[str, Any]] = None):
+        self.op, self.shape, self.group_size = op, shape, group_size
+        self.table = GEMMS if op == "w8a8_gemm" else CANDIDATES[op]
+        self.packs: dict[str, Any] = {} if packs is None else packs  # name -> packed (None: cannot take it)
+        self.entries: dict[int, Optional[tuple[str, Candidate, Any]]] = {}
+        self.generation = -1
+
+    def pack(self, name: str, q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor]) -> Any:
+        if name not in self.packs:
+            self.packs[name] = try_pack(self.table[name], q, scale, zero_point, self.group_size)
+        return self.packs[name]
+
+    def entry(self, tokens: int, q: torch.Tensor, scale: torch.Tensor,
+              zero_point: Optional[torch.Tensor]) -> Optional[tuple[str, Candidate, Any]]:
+        """``(kernel name, candidate, packed weight)`` for ``tokens`` rows of this weight, or None
+        where no candidate can take it."""
+        if self.generation != dispatch.generation():
+            self.entries, self.generation = {}, dispatch.generation()
+        b = dispatch.bucket(tokens)
+        if b in self.entries:
+            return self.entries[b]
+        available = tuple(n for n, c in self.table.items()
+                          if tokens <= c.max_tokens and self.packs.get(n, 0) is not None)
+        entry = None
+        while available:
+            name = dispatch.choose(self.op, tokens, self.shape, bench(self.op, *self.shape[:2], self.group_size),
+                                   available)
+            packed = self.pack(name, q, scale, zero_point)
+            if packed is not None:
+                entry = (name, self.table[name], packed)
+                break
+            available = tuple(n for n in available if n != name)
+        self.entries[b] = entry
+        return entry
+
+    def chosen(self) -> dict[int, str]:
+        """The kernel chosen for each token bucket met so far."""
+        return {b: e[0] for b, e in self.entries.items() if e}
 
 
 class W8A8Gemm:
-    """An int8 weight for many-token GEMMs whose kernel (oneDNN or ``torch._int_mm``) is chosen per
-    token bucket by measurement and packed on first use: the fused encoder's four GEMMs."""
+    """An int8 weight for many-token GEMMs whose kernel (oneDNN, ``torch._int_mm`` or the exact
+    float32 GEMM) is chosen per token bucket by measurement: the fused encoder's four GEMMs."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor]):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+                 packs: Optional[dict[str, Any]] = None):
         self.q, self.scale, self.zero_point = q, scale, zero_point
-        self.shape = (q.shape[1], q.shape[0])
-        self._packs: dict[str, Any] = {}
-        self._by_bucket: dict[int, tuple[str, Any]] = {}
-        self._generation = -1
+        self.slot = KernelSlot("w8a8_gemm", (q.shape[1], q.shape[0]), packs=packs)
         self.foldable = _zero_free(q, zero_point) is not None  # no zero-point correction needed
-
-    def _entry(self, tokens: int) -> tuple[str, Any]:
-        if self._generation != dispatch.generation():
-            self._by_bucket, self._generation = {}, dispatch.generation()
-        b = dispatch.bucket(tokens)
-        entry = self._by_bucket.get(b)
-        if entry is None:
-            available = tuple(n for n in GEMMS if self._packs.get(n, True) is not None)
-            while available:
-                name = dispatch.choose("w8a8_gemm", tokens, self.shape, bench_gemm(*self.shape), available)
-                if name not in self._packs:
-                    self._packs[name] = GEMMS[name](self.q, self.scale, self.zero_point)
-                if self._packs[name] is not None:
-                    entry = self._by_bucket[b] = (name, self._packs[name])
-                    break
-                available = tuple(n for n in available if n != name)
-            else:
-                raise SecateurError("no int8 GEMM kernel can run here (neither oneDNN nor torch._int_mm)")
-        return entry
-
-    def __call__(self, xq: torch.Tensor) -> torch.Tensor:
-        """``(xq @ q.T) * scale`` as float32 (see :func:`w8a8_gemm`)."""
-        return w8a8_gemm(xq, self._entry(xq.shape[0])[1])
 
     def products(self, xq: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """:func:`w8a8_products`: int32 products with the scales still to apply, or float32 ones."""
-        return w8a8_products(xq, self._entry(xq.shape[0])[1])
+        entry = self.slot.entry(xq.shape[0], self.q, self.scale, self.zero_point)
+        if entry is None:
+            raise SecateurError("no int8 GEMM kernel can run here")
+        return w8a8_products(xq, entry[2])
+
+    def __call__(self, xq: torch.Tensor) -> torch.Tensor:
+        """``(xq @ q.T) * scale`` as float32 (see :func:`w8a8_gemm`)."""
+        y, ws = self.products(xq)
+        return y if ws is None else torch.mul(y, ws)
 
     def secateur_kernels(self) -> dict[str, dict[int, str]]:
-        return {"w8a8_gemm": {b: name for b, (name, _) in self._by_bucket.items()}}
+        chosen = self.slot.chosen()
+        return {"w8a8_gemm": chosen} if chosen else {}
 
 
-__all__ = ["FEW_TOKENS", "SMALL_BATCH", "CANDIDATES", "GEMMS", "Candidate", "W8A8Gemm", "op_of", "synthetic",
-           "bench_linear", "bench_gemm", "quantize_per_token", "w8a8_gemm", "pack_onednn", "pack_int_mm",
-           "pack_gemv_w8a8", "pack_exact_fp32", "pack_int4", "pack_gemv_w4", "pack_int8", "pack_fp32", "pack_dequant_bf16",
-           "dequant_bf16_linear", "int4_group"]
+__all__ = ["FEW_TOKENS", "SMALL_BATCH", "CANDIDATES", "GEMMS", "Candidate", "KernelSlot", "W8A8Gemm", "op_of",
+           "synthetic", "try_pack", "bench", "quantize_per_token", "w8a8_gemm", "w8a8_products", "w8a8_gemm_linear",
+           "pack_onednn", "pack_int_mm", "pack_gemv_w8a8", "pack_exact_fp32", "pack_int4", "pack_gemv_w4", "pack_int8",
+           "pack_fp32", "pack_dequant_bf16", "dequant_bf16_linear", "int4_group"]

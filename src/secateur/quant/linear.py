@@ -34,14 +34,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import SecateurError
-from . import dispatch, kernels
+from . import kernels
 
 log = logging.getLogger(__name__)
 
 ACTIVATIONS = (None, "int8")
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
 _REFERENCE_ONLY: ContextVar[bool] = ContextVar("secateur_reference_only", default=False)
-_UNCHOSEN = object()  # a token bucket whose kernel is not chosen yet
 
 
 @contextmanager
@@ -82,9 +81,8 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self._packs: dict[str, Any] = {}  # kernel name -> packed weight (None: that kernel cannot take it)
-        self._entries: dict[int, Any] = {}  # token bucket -> (kernel name, run, packed) or None (reference)
-        self._generation = -1  # dispatch.generation() the entries were chosen under
+        self._slot: Any = None  # kernels.KernelSlot: the kernel chosen per token bucket, packed (made on first use)
+        self._gemm: Any = None  # kernels.W8A8Gemm for the fused encoder, sharing the slot's packs
         self._sibling: Any = None  # (SiblingGemv, first column, width) once linked (quant.siblings)
 
     @classmethod
@@ -149,50 +147,27 @@ class QuantLinear(nn.Module):
         entry = self._entry(x2.shape[0])
         if entry is None:
             return self.reference_forward(x)
-        name, run, packed = entry
+        name, candidate, packed = entry
         sibling = self._sibling
         if sibling is not None and name == "gemv" and sibling[0].valid and x2.shape[0] <= sibling[0].tokens:
             group, start, width = sibling
             out = group(x2, start)[:, start:start + width].to(x.dtype)
         else:
-            out = run(x2, packed, self.bias)
+            out = candidate.run(x2, packed, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
     def _entry(self, tokens: int) -> Any:
-        """``(kernel name, run, packed weight)`` for ``tokens`` rows, chosen once per token bucket
-        (:func:`secateur.quant.dispatch.choose`) and packed on first use; None: the reference path."""
-        if self._generation != dispatch.generation():
-            self._entries, self._generation = {}, dispatch.generation()
-        b = dispatch.bucket(tokens)
-        entry = self._entries.get(b, _UNCHOSEN)
-        if entry is _UNCHOSEN:
-            entry = self._entries[b] = self._choose(tokens)
-        return entry
+        """``(kernel name, candidate, packed weight)`` for ``tokens`` rows, chosen once per token
+        bucket (:class:`~secateur.quant.kernels.KernelSlot`); None: the reference path."""
+        slot = self._get_slot()
+        return None if slot is None else slot.entry(tokens, self.weight_q, self.weight_scale, self.weight_zero_point)
 
-    def _choose(self, tokens: int) -> Any:
-        op = self.op
-        if op is None or self.weight_q.device.type != "cpu":
-            return None
-        candidates = kernels.CANDIDATES[op]
-        available = tuple(n for n, c in candidates.items() if tokens <= c.max_tokens and self._packs.get(n, 0) is not None)
-        make = kernels.bench_linear(op, self.in_features, self.out_features, self.group_size)
-        while available:
-            name = dispatch.choose(op, tokens, self.kernel_shape, make, available)
-            packed = self._pack(name)
-            if packed is not None:
-                return name, candidates[name].run, packed
-            available = tuple(n for n in available if n != name)
-        return None
-
-    def _pack(self, name: str) -> Any:
-        if name not in self._packs:
-            q, scale, zero = self.weight_q, self.weight_scale, self.weight_zero_point
-            try:
-                self._packs[name] = kernels.CANDIDATES[self.op][name].pack(q, scale, zero, self.group_size)
-            except (RuntimeError, NotImplementedError) as exc:  # a torch build without the op's CPU kernel
-                log.debug("QuantLinear %s: kernel %s unavailable (%s)", self.extra_repr(), name, exc)
-                self._packs[name] = None
-        return self._packs[name]
+    def _get_slot(self) -> Any:
+        """This module's :class:`~secateur.quant.kernels.KernelSlot`, made on first use (None where
+        no kernel applies: no operation for the scheme, or a weight off the CPU)."""
+        if self._slot is None and self.op is not None and self.weight_q.device.type == "cpu":
+            self._slot = kernels.KernelSlot(self.op, self.kernel_shape, self.group_size)
+        return self._slot
 
     @property
     def op(self) -> Optional[str]:
@@ -227,20 +202,30 @@ class QuantLinear(nn.Module):
 
     def secateur_kernels(self) -> dict[str, dict[int, str]]:
         """The kernels chosen so far, by token bucket (read by :func:`secateur.quant.dispatch.summary`)."""
-        chosen = {b: e[0] for b, e in self._entries.items() if e}
-        report = {self.op: chosen} if chosen and self.op else {}
-        gemm = self._packs.get("w8a8_gemm")  # the fused encoder's GEMM of this weight
-        if gemm is not None and gemm.secateur_kernels()["w8a8_gemm"]:
-            report.update(gemm.secateur_kernels())
+        chosen = self._slot.chosen() if self._slot is not None else {}
+        report = {self.op: chosen} if chosen else {}
+        if self._gemm is not None:  # the fused encoder's GEMM of this weight
+            report.update(self._gemm.secateur_kernels())
         return report
 
     def packed(self, name: str) -> Any:
         """This module's weight packed for candidate ``name`` (None where that kernel cannot take it)."""
-        return self._pack(name) if self.op else None
+        slot = self._get_slot()
+        return None if slot is None else slot.pack(name, self.weight_q, self.weight_scale, self.weight_zero_point)
+
+    def gemm(self) -> Any:
+        """The weight as a :class:`~secateur.quant.kernels.W8A8Gemm` (W8A8 only), sharing this
+        module's packs: the fused encoder's GEMM never packs a weight the module already has."""
+        slot = self._get_slot()
+        if self.op != "w8a8" or slot is None:
+            return None
+        if self._gemm is None:
+            self._gemm = kernels.W8A8Gemm(self.weight_q, self.weight_scale, self.weight_zero_point, packs=slot.packs)
+        return self._gemm
 
     def reset_kernel(self) -> None:
         """Drop the packed weights (repacked on the next forward): call after editing the buffers in place."""
-        self._packs, self._entries = {}, {}
+        self._slot = self._gemm = None
         self._unlink()
 
     def _unlink(self) -> None:
@@ -258,7 +243,7 @@ class QuantLinear(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:  # copy / pickle without the packed (oneDNN) tensors
         state = dict(super().__getstate__())
-        state["_packs"], state["_entries"], state["_sibling"] = {}, {}, None
+        state["_slot"], state["_gemm"], state["_sibling"] = None, None, None
         return state
 
     def extra_repr(self) -> str:

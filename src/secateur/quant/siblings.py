@@ -133,9 +133,10 @@ def link_siblings(model: nn.Module) -> int:
             sibling = SiblingGemv(kind, joint, bias, kernels.FEW_TOKENS)
             start = 0
             for member, part, view in zip(members, parts, views):
-                member._packs["gemv"] = view
-                member._entries = {b: (e[0], e[1], view) if e and e[0] == "gemv" else e  # the view, in place
-                                   for b, e in member._entries.items()}
+                slot = member._slot
+                slot.packs["gemv"] = view
+                slot.entries = {b: (e[0], e[1], view) if e and e[0] == "gemv" else e  # the view, in place
+                                for b, e in slot.entries.items()}
                 member._sibling = (sibling, start, part.n)
                 start += part.w.shape[0] * native.LANES
             linked += 1

@@ -37,21 +37,21 @@ def survey(shape: tuple[int, int] = SHAPE, tokens: tuple[int, ...] = TOKENS) -> 
     for op in ("w8a8", "w4a16", "w8a16"):
         group = 128 if op == "w4a16" and k % 128 == 0 else None
         key = (k, n, group) if group else (k, n)
-        make = kernels.bench_linear(op, k, n, group)
+        make = kernels.bench(op, k, n, group)
         for t in tokens:
             kernel = dispatch.choose(op, t, key, make)
-            record = dispatch.recorded().get(f"{op}|{'x'.join(map(str, key))}|m{dispatch.bucket(t)}", {})
+            record = dispatch.record_of(op, t, key)
             rows.append(_row(op, key, t, record, kernel, 2.0 * dispatch.bucket(t) * k * n))
     for t in tokens:
         if t > 1:
-            kernel = dispatch.choose("w8a8_gemm", t, (k, n), kernels.bench_gemm(k, n))
-            record = dispatch.recorded().get(f"w8a8_gemm|{k}x{n}|m{dispatch.bucket(t)}", {})
+            kernel = dispatch.choose("w8a8_gemm", t, (k, n), kernels.bench("w8a8_gemm", k, n))
+            record = dispatch.record_of("w8a8_gemm", t, (k, n))
             rows.append(_row("w8a8_gemm", (k, n), t, record, kernel, 2.0 * dispatch.bucket(t) * k * n))
     if native.available():
         from ..evaluate.decode_attention import _bench
 
         kernel = dispatch.choose("decode_attention", 1, ATTENTION, _bench(*ATTENTION))
-        record = dispatch.recorded().get(f"decode_attention|{'x'.join(map(str, ATTENTION))}|m1", {})
+        record = dispatch.record_of("decode_attention", 1, ATTENTION)
         row = _row("decode_attention", ATTENTION, 1, record, kernel, None)
         sdpa = record.get("us", {}).get("sdpa")
         row["vs_fp32"] = sdpa / row["us"] if sdpa and row["us"] else None  # against torch's sdpa
