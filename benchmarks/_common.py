@@ -25,7 +25,7 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
-    from secateur.quant import machine
+    from secateur.runtime import machine
 
     facts = machine.describe()  # the CPU model, its kernel-relevant flags (AMX or not), oneDNN's ISA cap
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -37,7 +37,7 @@ def cpu_line() -> str:
     """``"AMD EPYC, no AMX, 2 threads"``: what every printed table says it was measured on."""
     import torch
 
-    from secateur.quant import machine
+    from secateur.runtime import machine
 
     return f"{machine.cpu_model()}, {'AMX' if machine.has_amx() else 'no AMX'}, {torch.get_num_threads()} threads"
 

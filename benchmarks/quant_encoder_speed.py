@@ -2,7 +2,7 @@
 
 Protocol P2 (STS-B dev, batch 64, max_length 128, fp32 inputs), 2 threads. Variants: dense fp32;
 secateur SmoothQuant W8A8 (int8 per-channel weights, dynamic per-token int8 activations, the int8
-GEMM this machine measured fastest) in its runtime (fused blocks, secateur.evaluate.fused_encoder) and the same model
+GEMM this machine measured fastest) in its runtime (fused blocks, secateur.runtime.fused_encoder) and the same model
 module by module; torch's ``quantize_dynamic`` (per-tensor activation scales). Each variant encodes the
 whole dev set (both sides, 3,000 sentences) ``--rounds`` times, alternating; speed-up = dense
 median / variant median. Batch independence: the embedding of one sentence encoded alone vs
@@ -41,14 +41,15 @@ def main() -> None:
     from secateur.evaluate import evaluate
     from secateur.evaluate.sts import sentence_embeddings
     from secateur.quant.smoothquant import SmoothQuantConfig
+    from secateur.runtime import optimize_
 
     torch.set_num_threads(2)
     path = SHARED / "models" / "all-MiniLM-L6-v2"
     dense, tok, _ = secateur.load(path)
     w8a8 = copy.deepcopy(dense)
     secateur.compress_(w8a8, SmoothQuantConfig(), data=calibration_set("stsb", tok, 128, 128, split="train"))
-    unfused = copy.deepcopy(w8a8)
-    unfused.secateur_unfused = True  # the same integers, module by module (no fused blocks)
+    unfused = copy.deepcopy(w8a8)  # the same integers, module by module (no fused blocks)
+    optimize_(w8a8)  # the runtime's fused encoder blocks
     dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(dense), {torch.nn.Linear}, dtype=torch.qint8)
     models = {"dense fp32": dense, "secateur SmoothQuant W8A8": w8a8, "secateur W8A8, module by module": unfused,
               "torch quantize_dynamic": dynamic}

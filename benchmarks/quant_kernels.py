@@ -72,7 +72,7 @@ def swap(model, make) -> None:
 
 
 def quantized(dense, bits: int, group: int | None, activation: str | None):
-    from secateur.quant.linear import QuantLinear
+    from secateur.runtime.linear import QuantLinear
 
     model = copy.deepcopy(dense)
 
@@ -107,8 +107,8 @@ def decode_bytes(model) -> int:
     """Bytes of Linear weights one decode step reads, in the layout its kernel reads them."""
     import torch.nn as nn
 
-    from secateur.quant import kernels
-    from secateur.quant.linear import QuantLinear
+    from secateur.runtime import kernels
+    from secateur.runtime.linear import QuantLinear
 
     total = 0
     for module in model.modules():
@@ -156,7 +156,7 @@ def kernel_error(model, ids) -> float:
     roundings in the next layers' per-token quantization, which compounds over 12 blocks."""
     import torch
 
-    from secateur.quant.linear import reference_only
+    from secateur.runtime.linear import reference_only
 
     with torch.inference_mode():
         fast = model(input_ids=ids).logits
@@ -206,7 +206,7 @@ def main() -> None:
 
     compiled = {}
     if args.compile:  # one compiled runtime per variant, compiled in its first warm-up, reused every round
-        from secateur.evaluate.compiled import CompiledLM
+        from secateur.runtime.compiled import CompiledLM
 
         compiled = {name: CompiledLM(model, args.prompt + args.new) for name, model in models.items()}
     rounds: dict[str, list[dict]] = {name: [] for name in models}

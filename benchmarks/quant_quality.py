@@ -47,6 +47,7 @@ def run(model_dir: Path, variants: list, task: str, data: str, calib_spec: tuple
     from secateur.api import get_method
     from secateur.data import calibration_set
     from secateur.evaluate import evaluate
+    from secateur.runtime import optimize_
 
     _, tok, _ = secateur.load(model_dir)
     source, samples, seq_len, split = calib_spec
@@ -58,7 +59,7 @@ def run(model_dir: Path, variants: list, task: str, data: str, calib_spec: tuple
             start = time.perf_counter()
             secateur.compress_(model, get_method(method).config(**fields), data=calib)
             seconds = time.perf_counter() - start
-            value = evaluate(model, tok, task, data).value
+            value = evaluate(optimize_(model), tok, task, data).value  # W8A8 encoders: fused blocks
             path = secateur.save(model, Path(tmp) / label.replace(" ", "_").replace("/", "-"), tokenizer=tok)
             card = secateur.load(path).info["card"]
             q = card.get("quantization") or {}

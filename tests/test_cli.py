@@ -169,7 +169,7 @@ def test_override_matching_nothing_names_the_step(capsys, tmp_path, tiny_dir):
 
 
 def test_info_machine_names_the_cpu_and_each_operations_kernel_beside_float32(capsys, monkeypatch):
-    from secateur.quant import dispatch, machine, survey
+    from secateur.runtime import dispatch, machine, survey
 
     monkeypatch.setattr(survey, "SHAPE", (128, 256))  # small, so that a first measurement is quick
     monkeypatch.setattr(survey, "ATTENTION", (4, 4, 16, 64))

@@ -13,9 +13,9 @@ import torch
 
 import secateur
 from secateur.errors import SecateurError
-from secateur.evaluate.compiled import CompiledLM
+from secateur.runtime.compiled import CompiledLM
 from secateur.evaluate.speed import greedy_decode, speed
-from secateur.quant.linear import QuantLinear
+from secateur.runtime.linear import QuantLinear
 from secateur.quant.rtn import RTNConfig
 from secateur.testing import tiny_model
 

@@ -51,7 +51,7 @@ def test_apply_save_stock_reload(name, family, tmp_path):
     """Quantized models are compared on their reference path (dequantize, then a float matmul), which
     is what stock transformers computes; a card that says its checkpoint is not stock-loadable (GPT-2's
     Conv1D, which compressed-tensors does not quantize) is held to secateur.load only."""
-    from secateur.quant.linear import reference_only
+    from secateur.runtime.linear import reference_only
 
     model = tiny_model(family)
     ids = torch.randint(3, 100, (2, 12))

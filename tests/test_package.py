@@ -66,7 +66,7 @@ def test_a_built_wheel_ships_every_file_the_native_build_reads(tmp_path):
     import zipfile
     from pathlib import Path
 
-    from secateur.quant import native
+    from secateur.runtime import native
 
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation",
@@ -74,5 +74,5 @@ def test_a_built_wheel_ships_every_file_the_native_build_reads(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = tmp_path.glob("secateur-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    needed = {f"secateur/quant/csrc/{p.name}" for p in native.SOURCES + native.HEADERS}
+    needed = {f"secateur/runtime/csrc/{p.name}" for p in native.SOURCES + native.HEADERS}
     assert needed <= names, sorted(needed - names)

@@ -107,7 +107,7 @@ def test_cli_quantize_gptq_writes_a_packed_checkpoint(capsys, stories_dir, data_
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     card = json.loads((out_dir / "compression.json").read_text())
     assert card["quantization"]["layers"] and all(v["bits"] == 4 for v in card["quantization"]["layers"].values())
-    from secateur.quant.linear import QuantLinear
+    from secateur.runtime.linear import QuantLinear
 
     model = secateur.load(out_dir).model
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 35

@@ -38,7 +38,7 @@ _EXPORTS = {
     "DistillConfig": "secateur.distill.distill",
     "QATConfig": "secateur.distill.qat",
     "GradualConfig": "secateur.distill.gradual",
-    "fuse_encoder": "secateur.evaluate.fused_encoder",
+    "fuse_encoder": "secateur.runtime.fused_encoder",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -27,7 +27,7 @@ wrong weights), so the default stays ``sparse="none"``: plain safetensors;
 ``export_dense(artifact, out)`` turns a compressed artifact back into one. The card's ``storage``
 entry says which format was used and what it saved.
 
-Quantized models (:class:`~secateur.quant.linear.QuantLinear` modules) are written in the
+Quantized models (:class:`~secateur.runtime.linear.QuantLinear` modules) are written in the
 compressed-tensors format (packed integers, scales and a ``quantization_config`` in
 ``config.json``, see :mod:`secateur.quant.formats`), which stock ``transformers`` (with
 ``compressed-tensors`` installed) and vLLM load and :func:`secateur.load` reads back into
@@ -621,7 +621,7 @@ def load_pretrained(auto: Any, directory: str | os.PathLike, **kwargs: Any) -> A
     straight to transformers; one with compressed weights is decoded to a dense state dict first
     and handed to the model class with the directory's config and generation config. A
     compressed-tensors checkpoint (``quantization_config.quant_method == "compressed-tensors"``)
-    is built with :class:`~secateur.quant.linear.QuantLinear` modules holding its integers
+    is built with :class:`~secateur.runtime.linear.QuantLinear` modules holding its integers
     (:func:`secateur.quant.formats.read`).
     """
     from . import sparse_format

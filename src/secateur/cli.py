@@ -106,16 +106,21 @@ def eval_cmd(model: str = typer.Argument(..., help="Model directory, artifact or
              new_tokens: Optional[int] = typer.Option(None, "--new-tokens", help="Speed: generated tokens."),
              compile_: bool = typer.Option(False, "--compile",
                                            help="Speed: static KV cache + torch.compile (batch 1, causal LMs)."),
+             unfused: bool = typer.Option(False, "--unfused", help="Run a W8A8 encoder module by module "
+                                          "(default: fused blocks, the runtime's fastest form; same integers)."),
              output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the JSON result here."),
              as_json: bool = typer.Option(False, "--json", help="Print the JSON result instead of a table.")) -> None:
     """Evaluate a model: perplexity (P1/P3), sentence similarity (P2) or speed and memory (P4)."""
     from .evaluate import evaluate, results_table
     from .models import load
+    from .runtime import optimize_
 
     given = {"split": split, "seq_len": seq_len, "batch": batch, "max_windows": max_windows,
              "prompt_len": prompt_len, "new_tokens": new_tokens, "compile": compile_ or None}
     options = {k: v for k, v in given.items() if v is not None}
     loaded = load(model)
+    if not unfused:
+        optimize_(loaded.model)
     result = evaluate(loaded.model, loaded.tokenizer, task, data, **options)
     if output is not None:
         output.write_text(result.to_json() + "\n")
@@ -150,8 +155,8 @@ def info_cmd(model: Optional[str] = typer.Argument(None, help="Model directory, 
 
 
 def _machine_info(remeasure: bool, as_json: bool) -> None:
-    from .quant import dispatch
-    from .quant.survey import survey
+    from .runtime import dispatch
+    from .runtime.survey import survey
 
     if remeasure:
         dispatch.clear()

@@ -62,7 +62,10 @@ def measure_speed(models: list[Any]) -> list[dict[str, Any]]:
     import statistics
 
     from .evaluate import evaluate
+    from .runtime import optimize_
 
+    for model in models:
+        optimize_(model)
     runs: list[list[dict[str, Any]]] = [[] for _ in models]
     kernels: list[dict[str, Any]] = [{} for _ in models]
     for _ in range(SPEED_ROUNDS):
@@ -89,7 +92,7 @@ def run_demo(models_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     from .errors import SecateurError
     from .models import load
     from .pipeline import run_recipe
-    from .quant import machine
+    from .runtime import machine
     from .recipe import Recipe
 
     models_dir, out_dir = Path(models_dir), Path(out_dir)

@@ -432,7 +432,7 @@ def test_the_steps_of_a_recipe_sample_a_loaded_teacher_once(tmp_path, monkeypatc
 
 def test_a_quantized_student_trains_through_fake_quantization_and_stays_packed():
     from secateur import RTNConfig
-    from secateur.quant.linear import QuantLinear, reference_only
+    from secateur.runtime.linear import QuantLinear, reference_only
 
     teacher = tiny_model("llama", seed=1)
     student = compress_(tiny_model("llama", seed=1), RTNConfig(bits=4, strategy="channel"))
@@ -518,7 +518,7 @@ def test_qat_w8a8_trains_and_saves_a_checkpoint_stock_transformers_loads(tmp_pat
     import transformers
 
     from secateur import QATConfig, load, save
-    from secateur.quant.linear import QuantLinear, reference_only
+    from secateur.runtime.linear import QuantLinear, reference_only
 
     teacher = tiny_model("llama", seed=1)
     model = tiny_model("llama", seed=1)

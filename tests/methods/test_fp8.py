@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from secateur import compress_
-from secateur.quant.fp8 import FP8Config, FP8Linear
+from secateur.quant.fp8 import FP8Config
+from secateur.runtime.fp8_linear import FP8Linear
 from secateur.testing import tiny_model
 
 
@@ -55,7 +56,7 @@ def test_fp8_model_quality_and_weight_only():
 def test_reference_path_is_per_token_fake_quant_then_linear(fmt, strategy):
     """Inside reference_only(): the input cast to FP8 per token and back, then F.linear with the
     dequantized weight (what stock transformers runs); the FP8 GEMM differs by float rounding."""
-    from secateur.quant.linear import reference_only
+    from secateur.runtime.linear import reference_only
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 24))
@@ -86,7 +87,7 @@ def test_reference_path_is_compressed_tensors_forward():
     from compressed_tensors.quantization.lifecycle.forward import dequantize, fake_quantize
     from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
 
-    from secateur.quant.linear import reference_only
+    from secateur.runtime.linear import reference_only
 
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(48, 16))

@@ -16,7 +16,7 @@ from secateur.evaluate import evaluate
 from secateur.prune.sparsegpt import SparseGPTConfig
 from secateur.quant.awq import AWQConfig
 from secateur.quant.gptq import GPTQConfig
-from secateur.quant.linear import QuantLinear, reference_only
+from secateur.runtime.linear import QuantLinear, reference_only
 from secateur.quant.mixed import MixedPrecisionConfig, allocate
 from secateur.quant.primitives import Scheme, quantize_weight
 from secateur.quant.rtn import RTNConfig
@@ -111,7 +111,7 @@ def test_w8a8_outputs_do_not_depend_on_batch_mates():
     """Each W8A8 layer's output row is the same whether the row came alone or with others (whatever
     kernel each token count gets). The whole model's logits need not be: its float32 parts (the
     head, attention) may take other GEMM paths for other batch sizes on some CPUs."""
-    from secateur.quant.linear import QuantLinear
+    from secateur.runtime.linear import QuantLinear
 
     model = tiny_model("llama")
     compress_(model, SmoothQuantConfig(), data=calib())

@@ -1,4 +1,4 @@
-"""secateur's decode attention (csrc/attention.cpp via secateur.evaluate.decode_attention) against
+"""secateur's decode attention (csrc/attention.cpp via secateur.runtime.decode_attention) against
 a float64 softmax written out loop by loop, its fallbacks to transformers' sdpa, and a Llama with
 head size 16 decoding through it eagerly and compiled."""
 
@@ -11,10 +11,10 @@ import torch
 import transformers as tf
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from secateur.evaluate.compiled import CompiledLM
-from secateur.evaluate.decode_attention import NAME, decode_attention_forward, use_decode_attention
+from secateur.runtime.compiled import CompiledLM
+from secateur.runtime.decode_attention import NAME, decode_attention_forward, use_decode_attention
 from secateur.evaluate.speed import greedy_decode
-from secateur.quant import native
+from secateur.runtime import native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels not built on this machine")
 

@@ -1,4 +1,4 @@
-"""The kernel dispatcher (secateur.quant.dispatch): measured choices, the screen, the per-machine
+"""The kernel dispatcher (secateur.runtime.dispatch): measured choices, the screen, the per-machine
 cache on disk, forcing, and what results record. Candidates here are fake calls whose cost is
 known (they sleep), so the right answer is known too."""
 
@@ -12,7 +12,7 @@ import torch
 
 import secateur
 from secateur.errors import SecateurError
-from secateur.quant import dispatch, machine
+from secateur.runtime import dispatch, machine
 from secateur.quant.rtn import RTNConfig
 from secateur.testing import tiny_model
 

@@ -16,7 +16,7 @@ from secateur.quant import rtn
 from secateur.quant.common import to_quant_linear
 from secateur.quant.fakequant import (MIN_SCALE, FakeQuantLinear, convert_qat, fake_quant_modules,
                                       fake_quantize_per_token, prepare_qat)
-from secateur.quant.linear import QuantLinear, reference_only
+from secateur.runtime.linear import QuantLinear, reference_only
 from secateur.quant.primitives import Scheme, mse_params, quantize_weight
 from secateur.testing import tiny_model
 

@@ -1,4 +1,4 @@
-"""Fused W8A8 encoder blocks (secateur.evaluate.fused_encoder) and their two native row passes.
+"""Fused W8A8 encoder blocks (secateur.runtime.fused_encoder) and their two native row passes.
 
 The passes are checked against float64 references written out step by step; the fused block
 against the module-by-module W8A8 model (the same integers up to a step at rounding boundaries)."""
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import secateur
-from secateur.evaluate.fused_encoder import fuse_encoder, unfuse_encoder
-from secateur.quant import kernels, native
-from secateur.quant.linear import reference_only
+from secateur.runtime.fused_encoder import fuse_encoder, unfuse_encoder
+from secateur.runtime import kernels, native
+from secateur.runtime.linear import reference_only
 from secateur.quant.rtn import RTNConfig
 from secateur.testing import tiny_model
 
@@ -235,7 +235,7 @@ def test_fused_blocks_match_the_module_by_module_model(head_dim, monkeypatch):
 def test_joint_qkv_gemm_gives_each_projections_floats():
     model = w8a8_bert(1)
     layer = model.encoder.layer[0]
-    from secateur.evaluate.fused_encoder import _Plan, _Handover
+    from secateur.runtime.fused_encoder import _Plan, _Handover
 
     fuse_encoder(model)
     plan = layer._secateur_fused
@@ -355,10 +355,25 @@ def test_other_models_are_left_alone():
     weight_only = tiny_model("bert")
     secateur.compress_(weight_only, RTNConfig(bits=8, strategy="channel"))
     assert fuse_encoder(weight_only) == 0  # W8A16
-    marked = w8a8_bert(1)
-    marked.secateur_unfused = True
-    assert fuse_encoder(marked) == 0
     tanh = tiny_model("bert")
     tanh.config.hidden_act = "gelu_new"
     secateur.compress_(tanh, W8A8)
     assert fuse_encoder(tanh) == 0  # not the erf GELU the pass computes
+
+
+def test_evaluation_never_fuses_the_model_it_measures_and_says_how_it_ran(tmp_path):
+    from secateur.evaluate import evaluate
+    from secateur.runtime import describe, optimize_
+
+    from secateur.testing import tiny_tokenizer
+
+    model, tokenizer = w8a8_bert(2), tiny_tokenizer("bert")
+    classes = [type(m) for m in model.modules()]
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a cat sat {i}\ta dog ran {i}\t{i % 5}\n" for i in range(8)))
+    similarity = evaluate(model, tokenizer, "sts", str(pairs))
+    timing = evaluate(model, tokenizer, "speed", prompt_len=8, runs=2, warmup=1)
+    assert [type(m) for m in model.modules()] == classes  # evaluation swapped nothing
+    assert similarity.settings["runtime"] == timing.settings["runtime"] == "eager"
+    assert optimize_(model) is model and describe(model) == "eager, 2 fused encoder blocks"
+    assert evaluate(model, tokenizer, "sts", str(pairs)).settings["runtime"] == describe(model)

@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from secateur.quant import native
-from secateur.quant.linear import QuantLinear
+from secateur.runtime import native
+from secateur.runtime.linear import QuantLinear
 
 IN, OUT = 768, 2048  # the timing model's MLP up-projection
 LIMIT = 2.0
@@ -81,7 +81,7 @@ def test_no_quantized_linear_is_more_than_twice_slower_than_float32(scheme, toke
 @pytest.mark.skipif(not native.available(), reason="the fused encoder needs secateur's native kernels")
 def test_a_fused_w8a8_encoder_block_is_not_more_than_twice_slower_than_float32():
     import secateur
-    from secateur.evaluate.fused_encoder import fuse_encoder
+    from secateur.runtime.fused_encoder import fuse_encoder
     from secateur.quant.rtn import RTNConfig
     from transformers import BertConfig, BertModel
 

@@ -1,4 +1,4 @@
-"""secateur's own GEMV kernels (csrc/gemv.cpp through secateur.quant.native) against slow loops.
+"""secateur's own GEMV kernels (csrc/gemv.cpp through secateur.runtime.native) against slow loops.
 
 The layouts are unpacked element by element and compared with the integers; the W8A8 kernel is
 compared with exact int64 dot products of the same per-token integers (test_quant_kernels' loop), the W4A16 kernel with a
@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from secateur.quant import kernels, native
-from secateur.quant.linear import QuantLinear
+from secateur.runtime import kernels, native
+from secateur.runtime.linear import QuantLinear
 from test_quant_kernels import slow_w8a8  # the per-token loop with exact int64 dot products
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels not built on this machine")
@@ -261,7 +261,7 @@ def test_a_failed_build_is_a_visible_warning_naming_what_falls_back(monkeypatch,
 
     monkeypatch.setattr(native, "_build", broken)
     monkeypatch.setattr(torch.ops, "secateur", type("NoOps", (), {})())  # as before any build
-    with caplog.at_level(logging.WARNING, logger="secateur.quant.native"):
+    with caplog.at_level(logging.WARNING, logger="secateur.runtime.native"):
         assert native.available.__wrapped__() is False  # the check itself, not this process's cached answer
     message = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert "no compiler here" in message and "fall back" in message and "sdpa" in message

@@ -40,7 +40,7 @@ from safetensors import safe_open  # noqa: E402
 import secateur  # noqa: E402
 from secateur.errors import SecateurError  # noqa: E402
 from secateur.quant import formats  # noqa: E402
-from secateur.quant.linear import QuantLinear, reference_only  # noqa: E402
+from secateur.runtime.linear import QuantLinear, reference_only  # noqa: E402
 from secateur.quant.primitives import Scheme, dequantize, quantize_weight  # noqa: E402
 from secateur.testing import tiny_model  # noqa: E402
 
@@ -462,7 +462,8 @@ def test_without_compressed_tensors_the_error_says_how_to_install(tmp_path, quan
 # forward (an FP8 GEMM, scales applied to the float32 accumulator) differs by float rounding only.
 
 from secateur import compress_  # noqa: E402
-from secateur.quant.fp8 import FP8Config, FP8Linear  # noqa: E402
+from secateur.quant.fp8 import FP8Config
+from secateur.runtime.fp8_linear import FP8Linear  # noqa: E402
 
 FP8_MAX = 448.0
 

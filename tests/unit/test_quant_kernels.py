@@ -1,4 +1,4 @@
-"""QuantLinear's low-precision kernels (secateur.quant.kernels) against slow references.
+"""QuantLinear's low-precision kernels (secateur.runtime.kernels) against slow references.
 
 Every candidate of every operation (``dispatch.OPS``) is forced in turn and checked; one that cannot
 run on this machine or take the weight is skipped. W8A8 is checked against an explicit per-token loop that reproduces the activation rounding, with
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from secateur.errors import SecateurError
-from secateur.quant import dispatch, kernels, native
-from secateur.quant.linear import QuantLinear, reference_only
+from secateur.runtime import dispatch, kernels, native
+from secateur.runtime.linear import QuantLinear, reference_only
 from secateur.quant.primitives import quantize_activations_per_token
 
 IN, OUT = 256, 64
@@ -27,7 +27,7 @@ GROUPS = (32, 64, 128, None)
 
 @pytest.fixture(params=["native", "torch"])
 def backend(request, monkeypatch):
-    """Every kernel test runs twice: with secateur's own few-token GEMV kernels (quant/native.py)
+    """Every kernel test runs twice: with secateur's own few-token GEMV kernels (runtime/native.py)
     and with torch's kernels only (as on a machine where the C++ file cannot be built)."""
     if request.param == "native":
         if not native.available():

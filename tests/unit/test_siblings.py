@@ -1,4 +1,4 @@
-"""Linked sibling GEMVs (secateur.quant.siblings): the same floats as each projection's own GEMV,
+"""Linked sibling GEMVs (secateur.runtime.siblings): the same floats as each projection's own GEMV,
 one kernel call per group, no extra memory, and unlinking when a member's weights change."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import secateur
-from secateur.quant import dispatch, native
-from secateur.quant.linear import QuantLinear
+from secateur.runtime import dispatch, native
+from secateur.runtime.linear import QuantLinear
 from secateur.quant.rtn import RTNConfig
-from secateur.quant.siblings import link_siblings
+from secateur.runtime.siblings import link_siblings
 from secateur.testing import tiny_model
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels not built on this machine")

@@ -181,7 +181,7 @@ def run_training(model: nn.Module, config: TrainingConfig, ctx: Any, hooks: tupl
 def apply(model: nn.Module, config: DistillConfig, ctx: Any) -> dict[str, Any]:
     from ..quant.common import replace
     from ..quant.fakequant import FakeQuantLinear, convert_qat
-    from ..quant.linear import QuantLinear
+    from ..runtime.linear import QuantLinear
 
     quantized = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
     for name in quantized:  # a quantized student trains through fake quantization from its integers

@@ -42,13 +42,14 @@ def _jsonable(value: Any) -> Any:
 
 
 def environment(model: Any) -> dict[str, Any]:
-    """Threads, the CPU, the kernels the model's quantized operations ran, dtype, device, the model's
-    identity and the versions that produced a number."""
+    """Threads, the CPU, the kernels the model's quantized operations ran and the runtime form the
+    caller gave the model, dtype, device, the model's identity and the versions that produced a
+    number."""
     import torch
     import transformers
 
     from .. import __version__
-    from ..quant import dispatch, machine
+    from ..runtime import describe, dispatch, machine
 
     param = next(model.parameters(), None)
     config = getattr(model, "config", None)
@@ -61,6 +62,7 @@ def environment(model: Any) -> dict[str, Any]:
         "machine": {k: v for k, v in machine.describe().items() if k in ("cpu", "vendor", "flags", "amx",
                                                                            "onednn_max_isa")},
         "kernels": dispatch.summary(model),  # what each quantized operation ran, by token bucket
+        "runtime": describe(model),  # eager, or eager with fused encoder blocks (never chosen by evaluation)
         "dtype": str(param.dtype).replace("torch.", "") if param is not None else None,
         "device": str(param.device) if param is not None else "cpu",
         "versions": {"python": platform.python_version(), "torch": torch.__version__,

@@ -30,19 +30,13 @@ from typing import Any
 from ..data import fingerprint
 from ..errors import SecateurError
 from ..models.arch import arch_of
+from ..runtime import sync
 from .perplexity import context_length
 from .results import EvalResult, environment
 
 log = logging.getLogger(__name__)
 
 P4_RUNS, P4_WARMUP, DECODE_RUNS = 10, 2, 3
-
-
-def _sync(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _percentiles(seconds: list[float], prefix: str) -> dict[str, float]:
@@ -63,14 +57,14 @@ def greedy_decode(model: Any, prompt: Any, new_tokens: int) -> tuple[Any, float,
         start = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True, **_last_logits(model))
         token = out.logits[:, -1:].argmax(dim=-1)
-        _sync(device)
+        sync(device)
         prefill = time.perf_counter() - start
         past, tokens, steps = out.past_key_values, [token], []
         for _ in range(new_tokens):
             start = time.perf_counter()
             out = model(input_ids=token, past_key_values=past, use_cache=True)
             token = out.logits[:, -1:].argmax(dim=-1)
-            _sync(device)
+            sync(device)
             steps.append(time.perf_counter() - start)
             past = out.past_key_values
             tokens.append(token)
@@ -129,7 +123,7 @@ def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int 
     The tokenizer is not needed (inputs are seeded random ids). ``path`` is the model directory
     whose safetensors are counted (default: where ``secateur.load`` found the model).
     ``compile``: causal LMs, batch 1 — prefill and decode through
-    :class:`~secateur.evaluate.compiled.CompiledLM` (static KV cache, Inductor-compiled forward;
+    :class:`~secateur.runtime.compiled.CompiledLM` (static KV cache, Inductor-compiled forward;
     compiling takes about a minute, in the warm-up, untimed). A :class:`CompiledLM` of ``model``
     may be passed instead of True, to time it again without recompiling.
     """
@@ -153,10 +147,6 @@ def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int 
         raise SecateurError("--compile needs at least one warm-up run (compilation happens there)")
     if compile and batch != 1:
         raise SecateurError(f"--compile measures batch 1 (one static KV cache), got batch {batch}")
-    if not causal:  # W8A8 post-norm encoders run fused blocks (secateur.evaluate.fused_encoder)
-        from .fused_encoder import fuse_encoder
-
-        fuse_encoder(model)
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(seed)
@@ -169,7 +159,7 @@ def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int 
         torch.cuda.reset_peak_memory_stats(device)
     try:
         if compile:
-            from .compiled import CompiledLM
+            from ..runtime.compiled import CompiledLM
 
             compiled = compile if isinstance(compile, CompiledLM) else CompiledLM(model, prompt_len + new_tokens)
             if compiled.model is not model or compiled.max_len < prompt_len + new_tokens:
@@ -191,7 +181,7 @@ def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int 
             for i in range(warmup + runs):
                 start = time.perf_counter()
                 forward()
-                _sync(device)
+                sync(device)
                 if i >= warmup:
                     times.append(time.perf_counter() - start)
         extra: dict[str, Any] = _percentiles(times, "prefill" if causal else "latency")
@@ -234,8 +224,8 @@ def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int 
         "decode": (f"manual greedy loop with past_key_values, batch 1, {DECODE_RUNS} runs after 1 warm-up; "
                    "tokens/s = new_tokens / time of the new_tokens single-token steps, prefill excluded")
         if causal and new_tokens > 0 else None,
-        "runtime": "torch.compile (Inductor, max-autotune, freezing), static KV cache" if compile else "eager",
         "disk_path": str(source_path) if source_path else None,
         **environment(model), "deviations": deviations,
+        **({"runtime": "torch.compile (Inductor, max-autotune, freezing), static KV cache"} if compile else {}),
     }
     return EvalResult("speed", protocol, metric, float(extra[metric]), extra, settings)

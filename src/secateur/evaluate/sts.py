@@ -26,15 +26,12 @@ def sentence_embeddings(model: Any, tokenizer: Any, texts: list[str], batch: int
                         max_length: int = P2_MAX_LENGTH) -> Any:
     """L2-normalised mean-pooled embeddings ``[len(texts), hidden]`` in float32, in input order.
 
-    Works for encoders and causal LMs alike (the base model's last hidden state is pooled). A W8A8
-    encoder is given fused blocks first (:func:`~secateur.evaluate.fused_encoder.fuse_encoder`).
+    Works for encoders and causal LMs alike (the base model's last hidden state is pooled). The model
+    runs as it was given (:func:`secateur.runtime.optimize_` gives a W8A8 encoder fused blocks).
     """
     import torch
     import torch.nn.functional as F
 
-    from .fused_encoder import fuse_encoder
-
-    fuse_encoder(model)  # W8A8 post-norm encoders: fused blocks (same integers, fewer passes); else nothing
     body = getattr(model, "base_model", model)
     facts = arch_of(model, strict=False)
     call = {"use_cache": False} if facts is not None and facts.kind == "causal" else {}

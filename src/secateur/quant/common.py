@@ -1,5 +1,5 @@
 """What every weight-quantization step shares: its config fields, the scheme of each module, and
-swapping an ``nn.Linear`` for the :class:`~secateur.quant.linear.QuantLinear` that holds the
+swapping an ``nn.Linear`` for the :class:`~secateur.runtime.linear.QuantLinear` that holds the
 integers (and runs them on real low-precision kernels)."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def to_quant_linear(module: nn.Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme,
                     activations: str | None) -> nn.Module:
-    from .linear import QuantLinear
+    from ..runtime.linear import QuantLinear
 
     if scheme.strategy == "tensor":  # kernels take per-row scales: a tensor scale repeated per row
         scale, zero = scale.expand(q.shape[0], 1).contiguous(), zero.expand(q.shape[0], 1).contiguous()

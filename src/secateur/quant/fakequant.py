@@ -17,7 +17,7 @@ Lifecycle::
 :class:`FakeQuantLinear` computes ``F.linear(x, ŵ, b)`` with ``ŵ = (clamp(round(w/s) + z) - z) · s``
 (:func:`~secateur.quant.primitives.fake_quantize`, float32, the library's signed convention), the
 very weight :meth:`FakeQuantLinear.to_quant_linear` stores as integers, so the converted
-:class:`~secateur.quant.linear.QuantLinear`'s reference path reproduces the trained module exactly.
+:class:`~secateur.runtime.linear.QuantLinear`'s reference path reproduces the trained module exactly.
 Zero points stay fixed (integers); scales are clamped to at least ``MIN_SCALE`` in every use, so
 an optimizer step that pushes one to zero or below cannot divide by zero or flip signs. With
 ``activation="int8"`` (W8A8) the input is fake-quantized too: symmetric int8 per token (each row's
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError, SecateurError
 from ..targets import _matches, compile_pattern, protected_modules, select_modules
 from .common import WeightQuantConfig, check_linear, replace, scheme_for, to_quant_linear, weight_matrix
-from .linear import ACTIVATIONS, QuantLinear
+from ..runtime.linear import ACTIVATIONS, QuantLinear
 from .primitives import Scheme, fake_quantize, quantize, resolve_group, round_ste, weight_params
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ MIN_SCALE = 1e-8  # every scale is clamped to at least this in the forward and a
 def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
     """Symmetric int8 quantize-dequantize of each row of the last dimension (scale ``max|row| /
     127``, detached; round half to even), identity gradient. The same values as
-    :func:`secateur.quant.kernels.quantize_per_token` followed by ``q · scale`` (no clamp is needed:
+    :func:`secateur.runtime.kernels.quantize_per_token` followed by ``q · scale`` (no clamp is needed:
     ``|x / scale| <= 127``)."""
     xf = x.float()
     scale = (xf.detach().abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12)

@@ -1,10 +1,10 @@
 """Quantized checkpoints in the compressed-tensors format, which stock tools load.
 
-A model whose Linear layers were replaced by :class:`~secateur.quant.linear.QuantLinear` is saved
+A model whose Linear layers were replaced by :class:`~secateur.runtime.linear.QuantLinear` is saved
 the way llm-compressor saves it, so ``transformers.AutoModelForCausalLM.from_pretrained`` (with
 ``compressed-tensors`` installed) and vLLM read it, and :func:`secateur.load` reads it back into
 QuantLinear modules holding the very same integers, without compressed-tensors' runtime. FP8
-models (:class:`~secateur.quant.fp8.FP8Linear`) are saved and read back the same way.
+models (:class:`~secateur.runtime.fp8_linear.FP8Linear`) are saved and read back the same way.
 
 What is written for a quantized module ``<m>`` (``b`` bits, ``[out, in]``, ``G`` scales per row:
 1 per channel, ``in / group_size`` per group):
@@ -23,7 +23,7 @@ W8A8 (int8 weights, dynamic per-token int8 activations), format ``int-quantized`
     ``<m>.weight_scale``       ``[out, 1]``
     ``<m>.weight_zero_point``  asymmetric only: int8 ``[out, 1]``
 
-FP8 (:class:`~secateur.quant.fp8.FP8Linear`: E4M3 weights, weight-only or with dynamic per-token
+FP8 (:class:`~secateur.runtime.fp8_linear.FP8Linear`: E4M3 weights, weight-only or with dynamic per-token
 FP8 activations), format ``float-quantized``
     ``<m>.weight``             float8_e4m3fn ``[out, in]``
     ``<m>.weight_scale``       float32 ``[out, 1]`` per channel, ``[1]`` per tensor
@@ -96,13 +96,13 @@ def _packing() -> tuple[Any, Any]:
 
 
 def _quant_linear_class() -> type:
-    from .linear import QuantLinear
+    from ..runtime.linear import QuantLinear
 
     return QuantLinear
 
 
 def _fp8_linear_class() -> type:
-    from .fp8 import FP8Linear
+    from ..runtime.fp8_linear import FP8Linear
 
     return FP8Linear
 

@@ -7,7 +7,7 @@
 //   w8a8_gemv  int8 weights x int8 per-token activations (exact int32 dot products, VPDPBUSD)
 //   w4_gemv    4-bit weights x bf16 activations (nibbles turned into bf16 in registers, VDPBF16PS)
 //
-// The weight layouts are made by secateur/quant/native.py (see the pack functions there); both
+// The weight layouts are made by secateur/runtime/native.py (see the pack functions there); both
 // put 16 output channels side by side so that one 512-bit register holds 16 running sums and no
 // horizontal reduction is needed. Channels are padded to a multiple of 16 with zero weights.
 //

@@ -1,7 +1,7 @@
-"""Low-precision CPU kernels behind :class:`~secateur.quant.linear.QuantLinear`: the candidates.
+"""Low-precision CPU kernels behind :class:`~secateur.runtime.linear.QuantLinear`: the candidates.
 
 Each operation has several candidates (:data:`CANDIDATES`); which one runs for a shape and a
-token count is decided by measurement (:mod:`secateur.quant.dispatch`), never by the CPU's name.
+token count is decided by measurement (:mod:`secateur.runtime.dispatch`), never by the CPU's name.
 A candidate is a ``pack_*`` function, run once when a module first needs it (the module caches the
 result, which is never saved; None where the kernel cannot take the weight: shape, group size,
 zero points), and a run function ``(x [tokens, in], packed, bias) -> [tokens, out]`` in ``x``'s
@@ -168,7 +168,7 @@ def w8a8_products(xq: torch.Tensor, w: OneDNNWeight | IntMMWeight | ExactFp32Wei
                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(y, ws)``: ``torch._int_mm``'s int32 products and the weight scales still to apply, or
     (other kernels) float32 products with the weight scales applied and None. The native passes
-    take either form and read the same floats from both (:mod:`secateur.quant.native`). oneDNN
+    take either form and read the same floats from both (:mod:`secateur.runtime.native`). oneDNN
     takes one activation scale (1.0 here) and applies the weight scales itself; the float32 GEMM
     sums exactly within each slice of :data:`EXACT_K` inputs, and the slices are added in float64."""
     if isinstance(w, IntMMWeight):
@@ -334,7 +334,7 @@ def pack_gemv_w4(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torc
 
 def w4_gemv(x: torch.Tensor, w: native.W4Gemv, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """W4A16 for a few tokens: secateur's GEMV (nibbles to bf16 in registers, bf16 dot products,
-    float32 sums; :mod:`secateur.quant.native`)."""
+    float32 sums; :mod:`secateur.runtime.native`)."""
     return native.w4_gemv(x, w, bias).to(x.dtype)
 
 
@@ -362,7 +362,7 @@ def int8pack_linear(x: torch.Tensor, w: Int8Pack, bias: Optional[torch.Tensor]) 
     return _finish(torch.ops.aten._weight_int8pack_mm(_bf16(x), w.q, w.scale), bias, x.dtype)
 
 
-# --- the candidates of each operation, for secateur.quant.dispatch ---------------------------------
+# --- the candidates of each operation, for secateur.runtime.dispatch ---------------------------------
 
 class Candidate(NamedTuple):
     pack: Callable[..., Any]  # (q, scale, zero_point or None, group_size) -> packed weight, or None
@@ -445,7 +445,7 @@ class KernelSlot:
     """One weight's kernels for one operation: per token bucket, the candidate the dispatcher
     chose, packed on first use. Each candidate is packed at most once (``packs``, which a slot for
     another operation on the same weight may share); the choices are dropped when forcing changes
-    (:func:`secateur.quant.dispatch.generation`)."""
+    (:func:`secateur.runtime.dispatch.generation`)."""
 
     def __init__(self, op: str, shape: tuple[int, ...], group_size: Optional[int] = None,
                  packs: Optional[dict[str, Any]] = None):

@@ -1,11 +1,11 @@
 """Decode attention for the compiled runtime: one query token against the static KV cache.
 
-:class:`~secateur.evaluate.compiled.CompiledLM` preallocates the KV cache, so every decode step's
+:class:`~secateur.runtime.compiled.CompiledLM` preallocates the KV cache, so every decode step's
 attention spans the whole cache and masks the positions not yet written. torch's flash kernel
 reads all of them and pays a fixed cost per call that is large for a single query row; at batch 1
 it was about a fifth of a compiled W8A8 decode step on the timing model (torch.profiler).
 
-``secateur::decode_attention`` (``quant/csrc/attention.cpp``) reads only the positions the mask
+``secateur::decode_attention`` (``runtime/csrc/attention.cpp``) reads only the positions the mask
 allows. It is registered as the Hugging Face attention implementation ``"secateur_decode"``
 (``AttentionInterface``, with the sdpa mask builder), and :func:`decode_attention_forward`
 falls back to transformers' sdpa function for everything it does not cover: more than one query
@@ -47,7 +47,7 @@ def decode_attention_forward(module: Any, query: Any, key: Any, value: Any, atte
 def register() -> bool:
     """Register ``"secateur_decode"`` with transformers (idempotent); False without the native
     kernels (no compiler or no AVX-512), in which case nothing is registered."""
-    from ..quant import native
+    from . import native
 
     if not native.available():
         return False
@@ -84,12 +84,12 @@ def use_decode_attention(model: Any, max_len: int | None = None) -> bool:
     whether it did (other implementations, and machines without the kernels, are left alone).
     With ``max_len`` (the static cache's length) the switch happens only where the native kernel
     is measured faster than sdpa for the model's heads on that cache
-    (:func:`secateur.quant.dispatch.choose`, op ``decode_attention``)."""
+    (:func:`secateur.runtime.dispatch.choose`, op ``decode_attention``)."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa" or not register():
         return False
     if max_len is not None:
-        from ..quant import dispatch
+        from . import dispatch
 
         heads = int(config.num_attention_heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)

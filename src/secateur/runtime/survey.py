@@ -1,6 +1,6 @@
 """What each operation runs on this machine, and how fast beside float32: ``secateur info --machine``.
 
-For every operation of :data:`secateur.quant.dispatch.OPS` and a few token counts, the dispatcher
+For every operation of :data:`secateur.runtime.dispatch.OPS` and a few token counts, the dispatcher
 chooses a kernel for a representative shape (measuring it now unless this machine's cache already
 holds it) and the survey reports the choice, every candidate's median time, and the chosen
 kernel's throughput and speed-up against the float32 candidate. A quantized kernel slower than
@@ -48,7 +48,7 @@ def survey(shape: tuple[int, int] = SHAPE, tokens: tuple[int, ...] = TOKENS) -> 
             record = dispatch.record_of("w8a8_gemm", t, (k, n))
             rows.append(_row("w8a8_gemm", (k, n), t, record, kernel, 2.0 * dispatch.bucket(t) * k * n))
     if native.available():
-        from ..evaluate.decode_attention import _bench
+        from .decode_attention import _bench
 
         kernel = dispatch.choose("decode_attention", 1, ATTENTION, _bench(*ATTENTION))
         record = dispatch.record_of("decode_attention", 1, ATTENTION)

@@ -4,15 +4,15 @@
   bandwidth (AVX-512 VNNI and BF16 dot products), and the one-pass per-token quantization and
   rescale epilogue of the many-token W8A8 path;
 - ``attention.cpp``: one-query decode attention over the allowed positions of a KV cache (used by
-  :mod:`secateur.evaluate.decode_attention`);
+  :mod:`secateur.runtime.decode_attention`);
 - ``encoder.cpp``: the row-wise passes between the int8 GEMMs of a W8A8 post-norm encoder layer,
-  each fused into one (used by :mod:`secateur.evaluate.fused_encoder`);
+  each fused into one (used by :mod:`secateur.runtime.fused_encoder`);
 - ``simd.h``: the AVX-512 helpers they share.
 
 The C++ files are compiled on first use with torch's extension builder (a C++ compiler and ninja
 are needed) into ``$SECATEUR_CACHE_DIR/kernels`` (default ``~/.cache/secateur/kernels``) and reused
 after that; they are rebuilt when a source or torch changes. Where they cannot be built or the CPU
-lacks AVX-512 VNNI/BF16, :func:`available` is False and :mod:`secateur.quant.kernels` keeps using
+lacks AVX-512 VNNI/BF16, :func:`available` is False and :mod:`secateur.runtime.kernels` keeps using
 torch's own kernels (and attention stays on sdpa). ``SECATEUR_NATIVE=0`` turns them off.
 
 Weight layouts (made once per module by the ``pack_*`` functions, never saved; the checkpoint
@@ -167,7 +167,7 @@ def w8a8_gemv(x: torch.Tensor, w: W8A8Gemv, bias: Optional[torch.Tensor]) -> tor
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`secateur.quant.kernels.quantize_per_token` in one pass per row (the same int8
+    """:func:`secateur.runtime.kernels.quantize_per_token` in one pass per row (the same int8
     integers and float32 ``[rows, 1]`` scales); ``x`` 2-D float32."""
     return torch.ops.secateur.quantize_per_token(x)
 

@@ -22,10 +22,10 @@ Settings, chosen for this use (evaluation of a frozen model):
 * Inductor's size and alignment asserts are off: they are checks of the generated code, run from
   Python around every kernel call of every step.
 
-:class:`~secateur.quant.linear.QuantLinear` modules choose (by measurement) and pack their kernels
+:class:`~secateur.runtime.linear.QuantLinear` modules choose (by measurement) and pack their kernels
 eagerly before each new input shape is traced (timing and packing read tensor values, which a
 trace cannot), and projections that read the same input are linked
-into one GEMV (:func:`~secateur.quant.siblings.link_siblings`). The tokens match eager greedy
+into one GEMV (:func:`~secateur.runtime.siblings.link_siblings`). The tokens match eager greedy
 decoding up to float rounding (tested).
 
 A model running transformers' sdpa attention is switched to ``"secateur_decode"``
@@ -51,8 +51,8 @@ class CompiledLM:
         import torch
         from transformers import StaticCache
 
-        from ..quant.linear import QuantLinear
-        from ..quant.siblings import link_siblings
+        from .linear import QuantLinear
+        from .siblings import link_siblings
         from .decode_attention import use_decode_attention
 
         if getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "generate"):
@@ -112,18 +112,18 @@ class CompiledLM:
         seconds, seconds of each decode step)."""
         import torch
 
-        from .speed import _sync
+        from . import sync
 
         device, length = prompt.device, prompt.shape[1]
         self.reset()
         start = time.perf_counter()
         token = self(prompt, 0).argmax(-1, keepdim=True)
-        _sync(device)
+        sync(device)
         prefill, tokens, steps = time.perf_counter() - start, [token], []
         for i in range(new_tokens):
             start = time.perf_counter()
             token = self(token, length + i).argmax(-1, keepdim=True)
-            _sync(device)
+            sync(device)
             steps.append(time.perf_counter() - start)
             tokens.append(token)
         return torch.cat(tokens, dim=1), prefill, steps

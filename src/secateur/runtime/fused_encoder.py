@@ -19,7 +19,7 @@ that instead runs
    the next fused block reads, handed over with the output).
 
 The integers entering each GEMM are those the module-by-module path would compute from the same
-floats (per-token symmetric int8, :func:`secateur.quant.kernels.quantize_per_token`; the GELU
+floats (per-token symmetric int8, :func:`secateur.runtime.kernels.quantize_per_token`; the GELU
 pass multiplies by the reciprocal of the scale instead of dividing). But GELU (erf to 3e-7),
 LayerNorm and attention are computed in a different float order than torch's, so a value sitting
 on an int8 rounding boundary can move one step: the outputs match the unfused W8A8 model to
@@ -29,7 +29,7 @@ Which blocks qualify is read from the architecture table: post-norm rows (norms 
 ``mlp_out``) whose six projections are per-channel symmetric W8A8 :class:`QuantLinear` s with kernels
 on, exact GELU, absolute positions. Anything else a call needs (training, gradients, other dtypes
 or devices, cross-attention, a cache, attention outputs, feed-forward chunking, torch.compile,
-no native kernels, :func:`~secateur.quant.linear.reference_only`) runs the block's own forward.
+no native kernels, :func:`~secateur.runtime.linear.reference_only`) runs the block's own forward.
 Fusing swaps the block's class for a subclass (so ``copy.deepcopy`` and ``isinstance`` keep
 working); :func:`unfuse_encoder` swaps it back. Nothing is added to the state dict.
 """
@@ -44,8 +44,8 @@ import torch
 import torch.nn as nn
 
 from ..models.arch import arch_of
-from ..quant import kernels, linear, native
-from ..quant.linear import QuantLinear
+from . import kernels, linear, native
+from .linear import QuantLinear
 
 _ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down")
 _FUSED: dict[type, type] = {}
@@ -111,7 +111,7 @@ class _Plan:
 
 
 def _own_pack(m: QuantLinear) -> Any:
-    """The module's weight as a :class:`~secateur.quant.kernels.W8A8Gemm` (its kernel chosen per
+    """The module's weight as a :class:`~secateur.runtime.kernels.W8A8Gemm` (its kernel chosen per
     token bucket by measurement, its packs the module's own); None for weights with unfoldable
     zero points."""
     gemm = m.gemm() if m.kernel == "w8a8" else None
@@ -182,7 +182,7 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask:
 
 
 def _fused_kernels(self: nn.Module) -> dict[str, dict[int, str]]:
-    """The joint q/k/v GEMM's kernels by token bucket (for :func:`secateur.quant.dispatch.summary`)."""
+    """The joint q/k/v GEMM's kernels by token bucket (for :func:`secateur.runtime.dispatch.summary`)."""
     qkv = self._secateur_fused.qkv
     return qkv[0].secateur_kernels() if qkv is not None else {}
 
@@ -213,11 +213,7 @@ def _qualifies(model: nn.Module, block: nn.Module, paths: dict[str, str], norms:
 
 def fuse_encoder(model: nn.Module) -> int:
     """Give every eligible block of a W8A8 post-norm encoder the fused forward (see the module
-    docstring); returns how many blocks are fused (0 for other models, and for a model marked
-    ``model.secateur_unfused = True``, which the evaluation entry points then leave module by
-    module). Idempotent."""
-    if getattr(model, "secateur_unfused", False):
-        return 0
+    docstring); returns how many blocks are fused (0 for other models). Idempotent."""
     facts = arch_of(model, strict=False)
     if facts is None or facts.kind != "encoder" or not {"attn_out", "mlp_out"} <= set(facts.arch.norms):
         return 0

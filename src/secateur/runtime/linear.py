@@ -12,8 +12,8 @@ convention). ``activation`` is None (weight-only: W4A16, W8A16, ...) or ``"int8"
 input is quantized per token on the fly, symmetric int8, one scale per row, so a token's output
 never depends on the rest of the batch).
 
-``forward`` runs a real low-precision CPU kernel of :mod:`secateur.quant.kernels`, the one
-measured fastest for this shape and token bucket on this machine (:mod:`secateur.quant.dispatch`:
+``forward`` runs a real low-precision CPU kernel of :mod:`secateur.runtime.kernels`, the one
+measured fastest for this shape and token bucket on this machine (:mod:`secateur.runtime.dispatch`:
 oneDNN, ``torch._int_mm``, torch's packed GEMVs, bf16 dequantize + GEMM, secateur's GEMVs, or the
 float32 candidate when nothing quantized beats it), packed on first use and cached on the module
 (not in the state dict). The weight-only bf16 kernels differ from the reference by bf16 rounding;
@@ -158,12 +158,12 @@ class QuantLinear(nn.Module):
 
     def _entry(self, tokens: int) -> Any:
         """``(kernel name, candidate, packed weight)`` for ``tokens`` rows, chosen once per token
-        bucket (:class:`~secateur.quant.kernels.KernelSlot`); None: the reference path."""
+        bucket (:class:`~secateur.runtime.kernels.KernelSlot`); None: the reference path."""
         slot = self._get_slot()
         return None if slot is None else slot.entry(tokens, self.weight_q, self.weight_scale, self.weight_zero_point)
 
     def _get_slot(self) -> Any:
-        """This module's :class:`~secateur.quant.kernels.KernelSlot`, made on first use (None where
+        """This module's :class:`~secateur.runtime.kernels.KernelSlot`, made on first use (None where
         no kernel applies: no operation for the scheme, or a weight off the CPU)."""
         if self._slot is None and self.op is not None and self.weight_q.device.type == "cpu":
             self._slot = kernels.KernelSlot(self.op, self.kernel_shape, self.group_size)
@@ -201,7 +201,7 @@ class QuantLinear(nn.Module):
             self.kernel_for(t)
 
     def secateur_kernels(self) -> dict[str, dict[int, str]]:
-        """The kernels chosen so far, by token bucket (read by :func:`secateur.quant.dispatch.summary`)."""
+        """The kernels chosen so far, by token bucket (read by :func:`secateur.runtime.dispatch.summary`)."""
         chosen = self._slot.chosen() if self._slot is not None else {}
         report = {self.op: chosen} if chosen else {}
         if self._gemm is not None:  # the fused encoder's GEMM of this weight
@@ -214,7 +214,7 @@ class QuantLinear(nn.Module):
         return None if slot is None else slot.pack(name, self.weight_q, self.weight_scale, self.weight_zero_point)
 
     def gemm(self) -> Any:
-        """The weight as a :class:`~secateur.quant.kernels.W8A8Gemm` (W8A8 only), sharing this
+        """The weight as a :class:`~secateur.runtime.kernels.W8A8Gemm` (W8A8 only), sharing this
         module's packs: the fused encoder's GEMM never packs a weight the module already has."""
         slot = self._get_slot()
         if self.op != "w8a8" or slot is None:

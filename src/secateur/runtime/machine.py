@@ -1,6 +1,6 @@
 """What this machine is, as far as kernel choice is concerned: the CPU, its flags, the threads, torch.
 
-Kernel choices (:mod:`secateur.quant.dispatch`) are measured per machine and cached under a key
+Kernel choices (:mod:`secateur.runtime.dispatch`) are measured per machine and cached under a key
 made of exactly these facts, so that a cache copied to another CPU, another thread count or
 another torch is never read there. Reading ``/proc/cpuinfo`` is Linux-only; elsewhere the model
 comes from :func:`platform.processor` and the flag list is empty (the micro-benchmarks still decide).

@@ -10,7 +10,7 @@ slice:
 
 * under ``torch.compile`` every member emits the same call on the same constant weights, and the
   compiler's common-subexpression pass keeps one. This is where linking pays, and
-  :class:`~secateur.evaluate.compiled.CompiledLM` links every model it compiles;
+  :class:`~secateur.runtime.compiled.CompiledLM` links every model it compiles;
 * eagerly, the joint output is kept with a copy of its input (a few tokens: kilobytes) and served
   to the next member whose input equals it, so the group costs one kernel call. The comparison,
   the copy and the Python around them cost more than the two saved calls: on the timing model an
@@ -96,7 +96,7 @@ def link_siblings(model: nn.Module) -> int:
     """Link the quantized projections of each block that read the same input (the architecture's
     ``shared_inputs``) into one GEMV for few-token calls; returns the number of groups linked.
 
-    A group is linked when all its members are :class:`~secateur.quant.linear.QuantLinear` modules
+    A group is linked when all its members are :class:`~secateur.runtime.linear.QuantLinear` modules
     with the same GEMV kernel (secateur's native W4A16 with one group size, or W8A8), the same
     input width, and either all or none with a bias. Others are left as they are. Models the
     architecture table does not know are left unchanged (0)."""

@@ -21,7 +21,7 @@ The measurement, per bucket:
 
 Choices are kept in memory and in ``$SECATEUR_CACHE_DIR/kernels/choices-<machine key>.json``
 (default ``~/.cache/secateur``), a JSON file written atomically and merged with what other
-processes wrote; the key (:func:`secateur.quant.machine.key`) covers the CPU model, its flags,
+processes wrote; the key (:func:`secateur.runtime.machine.key`) covers the CPU model, its flags,
 the thread count and the torch and secateur versions. ``SECATEUR_KERNELS`` forces choices, e.g.
 ``SECATEUR_KERNELS="w8a8=int_mm,w4a16=gemv"``, or per bucket ``w8a8@1=gemv`` (a forced kernel
 that cannot take a weight falls back to the measured choice); :func:`forced` does the same for a
