@@ -14,7 +14,8 @@ import torch
 
 from secateur.calibrate import ColumnNorms, Hessian, Options, input_groups, sequential
 from secateur.models.arch import arch_of
-from secateur.prune.masks import row_mask, weight_matrix
+from secateur.models.layers import weight_matrix
+from secateur.prune.masks import row_mask
 from secateur.targets import select_modules
 from secateur.testing import FAMILIES, tiny_model
 
@@ -108,7 +109,7 @@ CHILD = textwrap.dedent("""
     import os, sys, time, torch
     from safetensors.torch import save_file
     from secateur.calibrate import Options, sequential, Hessian
-    from secateur.prune.masks import weight_matrix
+    from secateur.models.layers import weight_matrix
     from secateur.targets import select_modules
     from secateur.testing import tiny_model
     import transformers

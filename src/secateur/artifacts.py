@@ -141,13 +141,8 @@ def _environment() -> dict[str, Any]:
 def sparsity_summary(model: Any) -> dict[str, Any]:
     """Zeros over the 2-D weights of Linear and Conv1D modules (shared weights counted once),
     overall and inside the transformer blocks only, and the unique parameter count."""
-    import torch.nn as nn
+    from .models.layers import is_projection
 
-    try:
-        from transformers.pytorch_utils import Conv1D
-        kinds: tuple[type, ...] = (nn.Linear, Conv1D)
-    except ImportError:  # pragma: no cover
-        kinds = (nn.Linear,)
     prefix = None
     try:
         from .models.arch import arch_of
@@ -161,7 +156,7 @@ def sparsity_summary(model: Any) -> dict[str, Any]:
     zeros = total = block_zeros = block_total = 0
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(module, kinds) or weight is None or weight.dim() != 2:
+        if not is_projection(module):
             continue
         if id(weight) in seen:
             continue
@@ -386,13 +381,9 @@ def _install(tmp: Path, target: Path) -> None:
 
 def _sparse_candidates(model: Any) -> set[str]:
     """State-dict names of the 2-D Linear and Conv1D weights: the ones compressed storage may take."""
-    import torch.nn as nn
+    from .models.layers import is_projection
 
-    from .quant.formats import is_quantized
-
-    return {f"{name}.weight" for name, module in model.named_modules()
-            if (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D") and not is_quantized(module)
-            and getattr(module, "weight", None) is not None and module.weight.dim() == 2}
+    return {f"{name}.weight" for name, module in model.named_modules() if is_projection(module)}
 
 
 SEAL = "card_sha256"  # a digest over the rest of the card, so that an edited card is noticed

@@ -349,7 +349,7 @@ def input_groups(arch: Any, block_prefix: str, names: list[str]) -> dict[str, li
 
 
 def _in_features(module: nn.Module) -> int:
-    from .prune.masks import weight_matrix
+    from .models.layers import weight_matrix
 
     return weight_matrix(module).shape[1]
 
@@ -407,7 +407,8 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
                arch: Any, result: Result, offload_dir: str | None) -> Activations:
     import copy
 
-    from .prune.masks import sparsity_of, weight_matrix
+    from .models.layers import weight_matrix
+    from .prune.masks import sparsity_of
 
     home = next(block.parameters()).device
     device = torch.device(options.device) if options.device else home

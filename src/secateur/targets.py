@@ -47,8 +47,6 @@ if TYPE_CHECKING:  # torch stays out of this module's import so that recipes val
 log = logging.getLogger(__name__)
 
 REGEX_PREFIX = "re:"
-# class-name patterns that also cover classes which are not subclasses but play the same role
-CLASS_ALIASES: dict[str, tuple[str, ...]] = {"Linear": ("Conv1D",)}
 _EXAMPLES = 4
 
 
@@ -85,6 +83,8 @@ def _matches(compiled: re.Pattern[str] | str, name: str, module: Any) -> bool:
         return compiled.search(name) is not None
     if name == compiled or name.startswith(compiled + "."):
         return True
+    from .models.layers import CLASS_ALIASES  # what plays the same role, from the architecture table
+
     classes = _class_names(module)
     return compiled in classes or any(alias in classes for alias in CLASS_ALIASES.get(compiled, ()))
 

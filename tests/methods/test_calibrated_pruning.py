@@ -8,7 +8,7 @@ import torch
 import secateur
 from secateur import compress_
 from secateur.errors import SecateurError
-from secateur.prune.masks import weight_matrix
+from secateur.models.layers import weight_matrix
 from secateur.prune.sparsegpt import SparseGPTConfig
 from secateur.prune.wanda import WandaConfig
 from secateur.testing import tiny_model

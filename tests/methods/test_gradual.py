@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 from secateur.distill.gradual import GradualPruner, cubic_sparsity, is_update_step
 from secateur.errors import SecateurError
-from secateur.prune.masks import weight_matrix
+from secateur.models.layers import weight_matrix
 from secateur.targets import select_modules
 from secateur.testing import VOCAB, tiny_model
 

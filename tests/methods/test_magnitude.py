@@ -8,7 +8,7 @@ import torch
 from secateur import compress_
 from secateur.config import ConfigError
 from secateur.prune.magnitude import MagnitudeConfig
-from secateur.prune.masks import weight_matrix
+from secateur.models.layers import weight_matrix
 from secateur.testing import tiny_model
 
 

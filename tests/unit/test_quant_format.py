@@ -381,7 +381,7 @@ def test_sparse_auto_leaves_quantized_layers_alone(tmp_path, quant_linear):
 def test_gpt2_conv1d_round_trips_and_is_flagged_not_stock_loadable(tmp_path, quant_linear, caplog):
     """GPT-2's projections are Conv1D, which compressed-tensors does not quantize: stock
     transformers would initialise them at random, so the card says so; secateur.load reads them."""
-    from secateur.prune.masks import weight_matrix
+    from secateur.models.layers import weight_matrix
 
     model = tiny_model("gpt2")
     for name, module in list(model.named_modules()):

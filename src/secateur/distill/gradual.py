@@ -51,6 +51,7 @@ from torch.nn.utils import parametrize
 from ..api import register
 from ..config import TargetedConfig, param
 from ..errors import SecateurError, one_of
+from ..models.layers import is_projection, is_transposed
 from ..prune.masks import global_masks, matrix_mask
 from .train import TrainingConfig
 
@@ -99,11 +100,6 @@ def cubic_sparsity(step: int, *, final: float, initial: float = 0.0, start: int,
 
 
 # --- the soft mask ----------------------------------------------------------------------------
-def _transposed(module: nn.Module) -> bool:
-    """GPT-2's Conv1D stores its weight as ``[in, out]``."""
-    return type(module).__name__ == "Conv1D"
-
-
 class SoftMask(nn.Module):
     """Parametrization ``W -> W ⊙ M``; with ``movement`` it records ``∂L/∂(W ⊙ M)`` (summed over
     backward passes until :meth:`GradualPruner.after_backward` folds it into ``scores``).
@@ -164,7 +160,7 @@ class GradualPruner:
         self.attached = False
         self._soft = {name: SoftMask(m.weight, movement=score == "movement") for name, m in self.modules.items()}
         # decided now: once attached, the class is parametrize's "ParametrizedConv1D"
-        self._transposed = {name: _transposed(m) for name, m in self.modules.items()}
+        self._transposed = {name: is_transposed(m) for name, m in self.modules.items()}
         self._reached = 0.0
         if is_update_step(0, start=self.start_step, end=self.end_step, every=self.every):
             self._update(0)
@@ -325,7 +321,7 @@ def _check(modules: dict[str, nn.Module], sparsity: float, total_steps: int, sta
     if not modules:
         raise SecateurError("gradual pruning: no modules to prune; expected a dict of name -> nn.Linear")
     for name, module in modules.items():
-        if not (isinstance(module, nn.Linear) or _transposed(module)):
+        if not is_projection(module):
             raise SecateurError(f"gradual pruning: module {name!r} is a {type(module).__name__}; only nn.Linear "
                                 f"and GPT-2's Conv1D are supported")
 

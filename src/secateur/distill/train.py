@@ -214,11 +214,10 @@ class KeepZeros:
     MIN_ZEROS = 0.10
 
     def __init__(self, model: nn.Module):
-        from ..targets import matches
+        from ..models.layers import is_projection
 
         self.masks = {name: (m.weight != 0) for name, m in model.named_modules()
-                      if matches("Linear", name, m) and isinstance(getattr(m, "weight", None), nn.Parameter)
-                      and m.weight.dim() == 2 and float((m.weight == 0).float().mean()) >= self.MIN_ZEROS}
+                      if is_projection(m) and isinstance(m.weight, nn.Parameter) and float((m.weight == 0).float().mean()) >= self.MIN_ZEROS}
         self.modules = {name: model.get_submodule(name) for name in self.masks}
 
     @torch.no_grad()

@@ -81,14 +81,14 @@ def _last_logits(model: Any) -> dict[str, Any]:
 def sparsity(model: Any) -> tuple[float, float, dict[str, float]]:
     """Fraction of exact zeros in Linear (and GPT-2 Conv1D) weights: (inside the blocks, over all
     of them, per layer)."""
-    import torch.nn as nn
+    from ..models.layers import is_projection
 
     facts = arch_of(model, strict=False)
     prefix = facts.arch.block_prefix(model) + "." if facts is not None else ""
     per_layer: dict[str, float] = {}
     zeros = total = block_zeros = block_total = 0
     for name, module in model.named_modules():
-        if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
+        if not is_projection(module):
             continue
         weight = module.weight
         z, t = int((weight == 0).sum()), weight.numel()

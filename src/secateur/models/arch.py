@@ -31,7 +31,8 @@ class Arch:
     fields: dict[str, str]                     # canonical name -> config attribute
     block_kwargs: tuple[str, ...] = ("attention_mask",)   # what a block is called with
     rotary: str | None = None                  # rotary embedding module, relative to the base model
-    transposed: bool = False                   # weights stored [in, out] (GPT-2 Conv1D)
+    layer_class: str = "Linear"                # class name of the projection layers (models/layers.py)
+    transposed: bool = False                   # layer_class stores its weight [in, out] (GPT-2 Conv1D)
     # groups of projections that read the same input (they share calibration statistics)
     shared_inputs: tuple[tuple[str, ...], ...] = field(default=())
     # structured pruning: the attention module of a block and the attributes on it that carry its
@@ -113,7 +114,7 @@ _GPT2 = Arch(
     norms={"attn": "ln_1", "mlp": "ln_2"},
     fields={"hidden": "n_embd", "intermediate": "n_inner", "layers": "n_layer", "heads": "n_head",
             "vocab": "vocab_size", "context": "n_positions"},
-    transposed=True,
+    layer_class="Conv1D", transposed=True,
     attention="attn", head_attrs={"num_heads": "heads", "split_size": "width"},
     smooth=(("ln_1", ("attn.qkv",)), ("ln_2", ("mlp.up",))),
 )

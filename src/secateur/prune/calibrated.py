@@ -13,7 +13,8 @@ import torch.nn as nn
 from ..calibrate import BlockMethod, ColumnNorms, Options, sequential
 from ..errors import ConfigError, SecateurError
 from ..targets import select_modules
-from .masks import outlier_ratio, owl_sparsities, weight_matrix
+from ..models.layers import weight_matrix
+from .masks import outlier_ratio, owl_sparsities
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,8 @@ import torch.nn as nn
 from ..calibrate import Options, calibration_loss, sequential
 from ..errors import SecateurError, one_of
 from ..progress import track
-from .structure import _is_conv1d, block_shape, head_dim
+from ..models.layers import stored
+from .structure import block_shape, head_dim
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class Scores:
 
 def _mat(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     """A weight-shaped tensor of ``module`` as ``[out, in]``."""
-    return t.t() if _is_conv1d(module) else t
+    return stored(module, t)
 
 
 # --- group sums: one definition of each unit's weights, shared by magnitude and Taylor ---------

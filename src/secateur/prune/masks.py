@@ -18,17 +18,12 @@ import torch.nn as nn
 
 from ..config import CalibratedConfig, ConfigError, param
 from ..errors import SecateurError
+from ..models.layers import weight_matrix
 
 
 def n_pruned(count: int, sparsity: float) -> int:
     """How many of ``count`` weights a ``sparsity`` removes (floor, robust to float noise)."""
     return int(round(count * sparsity, 6))
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The module's weight as ``[out, in]`` (a view: GPT-2's Conv1D stores ``[in, out]``)."""
-    weight = module.weight
-    return weight.t() if type(module).__name__ == "Conv1D" else weight
 
 
 def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -36,15 +36,12 @@ import torch
 import torch.nn as nn
 
 from ..errors import SecateurError
+from ..models import layers
 
 log = logging.getLogger(__name__)
 
 
 # --- slicing one module ------------------------------------------------------------------------
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"  # GPT-2: weight [in, out]
-
-
 def _param(old: torch.Tensor, new: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(new.contiguous().clone(), requires_grad=old.requires_grad)
 
@@ -58,20 +55,12 @@ def slice_linear(module: nn.Module, side: str, index: Sequence[int] | torch.Tens
     ``index`` of a Linear (weight ``[out, in]``) or GPT-2 Conv1D (weight ``[in, out]``)."""
     weight = module.weight
     idx = _index(index, weight.device)
-    axis = {("out", False): 0, ("in", False): 1, ("out", True): 1, ("in", True): 0}[(side, _is_conv1d(module))]
+    axis = layers.out_axis(module) if side == "out" else 1 - layers.out_axis(module)
     module.weight = _param(weight, weight.detach().index_select(axis, idx))
     bias = getattr(module, "bias", None)
     if side == "out" and bias is not None:
         module.bias = _param(bias, bias.detach().index_select(0, idx))
-    if _is_conv1d(module):
-        if side == "out":
-            module.nf = len(idx)
-        elif hasattr(module, "nx"):
-            module.nx = len(idx)
-    elif side == "out":
-        module.out_features = len(idx)
-    else:
-        module.in_features = len(idx)
+    layers.set_features(module, **({"out": len(idx)} if side == "out" else {"in_": len(idx)}))
 
 
 def slice_norm(module: nn.Module, index: Sequence[int] | torch.Tensor) -> None:
@@ -90,12 +79,7 @@ def slice_embedding(module: nn.Module, index: Sequence[int] | torch.Tensor) -> N
     module.embedding_dim = len(index)
 
 
-def out_features(module: nn.Module) -> int:
-    return module.weight.shape[1] if _is_conv1d(module) else module.weight.shape[0]
-
-
-def in_features(module: nn.Module) -> int:
-    return module.weight.shape[0] if _is_conv1d(module) else module.weight.shape[1]
+out_features, in_features = layers.out_features, layers.in_features
 
 
 # --- the shapes of a model -------------------------------------------------------------------
@@ -378,12 +362,10 @@ def _resize(module: nn.Module, name: str, shape: list[int]) -> None:
                                        requires_grad=old.requires_grad))
     if name != "weight":
         return
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = shape
+    if layers.is_projection(module):
+        layers.set_features(module, layers.out_features(module), layers.in_features(module))
     elif isinstance(module, nn.Embedding):
         module.num_embeddings, module.embedding_dim = shape
-    elif _is_conv1d(module):
-        module.nx, module.nf = shape
     elif hasattr(module, "normalized_shape"):
         module.normalized_shape = tuple(shape)
 

@@ -25,7 +25,8 @@ import torch
 from . import calibrated
 from ..api import register
 from ..calibrate import ColumnNorms
-from .masks import CalibratedPruneConfig, apply_mask, nm_mask, parse_pattern, row_mask, weight_matrix
+from ..models.layers import weight_matrix
+from .masks import CalibratedPruneConfig, apply_mask, nm_mask, parse_pattern, row_mask
 
 
 @register("wanda", kind="prune", needs_data=True, paper="Sun et al. 2023, arXiv:2306.11695")

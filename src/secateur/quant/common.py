@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..config import TargetedConfig, param
 from ..errors import ConfigError, SecateurError
-from ..prune.masks import weight_matrix
+from ..models.layers import is_projection, weight_matrix
 from .primitives import Scheme, resolve_group
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def scheme_for(config: WeightQuantConfig, name: str, module: nn.Module) -> Schem
 
 
 def check_linear(name: str, module: nn.Module) -> None:
-    if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
+    if not is_projection(module):
         raise SecateurError(f"{name}: quantization supports Linear (and GPT-2 Conv1D) modules, got "
                             f"{type(module).__name__}; narrow targets or ignore it")
 
@@ -86,7 +86,7 @@ def to_quant_linear(module: nn.Linear, q: torch.Tensor, scale: torch.Tensor, zer
     return new.to(module.weight.device)
 
 
-__all__ = ["WeightQuantConfig", "scheme_for", "check_linear", "replace", "to_quant_linear", "summary", "weight_matrix",
+__all__ = ["WeightQuantConfig", "scheme_for", "check_linear", "replace", "to_quant_linear", "summary",
            "stash", "swap_all", "run_calibrated", "smooth_groups", "fold_scales"]
 
 

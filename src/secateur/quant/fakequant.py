@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, SecateurError
 from ..targets import _matches, compile_pattern, protected_modules, select_modules
-from .common import WeightQuantConfig, check_linear, replace, scheme_for, to_quant_linear, weight_matrix
+from ..models.layers import weight_matrix
+from .common import WeightQuantConfig, check_linear, replace, scheme_for, to_quant_linear
 from ..runtime.linear import ACTIVATIONS, QuantLinear
 from .primitives import Scheme, fake_quantize, quantize, resolve_group, round_ste, weight_params
 

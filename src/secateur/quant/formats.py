@@ -140,7 +140,9 @@ def has_quantized(model: nn.Module) -> bool:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    from ..models.layers import is_projection
+
+    return is_projection(module)
 
 
 # --- schemes ------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ import torch.nn as nn
 from ..api import register
 from ..config import TargetedConfig, param
 from ..targets import select_modules
-from .common import check_linear, replace, weight_matrix
+from ..models.layers import weight_matrix
+from .common import check_linear, replace
 from ..runtime.fp8_linear import FP8Linear
 from .primitives import dequantize_fp8, fp8_dtype, quantize_fp8
 

@@ -27,7 +27,8 @@ import torch
 from ..api import register
 from ..calibrate import Hessian
 from ..config import CalibratedConfig, param
-from .common import WeightQuantConfig, run_calibrated, scheme_for, stash, weight_matrix
+from ..models.layers import weight_matrix
+from .common import WeightQuantConfig, run_calibrated, scheme_for, stash
 from .primitives import Scheme, qrange, weight_params
 
 

@@ -26,7 +26,8 @@ from ..errors import ConfigError
 from ..prune.calibrated import calibration_ids
 from ..progress import track
 from ..targets import select_modules
-from .common import WeightQuantConfig, check_linear, weight_matrix
+from ..models.layers import weight_matrix
+from .common import WeightQuantConfig, check_linear
 from .primitives import dequantize, quantize_weight, resolve_group
 
 

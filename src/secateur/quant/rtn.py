@@ -15,7 +15,8 @@ import torch
 
 from ..api import register
 from ..targets import select_modules
-from .common import WeightQuantConfig, check_linear, replace, scheme_for, summary, to_quant_linear, weight_matrix
+from ..models.layers import weight_matrix
+from .common import WeightQuantConfig, check_linear, replace, scheme_for, summary, to_quant_linear
 from .primitives import dequantize, quantize_weight
 
 

@@ -22,7 +22,8 @@ import torch
 
 from ..api import register
 from ..config import CalibratedConfig, param
-from .common import WeightQuantConfig, fold_scales, run_calibrated, scheme_for, smooth_groups, stash, weight_matrix
+from ..models.layers import weight_matrix
+from .common import WeightQuantConfig, fold_scales, run_calibrated, scheme_for, smooth_groups, stash
 from .primitives import quantize_weight
 
 
