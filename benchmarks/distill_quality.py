@@ -73,15 +73,14 @@ def run_step(model: Any, config: Any, *, teacher: Any, tokenizer: Any, data: Any
     cached in ``generation_dir`` (shared by runs) when given."""
     from secateur.api import Context, get_method
 
-    extra = {"tokenizer": tokenizer, "evaluate": evaluate, "generation_dir": generation_dir}
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        extra["checkpoint_dir"] = checkpoint_dir
-    ctx = Context(data=data, teacher=teacher, extra=extra)
+    ctx = Context(data=data, teacher=teacher, tokenizer=tokenizer, evaluate=evaluate, generation_dir=generation_dir,
+                  checkpoint_dir=checkpoint_dir)
     start = time.perf_counter()
     result = get_method(config.method).apply(model, config, ctx)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
-    result["history_full"] = [h.to_dict()["history"] for h in ctx.extra["training"]][-1]
+    result["history_full"] = [h.to_dict()["history"] for h in ctx.training][-1]
     return result
 
 
@@ -116,7 +115,7 @@ def minilm(section: str, scale: float, checkpoints: Path | None) -> dict[str, An
     cut = (StructuredConfig(mlp=0.0, drop_layers=3) if section == "minilm-depth"
            else StructuredConfig(mlp=0.5, importance="taylor"))
     compress_(student, cut, data=calib)
-    report = student.secateur_history[-1]["result"]
+    report = lineage.of(student).history()[-1]["result"]
     start_value = m.metric(student)
     log(f"[{section}] dense {m.dense:.2f}, start {start_value:.2f} (kept blocks {report.get('kept_blocks')})")
     steps = max(1, int((600 if section == "minilm-depth" else 400) * scale))
@@ -259,7 +258,7 @@ def depth_levers(scale: float, checkpoints: Path | None) -> dict[str, Any]:
         cut = m.fresh()
         compress_(cut, StructuredConfig(mlp=0.0, blocks=(block,)))
         out["removed_block"][block] = m.metric(cut)
-    out["chosen_block"] = next(r["result"]["removed_blocks"] for r in student.secateur_history
+    out["chosen_block"] = next(r["result"]["removed_blocks"] for r in lineage.of(student).history()
                                if r["step"]["method"] == "structured")
     out.update(final=min(v["final"] for v in out["levers"].values()), seconds=round(seconds, 1))
     return out

@@ -29,10 +29,11 @@ CACHE = REPO / "benchmarks" / ".cache"
 OURS = r"""
 import json, resource, sys, time, torch
 torch.set_num_threads(int(sys.argv[4]))
+from secateur import lineage
 import secateur
 from safetensors.torch import load_file
 from secateur.api import get_method
-from secateur.models import load
+from secateur.artifacts import load
 method, calib, compute_dtype = sys.argv[1], sys.argv[2], sys.argv[3]
 model = load(sys.argv[5]).model
 ids = load_file(calib)["input_ids"]
@@ -42,7 +43,7 @@ if compute_dtype != "float32":
 start = time.perf_counter()
 secateur.compress_(model, get_method(method).config(**fields), data=ids)
 wall = time.perf_counter() - start
-result = model.secateur_history[-1]["result"]
+result = lineage.of(model).history()[-1]["result"]
 print(json.dumps({"wall_s": wall, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "sparsity": result["sparsity"], "threads": torch.get_num_threads()}))
 """

@@ -38,9 +38,10 @@ RUNNER = REPO / "benchmarks" / "llmcompressor" / "run_quant.py"
 OURS = r"""
 import json, resource, sys, time, torch
 torch.set_num_threads(int(sys.argv[3]))
+from secateur import lineage
 import secateur
 from safetensors.torch import load_file
-from secateur.models import load
+from secateur.artifacts import load
 from secateur.quant.gptq import GPTQConfig
 calib, compute_dtype, model_dir = sys.argv[1], sys.argv[2], sys.argv[4]
 model = load(model_dir).model
@@ -52,7 +53,7 @@ config = GPTQConfig(**fields)
 start = time.perf_counter()
 secateur.compress_(model, config, data=ids)
 wall = time.perf_counter() - start
-result = model.secateur_history[-1]["result"]
+result = lineage.of(model).history()[-1]["result"]
 kinds = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "weight_q")})
 print(json.dumps({"wall_s": wall, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "threads": torch.get_num_threads(), "calibration": result.get("calibration"),

@@ -79,7 +79,7 @@ class Bench:
         compress_seconds = time.perf_counter() - t0
         value = self.evaluate(model)
         seconds = time.perf_counter() - start
-        report = model.secateur_history[-1]["result"]
+        report = lineage.of(model).history()[-1]["result"]
         before, after = report["before"], report["after"]
         row = {
             "variant": label, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},

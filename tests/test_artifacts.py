@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from secateur import lineage
 import secateur
 from secateur import artifacts
 from secateur.artifacts import card_summary, save, verify
@@ -59,7 +60,7 @@ def test_round_trip_secateur_and_stock_transformers(family: str, tmp_path: Path)
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= set(card["files"])
     assert "compression.json" not in card["files"]
     assert not list(path.glob("*.bin")) and not list(path.glob("*.pt"))
-    assert card["base_model"] is None                      # built in-process: no secateur_source
+    assert card["base_model"] is None                      # built in-process: no base in its lineage
     assert card["model"]["model_type"] == family
 
     loaded = secateur.load(path)
@@ -78,9 +79,9 @@ def test_real_model_round_trip(stories_dir: Path, tmp_path: Path) -> None:
     expected = outputs(model)
     path = save(model, tmp_path / "stories", tokenizer=tokenizer)
     card = verify(path)
-    source = model.secateur_source
+    base = lineage.of(model).base
     assert card["base_model"] == {"name": str(stories_dir), "path": str(stories_dir),
-                                  "weights_sha256": source["weights_sha256"], "model_type": "llama"}
+                                  "weights_sha256": base.weights_sha256, "model_type": "llama"}
     again = secateur.load(path)
     assert torch.equal(outputs(again.model), expected)
     assert again.tokenizer("Once upon a time").input_ids == tokenizer("Once upon a time").input_ids
@@ -106,6 +107,13 @@ def test_lineage_when_saving_a_loaded_artifact(llama_artifact: Path, tmp_path: P
     assert card["base_model"]["path"] == str(llama_artifact)
     assert card["base_model"]["weights_sha256"] == loaded.info["weights_sha256"]
     assert card["base_model"]["is_artifact"] is True and card["base_model"]["origin"] is None
+    # load reads the lineage back: the artifact's own base and steps, as typed records
+    secateur.compress_(loaded.model, secateur.MagnitudeConfig(sparsity=0.25))
+    child = verify(save(loaded.model, tmp_path / "pruned"))
+    parent = lineage.of(secateur.load(tmp_path / "pruned").model).parent
+    assert parent.base == lineage.Base.from_dict(child["base_model"]) and parent.base.artifact
+    assert [s.method for s in parent.steps] == ["magnitude"]
+    assert [s.to_dict() for s in parent.steps] == child["history"]
 
 
 # --- the card -----------------------------------------------------------------------------------
@@ -115,13 +123,10 @@ def test_card_contents_from_history(tmp_path: Path) -> None:
     with torch.no_grad():
         weight = model.model.layers[0].mlp.up_proj.weight
         weight[:, : weight.shape[1] // 2] = 0
-    model.secateur_history = [
-        {"step": {"method": "magnitude", "sparsity": 0.5}, "seconds": 0.25, "data_fingerprint": None,
-         "result": {"sparsity": torch.tensor(0.5)}},
-        {"step": {"method": "gptq", "bits": 4}, "seconds": 1.5, "data_fingerprint": "sha256:abc",
-         "result": {"layers": (1, 2)}},
-        {"step": {"method": "wanda", "sparsity": 0.5}, "seconds": 0.5, "data_fingerprint": "sha256:abc",
-         "result": {}},
+    lineage.of(model).steps[:] = [
+        lineage.Step({"method": "magnitude", "sparsity": 0.5}, 0.25, None, {"sparsity": torch.tensor(0.5)}),
+        lineage.Step({"method": "gptq", "bits": 4}, 1.5, "sha256:abc", {"layers": (1, 2)}),
+        lineage.Step({"method": "wanda", "sparsity": 0.5}, 0.5, "sha256:abc", {}),
     ]
     metrics = {"before": {"ppl": 12.5}, "after": {"ppl": math.inf, "loss": float("nan")}}
     path = save(model, tmp_path / "a", metrics=metrics, extra={"note": "hi"})
@@ -360,7 +365,7 @@ def test_rejects_what_it_cannot_save(tmp_path: Path) -> None:
 
 
 def test_sharded_weights_are_listed_and_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from secateur.models import weights_hash
+    from secateur.artifacts import weights_hash
 
     model = tiny_model("llama")
     real = model.save_pretrained
@@ -449,8 +454,8 @@ def test_a_malformed_safetensors_header_is_an_artifact_error_naming_the_file(lla
     weights = copy / "model.safetensors"
     weights.write_bytes((10**9).to_bytes(8, "little") + b"{not json")
     card = json.loads((copy / "compression.json").read_text())
-    card["files"]["model.safetensors"] = {"sha256": artifacts._sha256(weights), "bytes": weights.stat().st_size}
-    card["card_sha256"] = artifacts._seal(card)
+    card["files"]["model.safetensors"] = {"sha256": artifacts.checkpoint._sha256(weights), "bytes": weights.stat().st_size}
+    card["card_sha256"] = artifacts.card.seal(card)
     (copy / "compression.json").write_text(json.dumps(card))
     with pytest.raises(ArtifactError, match="model.safetensors is not a safetensors file"):
         verify(copy)

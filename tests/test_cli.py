@@ -297,11 +297,11 @@ def test_info_on_a_quantized_artifact_counts_packed_weights_and_names_the_storag
 
 def test_an_error_is_shown_alone_and_a_missing_data_file_fails_before_the_model_loads(capsys, tiny_dir, tmp_path,
                                                                                        monkeypatch):
-    import secateur.models
+    import secateur.artifacts
 
     loads = []
-    real = secateur.models.load
-    monkeypatch.setattr(secateur.models, "load", lambda *a, **k: loads.append(a) or real(*a, **k))
+    real = secateur.artifacts.load
+    monkeypatch.setattr(secateur.artifacts, "load", lambda *a, **k: loads.append(a) or real(*a, **k))
     code, _, err = run(capsys, "prune", str(tiny_dir), "--method", "wanda", "--data", str(tmp_path / "missing.txt"))
     assert code == 2 and "does not exist" in err and "method: wanda" not in err and len(err.strip().splitlines()) == 1
     assert not loads  # the data source was checked first

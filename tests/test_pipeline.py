@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from secateur.errors import SecateurError
-from secateur.models import load
+from secateur.artifacts import load
 from secateur.pipeline import calibration_data, run_recipe
 from secateur.recipe import Recipe
 

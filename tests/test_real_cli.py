@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from secateur import lineage
 import secateur
 from secateur import StructuredConfig, compress_
 from secateur.cli import main
@@ -29,7 +30,7 @@ def test_minilm_depth_influence_keeps_the_first_and_last_layers(minilm_dir, data
     model, tok, _ = secateur.load(minilm_dir)
     calib = calibration_set("stsb", tok, 32, 128, split="train")
     compress_(model, StructuredConfig(mlp=0.0, drop_layers=3), data=calib)
-    result = model.secateur_history[-1]["result"]
+    result = lineage.of(model).history()[-1]["result"]
     assert result["kept_blocks"] == [0, 4, 5]
     assert result["depth_importance"] == "influence"
     assert model.config.num_hidden_layers == 3 and result["standard_checkpoint"]
@@ -39,7 +40,7 @@ def test_stories_one_kv_group_and_mlp_round_trip(stories_dir, data_dir, tmp_path
     model, tok, _ = secateur.load(stories_dir)
     calib = calibration_set("tinystories", tok, 16, 256)
     compress_(model, StructuredConfig(heads=0.25, mlp=0.25, importance="activation"), data=calib)
-    result = model.secateur_history[-1]["result"]
+    result = lineage.of(model).history()[-1]["result"]
     assert result["after"]["heads"] == [6] * 5 and result["after"]["kv_heads"] == [3] * 5
     assert result["after"]["intermediate"] == [129] * 5
     ids = calib.input_ids[:2]

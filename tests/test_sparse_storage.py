@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 
 import secateur
-from secateur import artifacts, sparse_format
+from secateur import artifacts
+from secateur.artifacts import bitmask
 from secateur.artifacts import card_summary, export_dense, materialize_dense, save, verify
 from secateur.errors import ArtifactError
 from secateur.prune.magnitude import MagnitudeConfig
@@ -69,13 +70,13 @@ def test_encode_decode_is_exact(dtype: torch.dtype, cols: int) -> None:
     weight = torch.randn(5, cols).to(dtype)
     weight[torch.rand(5, cols) < 0.5] = 0
     weight[0, 0] = float("nan")
-    parts = sparse_format.encode(weight)
+    parts = bitmask.encode(weight)
     keep = (weight != 0).numpy()
     assert parts["bitmask"].dtype == torch.uint8 and tuple(parts["bitmask"].shape) == (5, (cols + 7) // 8)
     assert np.array_equal(parts["bitmask"].numpy(), np.packbits(keep, axis=1))   # numpy's layout exactly
     assert parts["values"].dtype == dtype and parts["values"].numel() == int(keep.sum())
     assert parts["shape"].dtype == torch.int64 and parts["shape"].tolist() == [5, cols]
-    back = sparse_format.decode(**parts)
+    back = bitmask.decode(**parts)
     assert back.dtype == dtype
     assert torch.equal(back.view(torch.int16 if dtype != torch.float32 else torch.int32),
                        weight.view(torch.int16 if dtype != torch.float32 else torch.int32))  # same bits, NaN included
@@ -83,17 +84,17 @@ def test_encode_decode_is_exact(dtype: torch.dtype, cols: int) -> None:
 
 def test_negative_zeros_come_back_as_zeros() -> None:
     weight = torch.tensor([[-0.0, 1.5, 0.0, -2.0]])
-    back = sparse_format.decode(**sparse_format.encode(weight))
+    back = bitmask.decode(**bitmask.encode(weight))
     assert torch.equal(back, weight) and back.tolist() == [[0.0, 1.5, 0.0, -2.0]]
     assert not torch.signbit(back[0, 0])
 
 
 def test_decode_rejects_parts_that_disagree() -> None:
-    parts = sparse_format.encode(torch.tensor([[0.0, 1.0, 2.0]]))
+    parts = bitmask.encode(torch.tensor([[0.0, 1.0, 2.0]]))
     with pytest.raises(ValueError, match="bitmask marks 2 entries but 1 values"):
-        sparse_format.decode(parts["bitmask"], parts["values"][:1], parts["shape"])
+        bitmask.decode(parts["bitmask"], parts["values"][:1], parts["shape"])
     with pytest.raises(ValueError, match="does not fit a \\[2, 3\\] weight"):
-        sparse_format.decode(parts["bitmask"], parts["values"], torch.tensor([2, 3]))
+        bitmask.decode(parts["bitmask"], parts["values"], torch.tensor([2, 3]))
 
 
 # --- save → load round trips -----------------------------------------------------------------
@@ -167,7 +168,7 @@ def test_dense_model_stays_in_the_plain_format(tmp_path: Path) -> None:
     path = save(model, tmp_path / "dense", tokenizer=tokenizer, sparse="auto")
     storage = verify(path)["storage"]
     assert storage == {"format": "dense", "sparse_modules": 0, "dense_bytes": weight_bytes(path),
-                       "bytes": weight_bytes(path), "ratio": 1.0, "min_zeros": sparse_format.MIN_ZEROS}
+                       "bytes": weight_bytes(path), "ratio": 1.0, "min_zeros": bitmask.MIN_ZEROS}
     assert metadata(path) == {"format": "pt"} and not any(k.endswith(".bitmask") for k in keys(path))
     assert torch.equal(outputs(auto_class("llama").from_pretrained(path).eval()), outputs(model))
 

@@ -4,7 +4,7 @@
     model = compress_(model, recipe, data=calibration_set, teacher=teacher)
 
 ``compress_`` edits the model in place (trailing underscore, as in torch) and returns it. Each
-applied step is recorded on the model (``model.secateur_history``) so that :func:`secateur.save`
+applied step is added to the model's lineage (:mod:`secateur.lineage`) so that :func:`secateur.save`
 can write the resolved recipe and per-step results into the compression card.
 """
 
@@ -13,8 +13,10 @@ from __future__ import annotations
 import importlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
 
+from . import lineage
 from .config import StepConfig
 from .errors import ConfigError, SecateurError, did_you_mean, one_of
 
@@ -89,14 +91,28 @@ def get_method(name: str) -> Method:
     return table[name]
 
 
+def _load_model(path: str) -> Any:
+    from .artifacts import load
+
+    return load(path).model
+
+
 @dataclass
 class Context:
-    """What a method may need besides the model and its config."""
+    """What a method may need besides the model and its config: one run's typed context."""
 
-    data: Any = None          # a CalibrationSet (input_ids [n, seq_len] + fingerprint) or None
-    teacher: Any = None
-    arch: Any = None          # secateur.models.arch.Arch, resolved from the model when missing
-    extra: dict[str, Any] = field(default_factory=dict)
+    data: Any = None                  # a CalibrationSet (input_ids [n, seq_len] + fingerprint) or None
+    teacher: Any = None               # the model training steps imitate (compress_'s, or the input's snapshot)
+    arch: Any = None                  # secateur.models.arch.ArchFacts, resolved from the model when missing
+    tokenizer: Any = None             # reads training steps' data: sources; samples teacher text
+    checkpoint_root: Optional[Path] = None   # compress_'s checkpoint_dir: resume state of the whole run
+    checkpoint_dir: Optional[Path] = None    # this step's own resume folder under it (None: no resume)
+    generation_dir: Optional[Path] = None    # where teacher samples are kept (default: under checkpoint_root)
+    device: Any = None                # where the calibration loop runs blocks (None: the model's device)
+    evaluate: Optional[Callable[[Any], dict[str, float]]] = None  # extra metrics at each training evaluation
+    load: Callable[[str], Any] = _load_model  # a teacher named by path -> model (secateur.load by default)
+    teachers: dict[str, Any] = field(default_factory=dict)   # teachers loaded by path, shared by the steps
+    training: list[Any] = field(default_factory=list)        # each training step's full result, in order
 
 
 def _step_checkpoint(root: Any, index: int, step: StepConfig, data: Any, model: Any) -> str:
@@ -105,7 +121,7 @@ def _step_checkpoint(root: Any, index: int, step: StepConfig, data: Any, model: 
     import json
     import os
 
-    source = (getattr(model, "secateur_source", None) or {}).get("weights_sha256")
+    source = lineage.base_hash(model)
     key = json.dumps([index, step.to_dict(), getattr(data, "fingerprint", None), source], sort_keys=True, default=str)
     return os.path.join(str(root), f"step{index}-{step.method}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
 
@@ -127,30 +143,27 @@ def compress_(model: Any, recipe_or_step: Any, data: Any = None, teacher: Any = 
 
     steps = [recipe_or_step] if isinstance(recipe_or_step, StepConfig) else getattr(recipe_or_step, "steps",
                                                                                       recipe_or_step)
-    ctx = Context(data=data, teacher=teacher, arch=arch_of(model, strict=False),
-                  extra={"tokenizer": tokenizer, "checkpoint_root": checkpoint_dir})
+    ctx = Context(data=data, teacher=teacher, arch=arch_of(model, strict=False), tokenizer=tokenizer,
+                  checkpoint_root=Path(checkpoint_dir) if checkpoint_dir is not None else None)
     if teacher is None and any(isinstance(s, StepConfig) and get_method(s.method).trains
                                and getattr(s, "teacher", None) is None for s in steps):
         ctx.teacher = copy.deepcopy(model).eval()  # the input model, frozen, for every step without a teacher
         for p in ctx.teacher.parameters():
             p.requires_grad_(False)
-    history = getattr(model, "secateur_history", None)
-    if history is None:
-        history = []
-        model.secateur_history = history
+    record = lineage.of(model)
     for index, step in enumerate(steps):
         if not isinstance(step, StepConfig):
             raise SecateurError(f"steps[{index}]: expected a step config such as MagnitudeConfig(...), got {type(step).__name__}")
         method = get_method(step.method)
         if method.needs_data and data is None:
             raise SecateurError(f"steps[{index}]: method '{step.method}' needs calibration data; pass data=...")
-        ctx.extra["checkpoint_dir"] = (_step_checkpoint(checkpoint_dir, index, step, data, model)
-                                       if checkpoint_dir is not None and (method.needs_data or method.trains) else None)
+        ctx.checkpoint_dir = (Path(_step_checkpoint(checkpoint_dir, index, step, data, model))
+                              if checkpoint_dir is not None and (method.needs_data or method.trains) else None)
         start = time.perf_counter()
         try:
             result = method.apply(model, step, ctx) or {}
         except ConfigError as exc:  # a field that only the model could check: name the step too
             raise ConfigError(f"steps[{index}].{exc.path}", str(exc).split(": ", 1)[-1]) from None
-        history.append({"step": step.to_dict(), "seconds": round(time.perf_counter() - start, 3),
-                        "data_fingerprint": getattr(data, "fingerprint", None), "result": result})
+        record.add(lineage.Step(step.to_dict(), round(time.perf_counter() - start, 3),
+                                getattr(data, "fingerprint", None), result))
     return model

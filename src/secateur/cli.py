@@ -112,7 +112,7 @@ def eval_cmd(model: str = typer.Argument(..., help="Model directory, artifact or
              as_json: bool = typer.Option(False, "--json", help="Print the JSON result instead of a table.")) -> None:
     """Evaluate a model: perplexity (P1/P3), sentence similarity (P2) or speed and memory (P4)."""
     from .evaluate import evaluate, results_table
-    from .models import load
+    from .artifacts import load
     from .runtime import optimize_
 
     given = {"split": split, "seq_len": seq_len, "batch": batch, "max_windows": max_windows,
@@ -137,7 +137,7 @@ def info_cmd(model: Optional[str] = typer.Argument(None, help="Model directory, 
     """Show a model's architecture facts and, for an artifact, its compression card summary; with
     --machine, what each quantized operation runs on this CPU and how fast beside float32."""
     from .artifacts import card_summary
-    from .models import load
+    from .artifacts import load
 
     if machine:
         _machine_info(remeasure, as_json)
@@ -332,11 +332,12 @@ def distill_cmd(student: str = typer.Argument(..., help="Student: a model direct
     loaded = None
     if fresh:
         from .distill.students import fresh as fresh_student, parse_overrides
-        from .models import load
+        from . import lineage
+        from .artifacts import load
 
         loaded = load(student)
         loaded.model = fresh_student(loaded.model, **parse_overrides(fresh))
-        loaded.model.secateur_source = None
+        lineage.set_(loaded.model, None)  # a fresh student: none of the base's weights
         step["teacher"] = teacher or student
     if keep_layers or drop_layers:
         cut: dict[str, Any] = {"method": "structured", "mlp": 0.0}
@@ -366,7 +367,7 @@ def _keep_to_blocks(spec: dict[str, Any]) -> Any:
     """``keep: [0, 4, 5]`` of the CLI becomes the structured step's ``blocks`` to remove."""
     from transformers import AutoConfig
 
-    from .models import _resolve
+    from .models import resolve as _resolve
     from .recipe import Recipe
 
     for step in spec["steps"]:

@@ -90,7 +90,7 @@ def run_demo(models_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Run every case; return (and write to ``out_dir/demo.json``) the rows of the table."""
     from .api import get_method
     from .errors import SecateurError
-    from .models import load
+    from .artifacts import load
     from .pipeline import run_recipe
     from .runtime import machine
     from .recipe import Recipe

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import lineage
 from .errors import ConfigError, SecateurError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def dry_run(recipe: Any) -> list[dict[str, Any]]:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from .api import get_method
-    from .models import _resolve
+    from .models import resolve as _resolve
     from .models.arch import arch_for
     from .targets import describe_selection, select_modules
 
@@ -116,7 +117,7 @@ def run_recipe(recipe: Any, out: str | Path | None = None, loaded: Any = None,
     check_storage(storage)
     from .api import compress_
     from .artifacts import save
-    from .models import load
+    from .artifacts import load
 
     if recipe.data is not None:  # a missing or mistyped data file fails now, not after loading the model
         from .data import source
@@ -135,7 +136,7 @@ def run_recipe(recipe: Any, out: str | Path | None = None, loaded: Any = None,
         result.before = evaluate_all(model, tokenizer, recipe.eval)
     resume = _resume_dir(out)
     compress_(model, recipe, data=data, checkpoint_dir=resume, tokenizer=tokenizer)
-    result.steps = list(model.secateur_history)
+    result.steps = lineage.of(model).history()
     result.after = evaluate_all(model, tokenizer, recipe.eval)
     if out is not None:
         metrics = {"before": result.before, "after": result.after}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from secateur import lineage
 import secateur
 from secateur import compress_
 from secateur.errors import SecateurError
@@ -33,7 +34,7 @@ def test_exact_sparsity_every_family(config, family):
             assert torch.all((w != 0).reshape(w.shape[0], -1, m).sum(-1) <= n), name
         else:
             assert torch.all((w == 0).sum(1) == w.shape[1] // 2), name
-    result = model.secateur_history[-1]["result"]
+    result = lineage.of(model).history()[-1]["result"]
     assert all(0 <= info["relative_error"] < 1 for info in result["layers"].values())
 
 
@@ -68,7 +69,7 @@ def test_checkpoint_dir_resumes_identically(tmp_path):
     compress_(a, SparseGPTConfig(), data=IDS, checkpoint_dir=tmp_path / "resume")
     b = tiny_model("qwen2")
     compress_(b, SparseGPTConfig(), data=IDS, checkpoint_dir=tmp_path / "resume")
-    assert b.secateur_history[-1]["result"]["resumed_from_block"] == 2
+    assert lineage.of(b).history()[-1]["result"]["resumed_from_block"] == 2
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from secateur import lineage
 from secateur import compress_
 from secateur.api import Context
 from secateur.data.calibration import CalibrationSet
@@ -328,7 +329,7 @@ def test_recipe_structured_then_distill_uses_the_input_model_as_teacher():
     with torch.no_grad():
         kl_distilled = float(losses.kl_loss(model(**batch).logits, original(**batch).logits))
     assert kl_distilled < 0.6 * kl_cut
-    record = model.secateur_history[-1]
+    record = lineage.of(model).history()[-1]
     assert record["step"]["method"] == "distill" and record["result"]["steps"] == 40
 
 
@@ -339,7 +340,7 @@ def test_distill_step_reads_sources_through_the_tokenizer_and_generates(tmp_path
     config = DistillConfig(data=(str(text),), seq_len=16, generate=6, steps=3, batch_size=4, eval_every=0,
                            checkpoint_every=0)
     compress_(model, config, teacher=tiny_model("llama", seed=4), tokenizer=tok)
-    settings = model.secateur_history[-1]["result"]["settings"]
+    settings = lineage.of(model).history()[-1]["result"]["settings"]
     assert settings["data"]["generated"]["sequences"] == 6 and settings["data"][str(text)] > 0
     with pytest.raises(SecateurError, match="tokenizer"):
         compress_(model, config, teacher=tiny_model("llama", seed=4))
@@ -353,14 +354,14 @@ def test_teacher_samples_are_cached_in_the_generation_dir_and_read_back(tmp_path
     model, tok = tiny_model("llama", seed=3, with_tokenizer=True)
     teacher = tiny_model("llama", seed=4)
     config = DistillConfig(seq_len=16, generate=6, steps=2, batch_size=4, eval_every=0, checkpoint_every=0, holdout=0.0)
-    first = distill.training_set(config, Context(extra={"tokenizer": tok, "generation_dir": tmp_path}), teacher, "causal")
+    first = distill.training_set(config, Context(tokenizer=tok, generation_dir=tmp_path), teacher, "causal")
     assert [p.name for p in tmp_path.iterdir()] == ["generated-6x16-t1.0-s0.pt"]
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("the cached samples should have been read")
 
     monkeypatch.setattr(distill, "generate", no_sampling)
-    ctx = Context(extra={"tokenizer": tok, "generation_dir": tmp_path, "checkpoint_dir": tmp_path / "run"})
+    ctx = Context(tokenizer=tok, generation_dir=tmp_path, checkpoint_dir=tmp_path / "run")
     again = distill.training_set(config, ctx, teacher, "causal")
     assert again.fingerprint == first.fingerprint and not (tmp_path / "run").exists()
 
@@ -395,7 +396,7 @@ def test_a_distill_step_trains_on_generated_paragraphs_when_asked():
     model, tok = tiny_model("llama", seed=3, with_tokenizer=True)
     teacher = tiny_model("llama", seed=4)
     raw = DistillConfig(seq_len=16, generate=12, steps=1, batch_size=4, eval_every=0, checkpoint_every=0, holdout=0.0)
-    ctx = Context(extra={"tokenizer": tok})
+    ctx = Context(tokenizer=tok)
     samples = distill.training_set(raw, ctx, teacher, "causal")
     cut = distill.training_set(dataclasses.replace(raw, generate_paragraphs=True), ctx, teacher, "causal")
     expected = as_paragraphs(samples.train, tok, 16)
@@ -417,7 +418,7 @@ def test_the_steps_of_a_recipe_sample_a_loaded_teacher_once(tmp_path, monkeypatc
     common = dict(seq_len=16, generate=6, batch_size=4, eval_every=0, checkpoint_every=1, holdout=0.0)
     steps = [DistillConfig(steps=2, **common), DistillConfig(steps=3, lr=1e-3, **common)]
     model, tok = tiny_model("llama", seed=3, with_tokenizer=True)
-    model.secateur_source = {"weights_sha256": "ab" * 32}   # as secateur.load records the weights it read
+    lineage.set_(model, lineage.Lineage(lineage.Base(weights_sha256="ab" * 32)))  # as secateur.load records it
     compress_(model, steps, tokenizer=tok, checkpoint_dir=tmp_path / "run")
     assert calls == [6]                                     # the input model, snapshotted, is both steps' teacher
     shared = tmp_path / "run" / f"samples-{'ab' * 8}"
@@ -527,7 +528,7 @@ def test_qat_w8a8_trains_and_saves_a_checkpoint_stock_transformers_loads(tmp_pat
     compress_(model, config, data=_calibration(), teacher=teacher)
     modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(modules) == 14 and all(m.activation == "int8" and m.bits == 8 for m in modules)
-    result = model.secateur_history[-1]["result"]
+    result = lineage.of(model).history()[-1]["result"]
     assert result["bits"] == 8 and result["activations"] == "int8" and result["steps"] == 4
     ids = torch.randint(3, 100, (2, 10))
     with torch.no_grad(), reference_only():
@@ -600,7 +601,7 @@ def test_distill_step_fits_the_temperature_on_real_text_only_and_repeats_it():
     config = DistillConfig(generate=8, repeat_real=3, fit_temperature=True, seq_len=16, steps=2, batch_size=4,
                            eval_every=0, checkpoint_every=0, holdout=0.2)
     compress_(model, config, data=calib, teacher=tiny_model("llama", seed=4), tokenizer=tok)
-    result = model.secateur_history[-1]["result"]
+    result = lineage.of(model).history()[-1]["result"]
     assert result["settings"]["train_sequences"] == 5 * 3 + 8 and result["settings"]["data"]["repeat_real"] == 3
     assert result["calibrated"]["tokens"] == 6 * 15                 # the real windows, held-out ones too
     assert result["calibrated"]["nll_after"] <= result["calibrated"]["nll_before"]
@@ -623,7 +624,7 @@ def test_a_calibrated_teacher_is_the_teacher_with_its_fitted_temperature_folded_
                            eval_every=0, checkpoint_every=0, holdout=0.2)
     student = copy.deepcopy(model)
     compress_(student, config, data=calib, teacher=teacher, tokenizer=tok)
-    fitted = student.secateur_history[-1]["result"]["teacher_calibrated"]
+    fitted = lineage.of(student).history()[-1]["result"]["teacher_calibrated"]
     tau_ref, nll_ref = _grid_temperature(teacher, list(calib.input_ids), [1.0 + 0.01 * i for i in range(121)])
     assert abs(fitted["temperature"] - tau_ref) <= 0.01 and fitted["nll_after"] == pytest.approx(nll_ref, abs=1e-4)
     assert fitted["temperature"] > 1.2 and fitted["tokens"] == 6 * 15       # every real window, held-out ones too
@@ -635,7 +636,7 @@ def test_a_calibrated_teacher_is_the_teacher_with_its_fitted_temperature_folded_
     reference = copy.deepcopy(model)
     compress_(reference, dataclasses.replace(config, calibrate_teacher=False), data=calib, teacher=folded,
               tokenizer=tok)
-    losses_of = [[h["kl"] for h in m.secateur_history[-1]["result"]["history"]] for m in (student, reference)]
+    losses_of = [[h["kl"] for h in lineage.of(m).history()[-1]["result"]["history"]] for m in (student, reference)]
     assert losses_of[0] == pytest.approx(losses_of[1], rel=1e-4)
     got, want, start = student.state_dict(), reference.state_dict(), model.state_dict()
     assert all(torch.allclose(got[k], want[k], atol=1e-4) for k in want)   # Adam steps of 1e-2: float noise only

@@ -104,7 +104,7 @@ def test_reference_path_is_compressed_tensors_forward():
 
 
 def test_strategy_is_inferred_when_unknown():
-    from secateur.quant import formats
+    from secateur.artifacts import compressed_tensors as formats
 
     torch.manual_seed(2)
     w8 = (torch.randn(4, 8) * 10).to(torch.float8_e4m3fn)

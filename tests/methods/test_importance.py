@@ -12,10 +12,12 @@ import copy
 import pytest
 import torch
 
+from secateur import lineage
 from secateur import StructuredConfig, compress_
 from secateur.errors import ConfigError, SecateurError
 from secateur.models.arch import arch_of
-from secateur.prune import importance, structure
+from secateur.models import structure
+from secateur.prune import importance
 from secateur.prune.structured import _count, _global_keep, _lowest, plan_heads, plan_mlp
 from secateur.testing import tiny_model
 
@@ -262,10 +264,10 @@ def test_config_errors_and_missing_data():
 def test_auto_importance_follows_the_data():
     model = tiny_model("llama")
     compress_(model, StructuredConfig(mlp=0.5))
-    assert model.secateur_history[-1]["result"]["importance"] == "magnitude-l2"
+    assert lineage.of(model).history()[-1]["result"]["importance"] == "magnitude-l2"
     model = tiny_model("llama")
     compress_(model, StructuredConfig(mlp=0.5, drop_layers=1), data=calib())
-    result = model.secateur_history[-1]["result"]
+    result = lineage.of(model).history()[-1]["result"]
     assert result["importance"] == "activation" and result["depth_importance"] == "influence"
 
 
@@ -280,6 +282,6 @@ def test_dry_run_shapes_match_the_real_run(fields):
         meta = type(model)(model.config)
     planned = describe(meta, config)["shapes"]["after"]
     compress_(model, config, data=calib())
-    actual = dict(model.secateur_history[-1]["result"]["after"])
+    actual = dict(lineage.of(model).history()[-1]["result"]["after"])
     actual.pop("parameters")
     assert planned == actual

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from secateur import lineage
 from secateur import compress_
 from secateur.config import ConfigError
 from secateur.prune.magnitude import MagnitudeConfig
@@ -74,7 +75,7 @@ def test_lm_head_and_embeddings_untouched_and_history():
     emb = model.model.embed_tokens.weight.clone()
     compress_(model, MagnitudeConfig(sparsity=0.9))
     assert torch.equal(model.lm_head.weight, head) and torch.equal(model.model.embed_tokens.weight, emb)
-    (entry,) = model.secateur_history
+    (entry,) = lineage.of(model).history()
     assert entry["step"]["method"] == "magnitude" and 0.87 <= entry["result"]["sparsity"] <= 0.9
 
 

@@ -9,6 +9,7 @@ import itertools
 import pytest
 import torch
 
+from secateur import lineage
 import secateur
 from secateur import compress_
 from secateur.data import calibration_set
@@ -41,14 +42,14 @@ def test_rtn_swaps_every_targeted_linear_for_the_rounded_integers():
     for name, module in q.items():
         ref_q, ref_s, ref_z = quantize_weight(dense[name], Scheme(4, True, "group", 16))
         assert torch.equal(module.weight_q, ref_q) and torch.equal(module.weight_scale, ref_s)
-    layers = model.secateur_history[-1]["result"]["layers"]
+    layers = lineage.of(model).history()[-1]["result"]["layers"]
     assert {v["bits"] for v in layers.values()} == {4}
 
 
 def test_group_size_fallback_is_recorded_and_can_be_refused():
     model = tiny_model("llama")
     compress_(model, RTNConfig(bits=4, group_size=128))  # 32 and 64 columns: per channel instead
-    layers = model.secateur_history[-1]["result"]["layers"]
+    layers = lineage.of(model).history()[-1]["result"]["layers"]
     assert {v["strategy"] for v in layers.values()} == {"channel"}
     with pytest.raises(secateur.SecateurError, match="does not divide"):
         compress_(tiny_model("llama"), RTNConfig(bits=4, group_size=128, fallback=False))
@@ -100,7 +101,7 @@ def test_gptq_resumes_bit_identically_from_block_checkpoints(tmp_path, monkeypat
     monkeypatch.setattr(gptq, "gptq_quantize", original)
     resumed = tiny_model("llama")
     compress_(resumed, GPTQConfig(bits=4, group_size=16), data=ids, checkpoint_dir=tmp_path / "a")
-    assert resumed.secateur_history[-1]["result"]["resumed_from_block"] == 1
+    assert lineage.of(resumed).history()[-1]["result"]["resumed_from_block"] == 1
     a, b = quant_modules(full), quant_modules(resumed)
     for name in a:
         for attr in ("weight_q", "weight_scale", "weight_zero_point"):
@@ -145,7 +146,7 @@ def test_mixed_allocation_matches_brute_force_on_a_small_problem():
 def test_mixed_precision_meets_its_budget_and_records_the_table():
     model = tiny_model("llama")
     compress_(model, MixedPrecisionConfig(group_size=16, avg_bits=3.5, quantizer="rtn"), data=calib())
-    result = model.secateur_history[-1]["result"]
+    result = lineage.of(model).history()[-1]["result"]
     assert result["avg_bits"] <= 3.5
     bits = {m.bits for m in quant_modules(model).values()}
     assert bits == {3, 4}

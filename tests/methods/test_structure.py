@@ -17,10 +17,11 @@ import pytest
 import torch
 import transformers
 
+from secateur import lineage
 from secateur import StructuredConfig, compress_, load, save
 from secateur.errors import SecateurError
 from secateur.models.arch import arch_of
-from secateur.prune import structure
+from secateur.models import structure
 from secateur.testing import FAMILIES, tiny_model
 
 D = 8  # head_dim of every tiny model (hidden 32, 4 heads)
@@ -194,7 +195,7 @@ def test_uniform_mlp_and_depth_give_a_stock_checkpoint(family, tmp_path):
     path = save(model, tmp_path / "a")
     stock = stock_class(family).from_pretrained(path).eval()
     assert torch.equal(run(stock, ids), expected)
-    assert model.secateur_history[-1]["result"]["standard_checkpoint"] is True
+    assert lineage.of(model).history()[-1]["result"]["standard_checkpoint"] is True
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -223,7 +224,7 @@ def test_recorded_layout_is_refused_by_stock_and_rebuilt_by_secateur(family, con
     path = save(model, tmp_path / "a")
     card = load(path).info["card"]
     assert card["layout"]["shapes"]
-    assert model.secateur_history[-1]["result"]["standard_checkpoint"] is False
+    assert lineage.of(model).history()[-1]["result"]["standard_checkpoint"] is False
     with pytest.raises(Exception):
         stock_class(family).from_pretrained(path)
     assert torch.equal(run(load(path).model, ids), expected)

@@ -38,7 +38,7 @@ def test_the_table_decides_the_classes():
 
 
 def test_slicing_keeps_each_class_s_size_attributes():
-    from secateur.prune.structure import slice_linear  # noqa: PLC0415  (the surgery uses layers.set_features)
+    from secateur.models.structure import slice_linear  # noqa: PLC0415  (the surgery uses layers.set_features)
 
     gpt2 = tiny_model("gpt2")
     conv = gpt2.get_submodule("transformer.h.0.mlp.c_fc")

@@ -1,4 +1,4 @@
-"""Quantized artifacts in the compressed-tensors format (secateur.quant.formats).
+"""Quantized artifacts in the compressed-tensors format (secateur.artifacts.compressed_tensors).
 
 Tiny Llama/Qwen2 models get their block Linears replaced by QuantLinear modules from a plain RTN
 (secateur.quant.primitives.quantize_weight). Each is saved with ``secateur.save`` and then
@@ -39,7 +39,7 @@ from safetensors import safe_open  # noqa: E402
 
 import secateur  # noqa: E402
 from secateur.errors import SecateurError  # noqa: E402
-from secateur.quant import formats  # noqa: E402
+from secateur.artifacts import compressed_tensors as formats  # noqa: E402
 from secateur.runtime.linear import QuantLinear, reference_only  # noqa: E402
 from secateur.quant.primitives import Scheme, dequantize, quantize_weight  # noqa: E402
 from secateur.testing import tiny_model  # noqa: E402
@@ -355,7 +355,7 @@ def test_card_reports_bits_and_true_bytes(saved, tmp_path):
 # --- structure and storage options still compose ----------------------------------------------
 
 def test_structured_then_quantized_round_trip(tmp_path, quant_linear):
-    from secateur.prune.structure import remove_channels
+    from secateur.models.structure import remove_channels
 
     model = tiny_model("llama")
     remove_channels(model, 0, list(range(48)))  # block 0 keeps 48 of 64 MLP channels: a recorded layout
@@ -390,7 +390,7 @@ def test_gpt2_conv1d_round_trips_and_is_flagged_not_stock_loadable(tmp_path, qua
             new = quant_linear.from_quantized(q, scale, zero, 4, 16, module.bias.detach().clone(), None)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
-    with caplog.at_level("WARNING", logger="secateur.quant.formats"):
+    with caplog.at_level("WARNING", logger="secateur.artifacts.compressed_tensors"):
         path = secateur.save(model, tmp_path / "a")
     assert "stock transformers would load them at random" in caplog.text
     entry = secateur.artifacts.verify(path)["quantization"]
@@ -694,7 +694,7 @@ def test_fp8_e5m2_round_trips_but_is_flagged_not_stock_loadable(tmp_path, caplog
     E5M2 checkpoint keeps its float8_e5m2 tensors, which secateur.load reads back exactly, and
     transformers would cast to E4M3 (wrong values), so the save warns and the card says so."""
     model = fp8(tiny_model("llama"), fmt="e5m2")
-    with caplog.at_level("WARNING", logger="secateur.quant.formats"):
+    with caplog.at_level("WARNING", logger="secateur.artifacts.compressed_tensors"):
         path = secateur.save(model, tmp_path / "a")
     assert "E5M2" in caplog.text and "use format e4m3" in caplog.text
     entry = secateur.artifacts.verify(path)["quantization"]

@@ -56,19 +56,16 @@ def resolve_teacher(config: TrainingConfig, ctx: Any) -> Optional[nn.Module]:
     """The step's ``teacher`` path, else the context's teacher (compress_'s argument or the input
     model's snapshot)."""
     if config.teacher is not None:
-        from ..models import load
-
-        cache = ctx.extra.setdefault("teachers", {})
-        if config.teacher not in cache:
-            cache[config.teacher] = load(config.teacher).model
-        return cache[config.teacher]
+        if config.teacher not in ctx.teachers:
+            ctx.teachers[config.teacher] = ctx.load(config.teacher)
+        return ctx.teachers[config.teacher]
     return ctx.teacher
 
 
 def training_set(config: TrainingConfig, ctx: Any, teacher: Optional[nn.Module], kind: str) -> TrainingSet:
     """Sequences from the step's ``data`` sources (needs the tokenizer), else the context's
     calibration windows; plus ``generate`` sequences sampled from the teacher; a held-out split."""
-    tokenizer = ctx.extra.get("tokenizer")
+    tokenizer = ctx.tokenizer
     sequences: list[torch.Tensor] = []
     described: dict[str, Any] = {}
     if config.data:
@@ -97,8 +94,8 @@ def training_set(config: TrainingConfig, ctx: Any, teacher: Optional[nn.Module],
             raise SecateurError("generate needs a causal teacher (text is sampled from it)")
         if tokenizer is None:
             raise SecateurError("generate needs the tokenizer (for the BOS token); pass tokenizer=... to compress_")
-        generated = _cached_generation(teacher, tokenizer, config, ctx.extra.get("generation_dir")
-                                       or _samples_dir(teacher, ctx) or ctx.extra.get("checkpoint_dir"))
+        generated = _cached_generation(teacher, tokenizer, config, ctx.generation_dir
+                                       or _samples_dir(teacher, ctx) or ctx.checkpoint_dir)
         described["generated"] = {"sequences": len(generated), "temperature": config.generate_temperature}
         if config.generate_paragraphs:
             generated = as_paragraphs(generated, tokenizer, config.seq_len)
@@ -116,9 +113,11 @@ def _samples_dir(teacher: nn.Module, ctx: Any) -> Any:
     samples stay in the step's own folder."""
     from pathlib import Path
 
-    root = ctx.extra.get("checkpoint_root")
-    sha = (getattr(teacher, "secateur_source", None) or {}).get("weights_sha256")
-    if root is None or not sha or getattr(teacher, "secateur_history", None):
+    root = ctx.checkpoint_root
+    from .. import lineage
+
+    sha = lineage.base_hash(teacher)
+    if root is None or not sha or lineage.of(teacher).steps:
         return None
     return Path(root) / f"samples-{sha[:16]}"
 
@@ -162,8 +161,8 @@ def run_training(model: nn.Module, config: TrainingConfig, ctx: Any, hooks: tupl
         log.info("the teacher's temperature on real text: %.4f (NLL %.4f -> %.4f); distilling toward its logits / "
                  "%.4f", teacher_fit["temperature"], teacher_fit["nll_before"], teacher_fit["nll_after"],
                  teacher_fit["temperature"])
-    result = train(model, teacher, data, config, kind=kind, checkpoint_dir=ctx.extra.get("checkpoint_dir"),
-                   hooks=hooks, evaluate=ctx.extra.get("evaluate"),
+    result = train(model, teacher, data, config, kind=kind, checkpoint_dir=ctx.checkpoint_dir,
+                   hooks=hooks, evaluate=ctx.evaluate,
                    teacher_temperature=teacher_fit["temperature"] if teacher_fit else 1.0)
     out = result.to_dict()
     if teacher_fit is not None:
@@ -174,7 +173,7 @@ def run_training(model: nn.Module, config: TrainingConfig, ctx: Any, hooks: tupl
                  out["calibrated"]["tokens"], out["calibrated"]["nll_before"], out["calibrated"]["nll_after"])
     every = max(1, len(result.history) // 100)   # the card keeps about 100 points of the loss curve
     out["history"] = [h for i, h in enumerate(result.history) if (i + 1) % every == 0 or i + 1 == len(result.history)]
-    ctx.extra.setdefault("training", []).append(result)
+    ctx.training.append(result)
     return out
 
 

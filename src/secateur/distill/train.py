@@ -184,10 +184,12 @@ def _kept_blocks(student: nn.Module, teacher_layers: int) -> tuple[int, ...]:
     """For a student made by removing blocks from a teacher-sized model (a structured step earlier
     in this recipe), the 1-based teacher block each student block was, the last one mapped to the
     teacher's last (transformers applies the final norm to the last hidden state); else ()."""
-    for record in reversed(getattr(student, "secateur_history", None) or []):
-        result = record.get("result") or {}
+    from .. import lineage
+
+    for record in reversed(lineage.of(student).steps):
+        result = record.result
         kept = result.get("kept_blocks")
-        if record["step"].get("method") == "structured" and kept is not None:
+        if record.method == "structured" and kept is not None:
             if (result.get("before") or {}).get("layers") == teacher_layers \
                     and len(kept) == student.config.num_hidden_layers:
                 return tuple(k + 1 for k in kept[:-1]) + (teacher_layers,)

@@ -53,7 +53,10 @@ def environment(model: Any) -> dict[str, Any]:
 
     param = next(model.parameters(), None)
     config = getattr(model, "config", None)
-    source = dict(getattr(model, "secateur_source", {}) or {})
+    from .. import lineage
+
+    base = lineage.of(model).base
+    source = base.to_dict() if base is not None else {}
     return {
         "model": {"name": source.get("name"), "path": source.get("path"),
                   "weights_sha256": source.get("weights_sha256"),

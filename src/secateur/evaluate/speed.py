@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import lineage
 from ..data import fingerprint
 from ..errors import SecateurError
 from ..models.arch import arch_of
@@ -200,7 +201,8 @@ def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int 
         model.train(was_training)
 
     block_sparsity, all_sparsity, per_layer = sparsity(model)
-    source_path = path or (getattr(model, "secateur_source", None) or {}).get("path")
+    base = lineage.of(model).base
+    source_path = path or (base.path if base is not None else None)
     extra.update(peak_rss_mib=peak_rss_mib(), parameters=sum(p.numel() for p in model.parameters()),
                  disk_bytes=disk_bytes(source_path), sparsity=block_sparsity, sparsity_all_linear=all_sparsity)
     if device.type == "cuda":

@@ -29,11 +29,10 @@ def calibration_ids(ctx: Any, method: str) -> torch.Tensor:
 
 
 def options_for(config: Any, ctx: Any, propagate: str | None = None) -> Options:
-    extra = getattr(ctx, "extra", {}) or {}
     return Options(propagate=propagate or config.propagate, activation_dtype=config.activation_dtype,
-                   offload=config.offload, batch_size=config.batch_size, device=extra.get("device"),
+                   offload=config.offload, batch_size=config.batch_size, device=getattr(ctx, "device", None),
                    compute_dtype=config.compute_dtype,
-                   checkpoint_dir=extra.get("checkpoint_dir") if propagate is None else None,
+                   checkpoint_dir=getattr(ctx, "checkpoint_dir", None) if propagate is None else None,
                    record_error=propagate is None)
 
 

@@ -44,7 +44,7 @@ from ..calibrate import Options, calibration_loss, sequential
 from ..errors import SecateurError, one_of
 from ..progress import track
 from ..models.layers import stored
-from .structure import block_shape, head_dim
+from ..models.structure import block_shape, head_dim
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class _Collector:
             self.block_io = self._block_io
 
     def observer(self, name: str, module: nn.Module) -> _ActivationObserver:
-        from .structure import in_features
+        from ..models.structure import in_features
 
         return _ActivationObserver(in_features(module), self.d if self.roles[name][1] == "heads" else None)
 

@@ -31,7 +31,8 @@ import torch
 from ..api import register
 from ..config import StepConfig, param
 from ..errors import ConfigError, SecateurError
-from . import importance, structure
+from ..models import structure
+from . import importance
 
 log = logging.getLogger(__name__)
 

@@ -749,7 +749,7 @@ def read(model_class: Any, directory: str | os.PathLike, config: Any, dtype: Any
         raise SecateurError(f"{directory}: config.json has no compressed-tensors quantization_config")
     parsed = parse(qconfig, where)
     if state is None:
-        from ..sparse_format import read_dense
+        from .bitmask import read_dense
 
         state = read_dense(directory)
     state = dict(state)
@@ -759,7 +759,7 @@ def read(model_class: Any, directory: str | os.PathLike, config: Any, dtype: Any
     with no_init_weights(), _default_dtype(dtype):  # every tensor is loaded below: skip random init
         model = model_class(config)
     if layout:
-        from ..prune.structure import apply_layout
+        from ..models.structure import apply_layout
 
         apply_layout(model, layout)
     assigned = _assign(model, parsed, where)

@@ -19,7 +19,7 @@ Nothing is pickled: weights go through safetensors, everything else is JSON.
 
 Sparse weights can be stored compressed: with ``save(..., sparse="auto")`` every 2-D
 Linear/Conv1D weight with at least 30% zeros is written in secateur's ``bitmask-v1`` layout (a
-packed bitmask plus the kept values, see :mod:`secateur.sparse_format`): a 50%-pruned float32
+packed bitmask plus the kept values, see :mod:`secateur.artifacts.bitmask`): a 50%-pruned float32
 matrix takes 53% of its dense bytes (stories260K at 50%: 60% overall, its embedding stays dense),
 and :func:`secateur.load` rebuilds the dense tensors exactly (a ``-0.0`` comes back as ``+0.0``).
 Stock ``transformers`` cannot read that layout (it fails on a size mismatch rather than loading
@@ -29,7 +29,7 @@ entry says which format was used and what it saved.
 
 Quantized models (:class:`~secateur.runtime.linear.QuantLinear` modules) are written in the
 compressed-tensors format (packed integers, scales and a ``quantization_config`` in
-``config.json``, see :mod:`secateur.quant.formats`), which stock ``transformers`` (with
+``config.json``, see :mod:`secateur.artifacts.compressed_tensors`), which stock ``transformers`` (with
 ``compressed-tensors`` installed) and vLLM load and :func:`secateur.load` reads back into
 QuantLinear modules with the same integers; the card's ``quantization`` entry gives each layer's
 scheme and stored bytes, and the bytes of the weight files.
@@ -40,222 +40,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
-import platform
 import secrets
 import shutil
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from ._version import __version__
-from .errors import ArtifactError, one_of
+from .. import lineage
+from .card import (CARD_NAME, FORMAT_VERSION, SEAL, WEIGHT_SUFFIXES, build_card, card_summary, seal,
+                   sparsity_summary)
+from .._version import __version__
+from ..errors import ArtifactError, SecateurError, one_of
+
+if TYPE_CHECKING:
+    from ..models.arch import ArchFacts
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-CARD_NAME = "compression.json"
 _CHUNK = 1 << 20
-
-
-# --- the card ---------------------------------------------------------------------------------
-
-def _jsonable(value: Any, where: str = "card") -> Any:
-    """A strict-JSON copy of ``value``: tuples become lists, tensors and numpy scalars plain numbers,
-    non-finite floats null (strict JSON has no NaN/Infinity)."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(items)]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if hasattr(value, "to_dict") and callable(value.to_dict):
-        return _jsonable(value.to_dict(), where)
-    if is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(asdict(value), where)
-    if hasattr(value, "tolist") and callable(value.tolist):  # torch tensors, numpy arrays and scalars
-        return _jsonable(value.tolist(), where)
-    log.warning("%s: %s is not JSON-serialisable; storing its str()", where, type(value).__name__)
-    return str(value)
-
-
-def _resolve_recipe(recipe: Any, history: list[dict[str, Any]]) -> dict[str, Any]:
-    if recipe is None:
-        return {"steps": [entry.get("step") for entry in history]}
-    if isinstance(recipe, dict):
-        return recipe
-    if getattr(recipe, "method", None) and hasattr(recipe, "to_dict"):  # a single step config
-        return {"steps": [recipe.to_dict()]}
-    if hasattr(recipe, "to_dict"):
-        return recipe.to_dict()
-    if isinstance(recipe, (list, tuple)):
-        return {"steps": [s.to_dict() if hasattr(s, "to_dict") else s for s in recipe]}
-    raise ArtifactError(f"recipe: expected a Recipe, a step config, a list of steps or a dict, "
-                        f"got {type(recipe).__name__}")
-
-
-def _base_model(model: Any) -> dict[str, Any] | None:
-    source = getattr(model, "secateur_source", None)
-    if not isinstance(source, dict):
-        return None
-    base = {key: source.get(key) for key in ("name", "path", "weights_sha256", "model_type")}
-    if "card" in source:  # the model was itself loaded from an artifact: keep the lineage
-        base["is_artifact"] = True
-        base["origin"] = source.get("base_model")
-    return base
-
-
-def _data_fingerprints(history: list[dict[str, Any]]) -> list[Any]:
-    seen: dict[str, Any] = {}
-    for entry in history:
-        fingerprint = entry.get("data_fingerprint")
-        if fingerprint is not None:
-            seen.setdefault(json.dumps(_jsonable(fingerprint), sort_keys=True), fingerprint)
-    return list(seen.values())
-
-
-def _environment() -> dict[str, Any]:
-    import safetensors
-    import torch
-    import transformers
-
-    try:
-        import tokenizers
-        tokenizers_version = tokenizers.__version__
-    except ImportError:  # pragma: no cover - transformers depends on it
-        tokenizers_version = None
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "safetensors": safetensors.__version__,
-            "tokenizers": tokenizers_version, "cuda": torch.version.cuda, "platform": platform.platform(),
-            "machine": platform.machine(), "torch_threads": torch.get_num_threads()}
-
-
-def sparsity_summary(model: Any) -> dict[str, Any]:
-    """Zeros over the 2-D weights of Linear and Conv1D modules (shared weights counted once),
-    overall and inside the transformer blocks only, and the unique parameter count."""
-    from .models.layers import is_projection
-
-    prefix = None
-    try:
-        from .models.arch import arch_of
-
-        facts = arch_of(model, strict=False)
-        if facts is not None:
-            prefix = facts.arch.block_prefix(model) + "."
-    except Exception as exc:  # the summary must never stop a save
-        log.debug("no block prefix for the sparsity summary: %s", exc)
-    seen: set[int] = set()
-    zeros = total = block_zeros = block_total = 0
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not is_projection(module):
-            continue
-        if id(weight) in seen:
-            continue
-        seen.add(id(weight))
-        n, z = weight.numel(), int((weight.detach() == 0).sum().item())
-        zeros, total = zeros + z, total + n
-        if prefix is not None and name.startswith(prefix):
-            block_zeros, block_total = block_zeros + z, block_total + n
-    from .models.arch import count_parameters
-
-    parameters = count_parameters(model)
-    return {"fraction": round(zeros / total, 6) if total else 0.0, "zeros": zeros, "weights": total,
-            "block_fraction": round(block_zeros / block_total, 6) if block_total else None,
-            "parameters": parameters}
-
-
-def _layout(model: Any) -> dict[str, Any] | None:
-    """Per-module shapes the config cannot describe (structured pruning with ``uniform: false``, or
-    heads/width removed from a family whose config derives head_dim); None for ordinary models."""
-    from .models.arch import arch_of
-
-    if arch_of(model, strict=False) is None:
-        return None
-    from .prune.structure import layout
-    from .quant.formats import dense_view, has_quantized
-
-    if has_quantized(model):  # QuantLinear holds integers, not a weight: shapes from an nn.Linear stand-in
-        with dense_view(model):
-            return layout(model)
-    return layout(model)
-
-
-def build_card(model: Any, *, recipe: Any = None, metrics: dict[str, Any] | None = None,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The card for ``model`` without its ``files`` and ``weights_sha256`` (filled in by :func:`save`)."""
-    history = list(getattr(model, "secateur_history", None) or [])
-    config = getattr(model, "config", None)
-    dtype = getattr(model, "dtype", None)
-    card = {
-        "format_version": FORMAT_VERSION,
-        "secateur_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "base_model": _base_model(model),
-        "model": {"model_type": getattr(config, "model_type", None), "class": type(model).__name__,
-                  "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None},
-        "recipe": _resolve_recipe(recipe, history),
-        "history": history,
-        "data_fingerprints": _data_fingerprints(history),
-        "metrics": metrics or {},
-        "sparsity": sparsity_summary(model),
-        "layout": _layout(model),
-        "environment": _environment(),
-        "extra": extra or {},
-    }
-    return _jsonable(card)
-
-
-def _storage_name(card: dict[str, Any]) -> str:
-    """How the weights are stored, in words: ``dense``, ``bitmask-v1``, or the compressed-tensors
-    format with its bits and group sizes (``compressed-tensors pack-quantized, 4-bit, group 128``)."""
-    storage = (card.get("storage") or {}).get("format", "dense")
-    quant = card.get("quantization") or {}
-    if not quant.get("layers"):
-        return storage
-    layers = quant["layers"].values()
-    bits = sorted({int(layer.get("bits", 0)) for layer in layers})
-    groups = sorted({f"group {layer['group_size']}" if layer.get("group_size") else "per channel" for layer in layers})
-    activations = sorted({str(layer["activations"]) for layer in layers if layer.get("activations")})
-    parts = [f"{quant.get('format', 'compressed-tensors')} {quant.get('compression_format') or ''}".strip(),
-             "/".join(f"{b}-bit" for b in bits), ", ".join(groups)]
-    if activations:
-        parts.append(f"{'/'.join(activations)} activations")
-    return ", ".join(parts) + ("" if storage == "dense" else f" + {storage}")
-
-
-def card_summary(card: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers of a card, flat, for tables."""
-    files = card.get("files") or {}
-    sparsity = card.get("sparsity") or {}
-    history = card.get("history") or []
-    steps = [(entry.get("step") or {}).get("method") for entry in history]
-    if not steps:
-        steps = [(step or {}).get("method") for step in (card.get("recipe") or {}).get("steps") or []]
-    base = card.get("base_model") or {}
-    return {
-        "base_model": base.get("name"),
-        "model_type": (card.get("model") or {}).get("model_type") or base.get("model_type"),
-        "steps": steps,
-        "parameters": sparsity.get("parameters"),
-        "sparsity": sparsity.get("fraction"),
-        "block_sparsity": sparsity.get("block_fraction"),
-        "weights_bytes": sum(int(e.get("bytes", 0)) for n, e in files.items() if n.endswith(".safetensors")),
-        "total_bytes": sum(int(e.get("bytes", 0)) for e in files.values()),
-        "storage": _storage_name(card),
-        "storage_ratio": (card.get("storage") or {}).get("ratio", 1.0),
-        "seconds": round(sum(float(entry.get("seconds") or 0.0) for entry in history), 3),
-        "created": card.get("created"),
-        "secateur_version": card.get("secateur_version"),
-    }
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -328,7 +132,7 @@ def _save_settings(model: Any) -> Iterator[None]:
     untied them, and a config still saying "tied" would make loaders tie them back."""
     from transformers.utils import logging as hf_logging
 
-    from .settings import show_progress
+    from ..settings import show_progress
 
     bar_was_on = hf_logging.is_progress_bar_enabled()
     if not show_progress():
@@ -381,24 +185,15 @@ def _install(tmp: Path, target: Path) -> None:
 
 def _sparse_candidates(model: Any) -> set[str]:
     """State-dict names of the 2-D Linear and Conv1D weights: the ones compressed storage may take."""
-    from .models.layers import is_projection
+    from ..models.layers import is_projection
 
     return {f"{name}.weight" for name, module in model.named_modules() if is_projection(module)}
 
 
-SEAL = "card_sha256"  # a digest over the rest of the card, so that an edited card is noticed
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack")
-
-
-def _seal(card: dict[str, Any]) -> str:
-    """sha256 of the card's canonical JSON (sorted keys, no spaces), the seal itself left out."""
-    body = {k: v for k, v in card.items() if k != SEAL}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False,
-                                     ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def _write_card(tmp: Path, card: dict[str, Any]) -> None:
-    card[SEAL] = _seal(card)
+    card[SEAL] = seal(card)
     with open(tmp / CARD_NAME, "w", encoding="utf-8") as fh:
         json.dump(card, fh, indent=2, allow_nan=False)
         fh.write("\n")
@@ -456,29 +251,29 @@ def save(model: Any, directory: str | os.PathLike, *, tokenizer: Any = None, rec
     """Write ``model`` (and ``tokenizer``) as an artifact at ``directory``; return its path.
 
     ``recipe`` is a Recipe (anything with ``to_dict``), a step config, a list of steps or a dict;
-    without it the recipe is rebuilt from ``model.secateur_history``. ``metrics`` is free-form
+    without it the recipe is rebuilt from the model's lineage (:mod:`secateur.lineage`). ``metrics`` is free-form
     (conventionally ``{"before": {...}, "after": {...}}``) and ``extra`` is stored as is.
     ``sparse`` chooses how sparse weights are stored: ``"none"`` (the default) writes plain
     safetensors that stock transformers loads; ``"auto"`` compresses the 2-D Linear/Conv1D weights
-    with at least ``sparse_format.MIN_ZEROS`` (30%) zeros, ``"bitmask"`` all of them, which only
+    with at least ``bitmask.MIN_ZEROS`` (30%) zeros, ``"bitmask"`` all of them, which only
     :func:`secateur.load` reads (:func:`export_dense` converts back).
     """
-    from . import sparse_format
-    from .quant import formats
+    from . import bitmask
+    from . import compressed_tensors
 
-    if sparse not in sparse_format.MODES:
-        raise ArtifactError(f"sparse={sparse!r} is not a storage mode; valid modes: {one_of(sparse_format.MODES)}")
+    if sparse not in bitmask.MODES:
+        raise ArtifactError(f"sparse={sparse!r} is not a storage mode; valid modes: {one_of(bitmask.MODES)}")
     target = Path(directory).expanduser().absolute()
     _check_saveable(model)
     _check_target(target)
     card = build_card(model, recipe=recipe, metrics=metrics, extra=extra)  # fails before any write
-    quantized = formats.has_quantized(model)
+    quantized = compressed_tensors.has_quantized(model)
     if quantized:
-        formats.check(model)  # fails (compressed-tensors missing, an unsupported scheme) before any write
+        compressed_tensors.check(model)  # fails (compressed-tensors missing, an unsupported scheme) before any write
     with _staging(target, card) as tmp:
         with _save_settings(model):
             if quantized:  # QuantLinear modules: the compressed-tensors layout stock transformers and vLLM load
-                formats.write(model, tmp, safe_serialization=True)
+                compressed_tensors.write(model, tmp, safe_serialization=True)
             else:
                 model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -490,9 +285,9 @@ def save(model: Any, directory: str | os.PathLike, *, tokenizer: Any = None, rec
             found = ", ".join(stray) if stray else "no weights"
             raise ArtifactError(f"save_pretrained did not write safetensors weights only (got {found}); "
                                 "secateur artifacts never contain pickles")
-        card["storage"] = sparse_format.compress_files(tmp, _sparse_candidates(model), sparse)
+        card["storage"] = bitmask.compress_files(tmp, _sparse_candidates(model), sparse)
         if quantized:
-            card["quantization"] = formats.describe(model, tmp)
+            card["quantization"] = compressed_tensors.describe(model, tmp)
     log.info("saved artifact %s (%d files, %d bytes of weights)", target, len(card["files"]),
              card_summary(card)["weights_bytes"])
     return target
@@ -556,11 +351,11 @@ def verify(directory: str | os.PathLike) -> dict[str, Any]:
         if got != entry["sha256"]:
             raise ArtifactError(f"{damaged} {name} sha256 mismatch (expected {entry['sha256'][:12]}…, "
                                 f"got {got[:12]}…); re-create it")
-    seal = card.get(SEAL)
-    if seal is None:
+    recorded = card.get(SEAL)
+    if recorded is None:
         log.warning("artifact %s has an unsealed card (written before cards were sealed); its content is "
                     "not checked", directory)
-    elif seal != _seal(card):
+    elif recorded != seal(card):
         raise ArtifactError(f"{damaged} {CARD_NAME} was edited after it was written (its {SEAL} does not match "
                             "its content); re-create it")
     unlisted = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES
@@ -597,10 +392,10 @@ def materialize_dense(directory: str | os.PathLike) -> dict[str, Any]:
     """The dense state dict of the model directory or artifact at ``directory`` (compressed
     weights decoded exactly, negative zeros as ``+0.0``; plain checkpoints read as they are).
     Does not verify hashes."""
-    from . import sparse_format
+    from . import bitmask
 
     try:
-        return sparse_format.read_dense(directory)
+        return bitmask.read_dense(directory)
     except ValueError as exc:
         raise ArtifactError(f"artifact {directory} is damaged: {exc}; re-create it") from None
 
@@ -613,19 +408,19 @@ def load_pretrained(auto: Any, directory: str | os.PathLike, **kwargs: Any) -> A
     and handed to the model class with the directory's config and generation config. A
     compressed-tensors checkpoint (``quantization_config.quant_method == "compressed-tensors"``)
     is built with :class:`~secateur.runtime.linear.QuantLinear` modules holding its integers
-    (:func:`secateur.quant.formats.read`).
+    (:func:`secateur.artifacts.compressed_tensors.read`).
     """
-    from . import sparse_format
-    from .quant import formats
+    from . import bitmask
+    from . import compressed_tensors
 
     path = Path(directory)
     try:
-        compressed = sparse_format.is_sparse(path)
+        compressed = bitmask.is_sparse(path)
     except ValueError as exc:
         raise ArtifactError(str(exc)) from None
     card_file = path / CARD_NAME
     recorded = json.loads(card_file.read_text(encoding="utf-8")).get("layout") if card_file.is_file() else None
-    quantized = formats.quantization_config_of(path) is not None
+    quantized = compressed_tensors.quantization_config_of(path) is not None
     if not compressed and not recorded and not quantized:
         return auto.from_pretrained(path, **kwargs)
     from transformers import AutoConfig, GenerationConfig
@@ -635,10 +430,10 @@ def load_pretrained(auto: Any, directory: str | os.PathLike, **kwargs: Any) -> A
     mapping = getattr(auto, "_model_mapping", None)  # Auto classes map a config type to a model class
     model_class = mapping[type(config)] if mapping is not None else auto
     if quantized:  # compressed-tensors integers: QuantLinear modules, without transformers' quantizer
-        model = formats.read(model_class, path, config, kwargs.get("dtype"), state=materialize_dense(path),
+        model = compressed_tensors.read(model_class, path, config, kwargs.get("dtype"), state=materialize_dense(path),
                              layout=recorded)
     elif recorded:  # per-module shapes the config cannot describe: rebuild them, then load the weights
-        from .prune.structure import rebuild
+        from ..models.structure import rebuild
 
         model = rebuild(model_class, config, recorded, materialize_dense(path), kwargs.get("dtype"))
         model.name_or_path = str(path)
@@ -658,7 +453,7 @@ def export_dense(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
     ``weights_sha256`` and ``storage`` rewritten, and ``storage.exported_from`` naming the source),
     written atomically like :func:`save`. A dense source is copied as it is.
     """
-    from . import sparse_format
+    from . import bitmask
 
     card = verify(artifact_dir)
     source = Path(artifact_dir).expanduser().absolute()
@@ -672,22 +467,102 @@ def export_dense(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
             dst.parent.mkdir(parents=True, exist_ok=True)
             if src.parent == source and src.suffix == ".safetensors":
                 try:
-                    sparse_format.write_dense_copy(src, dst)
+                    bitmask.write_dense_copy(src, dst)
                 except ValueError as exc:
                     raise ArtifactError(f"artifact {artifact_dir} is damaged: {exc}; re-create it") from None
-            elif name == sparse_format.INDEX_NAME:
-                index = sparse_format.dense_index(json.loads(src.read_text(encoding="utf-8")))
+            elif name == bitmask.INDEX_NAME:
+                index = bitmask.dense_index(json.loads(src.read_text(encoding="utf-8")))
                 dst.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
             else:
                 shutil.copyfile(src, dst)
-        weights = sum(p.stat().st_size for p in sparse_format.weight_files(tmp))
+        weights = sum(p.stat().st_size for p in bitmask.weight_files(tmp))
         old_storage = card.get("storage") or {}
-        card["storage"] = sparse_format.storage_entry("dense", 0, weights, weights, exported_from={
+        card["storage"] = bitmask.storage_entry("dense", 0, weights, weights, exported_from={
             "path": str(source), "format": old_storage.get("format", "dense"),
             "weights_sha256": card.get("weights_sha256")})
     log.info("exported %s with dense weights to %s", source, target)
     return target
 
 
+
+
+
+# --- loading ------------------------------------------------------------------------------------
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    arch: ArchFacts
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.tokenizer, self.arch))
+
+
+def weights_hash(directory: str | os.PathLike) -> str:
+    """sha256 over the safetensors files of a model directory, in name order."""
+    digest = hashlib.sha256()
+    files = sorted(Path(directory).glob("*.safetensors"))
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load(name_or_path: str | os.PathLike, *, dtype: Any = None) -> Loaded:
+    """Load a supported Hugging Face model with its tokenizer and architecture facts: a local
+    directory, a secateur artifact (verified against its card first: hashes, seal, stray weight
+    files) or a hub id served from the local cache. Nothing is ever unpickled."""
+    import torch
+
+    from ..models import resolve
+    from ..models.arch import ARCHS, arch_of
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(str(name_or_path))
+    card = None
+    if (path / "compression.json").exists():
+        card = verify(path)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in ARCHS:
+        raise SecateurError(f"unsupported architecture '{config.model_type}' in '{name_or_path}'; "
+                            f"supported model types: {one_of(ARCHS)}")
+    kind = ARCHS[config.model_type].kind
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModel
+    if not list(path.glob("*.safetensors")):
+        raise SecateurError(f"'{name_or_path}' has no .safetensors weights; secateur never unpickles .bin files "
+                            "(convert them with transformers' save_pretrained(safe_serialization=True))")
+    from transformers.utils import logging as hf_logging
+
+    from ..settings import show_progress
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not show_progress():
+        hf_logging.disable_progress_bar()
+    try:
+        model = load_pretrained(auto, path, dtype=dtype or torch.float32, use_safetensors=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("no tokenizer in %s: %s", path, exc)
+        tokenizer = None
+    info = {"name": str(name_or_path), "path": str(path), "weights_sha256": weights_hash(path),
+            "model_type": config.model_type}
+    if card is not None:
+        info["card"] = card
+        info["base_model"] = card.get("base_model")
+    lineage.set_(model, lineage.Lineage(
+        lineage.Base(info["name"], info["path"], info["weights_sha256"], config.model_type, artifact=card is not None,
+                     origin=card.get("base_model") if card is not None else None),
+        parent=lineage.Lineage.from_card(card) if card is not None else None))
+    return Loaded(model, tokenizer, arch_of(model), info)
+
+
 __all__ = ["FORMAT_VERSION", "save", "verify", "card_summary", "build_card", "sparsity_summary",
-           "materialize_dense", "load_pretrained", "export_dense"]
+           "materialize_dense", "load_pretrained", "export_dense", "Loaded", "load", "weights_hash"]
