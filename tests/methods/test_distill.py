@@ -349,7 +349,7 @@ def test_distill_step_reads_sources_through_the_tokenizer_and_generates(tmp_path
 
 
 def test_teacher_samples_are_cached_in_the_generation_dir_and_read_back(tmp_path, monkeypatch):
-    import secateur.distill.distill as distill
+    import secateur.distill.run as distill
 
     model, tok = tiny_model("llama", seed=3, with_tokenizer=True)
     teacher = tiny_model("llama", seed=4)
@@ -390,7 +390,7 @@ def test_generated_text_is_cut_into_paragraphs_like_a_data_source(stories_dir):
 
 
 def test_a_distill_step_trains_on_generated_paragraphs_when_asked():
-    import secateur.distill.distill as distill
+    import secateur.distill.run as distill
     from secateur.distill.data import as_paragraphs
 
     model, tok = tiny_model("llama", seed=3, with_tokenizer=True)
@@ -406,7 +406,7 @@ def test_a_distill_step_trains_on_generated_paragraphs_when_asked():
 
 
 def test_the_steps_of_a_recipe_sample_a_loaded_teacher_once(tmp_path, monkeypatch):
-    import secateur.distill.distill as distill
+    import secateur.distill.run as distill
 
     calls, real = [], distill.generate
 

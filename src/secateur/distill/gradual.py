@@ -353,7 +353,7 @@ class GradualConfig(TargetedConfig, TrainingConfig):
 
 def apply(model: nn.Module, config: GradualConfig, ctx: Any) -> dict[str, Any]:
     from ..targets import select_modules
-    from .distill import run_training
+    from .run import run_training
 
     modules = select_modules(model, config.targets, config.ignore)
     pruner = GradualPruner(modules, config.sparsity, config.steps, start=config.start, end=config.end,

@@ -19,7 +19,7 @@ import torch.nn as nn
 from ..api import register
 from ..config import param
 from ..quant.common import WeightQuantConfig
-from .distill import run_training
+from .run import run_training
 from .train import TrainingConfig
 
 

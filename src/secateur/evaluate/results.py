@@ -48,7 +48,7 @@ def environment(model: Any) -> dict[str, Any]:
     import torch
     import transformers
 
-    from .. import __version__
+    from .._version import __version__
     from ..runtime import describe, dispatch, machine
 
     param = next(model.parameters(), None)

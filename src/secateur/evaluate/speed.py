@@ -7,7 +7,7 @@ For a causal LM the prefill is the forward over the prompt that yields the first
 ``generate``, only the last position's logits are computed (``logits_to_keep=1`` where the model
 accepts it), so the head over the whole vocabulary runs once, not once per prompt token.
 
-Decode (causal LMs): a manual greedy loop with the KV cache (``past_key_values``), batch 1. The
+Decode (causal LMs): a manual greedy loop with the KV cache (transformers' ``cache``), batch 1. The
 prefill, which yields the first new token, is timed apart; then ``new_tokens`` single-token steps
 are timed, each producing one more token, and tokens/s = ``new_tokens`` / their total time
 (median over ``DECODE_RUNS`` measured runs after one warm-up run). The loop produces the same
@@ -31,7 +31,7 @@ from .. import lineage
 from ..data import fingerprint
 from ..errors import SecateurError
 from ..models.arch import arch_of
-from ..runtime import sync
+from ..runtime import cache_argument, output_cache, sync
 from .perplexity import context_length
 from .results import EvalResult, environment
 
@@ -60,14 +60,15 @@ def greedy_decode(model: Any, prompt: Any, new_tokens: int) -> tuple[Any, float,
         token = out.logits[:, -1:].argmax(dim=-1)
         sync(device)
         prefill = time.perf_counter() - start
-        past, tokens, steps = out.past_key_values, [token], []
+        name = cache_argument(model)
+        past, tokens, steps = output_cache(out), [token], []
         for _ in range(new_tokens):
             start = time.perf_counter()
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            out = model(input_ids=token, use_cache=True, **{name: past})
             token = out.logits[:, -1:].argmax(dim=-1)
             sync(device)
             steps.append(time.perf_counter() - start)
-            past = out.past_key_values
+            past = output_cache(out)
             tokens.append(token)
     return torch.cat(tokens, dim=1), prefill, steps
 
@@ -223,7 +224,7 @@ def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int 
         "new_tokens": new_tokens if causal else None, "warmup": warmup, "runs": runs,
         "prefill_logits": ("last position only (logits_to_keep=1)" if causal and _last_logits(model) else
                            "every position" if causal else None),
-        "decode": (f"manual greedy loop with past_key_values, batch 1, {DECODE_RUNS} runs after 1 warm-up; "
+        "decode": (f"manual greedy loop with the KV cache, batch 1, {DECODE_RUNS} runs after 1 warm-up; "
                    "tokens/s = new_tokens / time of the new_tokens single-token steps, prefill excluded")
         if causal and new_tokens > 0 else None,
         "disk_path": str(source_path) if source_path else None,

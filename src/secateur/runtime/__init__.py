@@ -44,4 +44,19 @@ def sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["optimize_", "describe", "sync"]
+def cache_argument(model: Any) -> str:
+    """The name under which ``model``'s forward takes its KV cache: ``cache`` since transformers
+    5.x (``past_key_values`` is deprecated there and removed in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    forward = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in forward else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+__all__ = ["optimize_", "describe", "sync", "cache_argument", "output_cache"]

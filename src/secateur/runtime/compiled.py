@@ -51,6 +51,7 @@ class CompiledLM:
         import torch
         from transformers import StaticCache
 
+        from . import cache_argument
         from .linear import QuantLinear
         from .siblings import link_siblings
         from .decode_attention import use_decode_attention
@@ -64,6 +65,7 @@ class CompiledLM:
         use_decode_attention(model, max_len)  # decode steps read only the filled part of the static cache
         self.model, self.max_len, self.freezing = model.eval(), max_len, freezing
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self._cache_name = cache_argument(model)
         # a private code object per instance: its graphs never serve another model, so the module
         # guards can go (tensor shapes, dtypes, the cache's structure and global state stay guarded)
         function = CompiledLM._logits
@@ -85,8 +87,8 @@ class CompiledLM:
             self._prepared.add(tokens)
 
     def _logits(self, ids: Any, position: Any) -> Any:
-        out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=position, use_cache=True,
-                         logits_to_keep=1)
+        out = self.model(input_ids=ids, cache_position=position, use_cache=True, logits_to_keep=1,
+                         **{self._cache_name: self.cache})
         return out.logits[:, -1]
 
     def __call__(self, ids: Any, start: int) -> Any:
