@@ -39,9 +39,12 @@ class ToyCalibratedConfig(StepConfig):
 def toy_methods(monkeypatch):
     if importlib.util.find_spec("secateur.prune.magnitude") is None:  # before the first real method lands
         monkeypatch.setattr(api, "_METHOD_MODULES", ())
-    api.register("toyprune", kind="prune")(ToyPruneConfig)
-    api.register("toyquant", kind="quantize")(ToyQuantConfig)
-    api.register("toycalib", kind="prune", needs_data=True)(ToyCalibratedConfig)
+    def untouched(model, config, ctx):
+        return {}
+
+    api.register("toyprune", ToyPruneConfig, kind="prune")(untouched)
+    api.register("toyquant", ToyQuantConfig, kind="quantize")(untouched)
+    api.register("toycalib", ToyCalibratedConfig, kind="prune", needs_data=True)(untouched)
     yield
     for name in ("toyprune", "toyquant", "toycalib"):
         api.METHODS.pop(name, None)

@@ -25,32 +25,31 @@ _EXPORTS = {
     "Recipe": "secateur.recipe",
     "StepConfig": "secateur.config",
     "SecateurError": "secateur.errors",
-    "MagnitudeConfig": "secateur.prune.magnitude",
-    "WandaConfig": "secateur.prune.wanda",
-    "SparseGPTConfig": "secateur.prune.sparsegpt",
-    "StructuredConfig": "secateur.prune.structured",
-    "RTNConfig": "secateur.quant.rtn",
-    "GPTQConfig": "secateur.quant.gptq",
-    "AWQConfig": "secateur.quant.awq",
-    "SmoothQuantConfig": "secateur.quant.smoothquant",
-    "FP8Config": "secateur.quant.fp8",
-    "MixedPrecisionConfig": "secateur.quant.mixed",
-    "DistillConfig": "secateur.distill.distill",
-    "QATConfig": "secateur.distill.qat",
-    "GradualConfig": "secateur.distill.gradual",
     "fuse_encoder": "secateur.runtime.fused_encoder",
+    "optimize_": "secateur.runtime",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+
+def _configs() -> dict[str, Any]:
+    """Every method's config class by name (MagnitudeConfig, GPTQConfig, …), from the one method table."""
+    from .api import methods
+
+    return {spec.config.__name__: spec.config for spec in methods().values()}
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name == "__all__":
+        return ["__version__", *_EXPORTS, *_configs()]
+    if name.endswith("Config") and name != "StepConfig":
+        configs = _configs()
+        if name in configs:
+            return configs[name]
     if name in ("testing",):
         return importlib.import_module(f"secateur.{name}")
     raise AttributeError(f"module 'secateur' has no attribute '{name}'")
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
+    return sorted(["__version__", *_EXPORTS, *_configs()])

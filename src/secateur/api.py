@@ -49,32 +49,27 @@ _METHOD_MODULES = ("secateur.prune.magnitude", "secateur.prune.wanda", "secateur
                    "secateur.distill.distill", "secateur.distill.qat", "secateur.distill.gradual")
 
 
-def register(name: str, *, kind: str, needs_data: bool = False, paper: str = "", trains: bool = False,
-             uses: str = "") -> Callable:
-    """Class decorator for a step config; ``apply`` is the config's module-level function.
+def register(name: str, config: type[StepConfig], *, kind: str, needs_data: bool = False, paper: str = "",
+             trains: bool = False, uses: str = "") -> Callable:
+    """Decorator for a method's ``apply``: puts the callable itself and its config class in the table
+    (and names the config's ``method``). Usage, at the bottom of the method's own file::
 
-    Usage, in the method's own file::
-
-        @register("magnitude", kind="prune", paper="Han et al. 2015")
         @dataclass(frozen=True)
         class MagnitudeConfig(TargetedConfig): ...
 
-        def apply(model, config, ctx) -> dict: ...   # found by name in the same module
+        @register("magnitude", MagnitudeConfig, kind="prune", paper="Han et al. 2015")
+        def apply(model, config, ctx) -> dict: ...
     """
+    if name in METHODS and METHODS[name].config is not config:
+        raise SecateurError(f"method '{name}' is registered twice ({METHODS[name].config.__name__} and "
+                            f"{config.__name__})")
 
-    def decorate(cls: type[StepConfig]) -> type[StepConfig]:
-        cls.method = name
-        METHODS[name] = Method(name, cls, _module_apply(cls.__module__), kind, needs_data, paper, trains, uses)
-        return cls
+    def decorate(apply: Callable[..., dict[str, Any] | None]) -> Callable[..., dict[str, Any] | None]:
+        config.method = name
+        METHODS[name] = Method(name, config, apply, kind, needs_data, paper, trains, uses)
+        return apply
 
     return decorate
-
-
-def _module_apply(module_name: str) -> Callable:
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return importlib.import_module(module_name).apply(*args, **kwargs)
-
-    return call
 
 
 def methods() -> dict[str, Method]:

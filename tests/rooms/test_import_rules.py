@@ -108,3 +108,21 @@ def test_no_circles_between_rooms():
             if a in rooms.get(b, set()) and {a, b} & (GROUND | {"models", "runtime", "artifacts", "evaluate", "data"}):
                 cycles.append(f"{a} <-> {b}")
     assert sorted(cycles) == []
+
+
+def test_the_method_table_holds_each_apply_itself_and_the_exports_derive_from_it():
+    """One table: each entry is the method file's own apply (no trampoline by module name), its file
+    is named after it, and secateur.<Name>Config is that table's config class."""
+    import importlib
+
+    import secateur
+    from secateur.api import methods
+
+    table = methods()
+    assert len(table) == 13
+    for name, spec in table.items():
+        module = importlib.import_module(spec.apply.__module__)
+        assert module.apply is spec.apply and module.__name__.rsplit(".", 1)[-1] == name
+        assert getattr(secateur, spec.config.__name__) is spec.config and spec.config.method == name
+    assert {n for n in secateur.__all__ if n.endswith("Config") and n != "StepConfig"} == \
+        {s.config.__name__ for s in table.values()}

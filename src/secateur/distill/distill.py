@@ -29,16 +29,16 @@ from .train import TrainingConfig
 log = logging.getLogger(__name__)
 
 
-@register("distill", kind="distill",
-          uses="training text (its data: field) or the recipe's calibration windows",
-          trains=True,
-          paper="Hinton et al. 2015; DistilBERT arXiv:1910.01108; TinyBERT arXiv:1909.10351")
 @dataclass(frozen=True)
 class DistillConfig(TrainingConfig):
     """Train the model to imitate a teacher (KL on logits, hidden states, sentence embeddings)."""
 
 
-# --- the glue every training step shares -----------------------------------------------------------
+# --- the method (the shared training step is run.py) ---------------------------------------------
+@register("distill", DistillConfig, kind="distill",
+          uses="training text (its data: field) or the recipe's calibration windows",
+          trains=True,
+          paper="Hinton et al. 2015; DistilBERT arXiv:1910.01108; TinyBERT arXiv:1909.10351")
 def apply(model: nn.Module, config: DistillConfig, ctx: Any) -> dict[str, Any]:
     from ..quant.common import replace
     from ..quant.fakequant import FakeQuantLinear, convert_qat

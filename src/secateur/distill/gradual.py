@@ -327,9 +327,6 @@ def _check(modules: dict[str, nn.Module], sparsity: float, total_steps: int, sta
 
 
 # --- the registered step --------------------------------------------------------------------------
-@register("gradual", kind="prune",
-          uses="training text (its data: field) or the recipe's calibration windows",
-          trains=True, paper="Zhu & Gupta arXiv:1710.01878; Sanh et al. arXiv:2005.07683")
 @dataclass(frozen=True)
 class GradualConfig(TargetedConfig, TrainingConfig):
     """Prune while training: sparsity rises on a cubic schedule, the model recovers as it goes."""
@@ -351,6 +348,9 @@ class GradualConfig(TargetedConfig, TrainingConfig):
             raise ConfigError("end", f"got {self.end}, expected a fraction after start ({self.start})")
 
 
+@register("gradual", GradualConfig, kind="prune",
+          uses="training text (its data: field) or the recipe's calibration windows",
+          trains=True, paper="Zhu & Gupta arXiv:1710.01878; Sanh et al. arXiv:2005.07683")
 def apply(model: nn.Module, config: GradualConfig, ctx: Any) -> dict[str, Any]:
     from ..targets import select_modules
     from .run import run_training

@@ -23,10 +23,6 @@ from .run import run_training
 from .train import TrainingConfig
 
 
-@register("qat", kind="quantize",
-          uses="training text (its data: field) or the recipe's calibration windows",
-          trains=True, paper="Jacob et al. arXiv:1712.05877; LSQ arXiv:1902.08153; "
-          "LLM-QAT arXiv:2305.17888")
 @dataclass(frozen=True)
 class QATConfig(WeightQuantConfig, TrainingConfig):
     """Quantize the weights and train through the rounding, distilling from the full-precision model."""
@@ -40,6 +36,10 @@ class QATConfig(WeightQuantConfig, TrainingConfig):
         TrainingConfig.validate(self)
 
 
+@register("qat", QATConfig, kind="quantize",
+          uses="training text (its data: field) or the recipe's calibration windows",
+          trains=True, paper="Jacob et al. arXiv:1712.05877; LSQ arXiv:1902.08153; "
+          "LLM-QAT arXiv:2305.17888")
 def apply(model: nn.Module, config: QATConfig, ctx: Any) -> dict[str, Any]:
     from ..quant.common import summary
     from ..quant.fakequant import convert_qat, prepare_qat

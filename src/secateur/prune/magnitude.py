@@ -20,7 +20,6 @@ from .masks import (apply_mask, check_pattern, global_masks, matrix_mask, nm_mas
                     sparsity_of, weight_matrix)
 
 
-@register("magnitude", kind="prune", needs_data=False, paper="Han et al. 2015, arXiv:1506.02626")
 @dataclass(frozen=True)
 class MagnitudeConfig(TargetedConfig):
     """Zero the weights of smallest magnitude."""
@@ -47,6 +46,7 @@ def magnitude_masks(weights: list[torch.Tensor], config: MagnitudeConfig) -> lis
     return [mask_fn(s, config.sparsity) for s in scores]
 
 
+@register("magnitude", MagnitudeConfig, kind="prune", needs_data=False, paper="Han et al. 2015, arXiv:1506.02626")
 @torch.no_grad()
 def apply(model: torch.nn.Module, config: MagnitudeConfig, ctx: Any = None) -> dict[str, Any]:
     modules = select_modules(model, config.targets, config.ignore)

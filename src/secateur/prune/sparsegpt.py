@@ -40,7 +40,6 @@ from .masks import (CalibratedPruneConfig, n_pruned, nm_mask, parse_pattern, rec
                     weight_matrix)
 
 
-@register("sparsegpt", kind="prune", needs_data=True, paper="Frantar & Alistarh 2023, arXiv:2301.00774")
 @dataclass(frozen=True)
 class SparseGPTConfig(CalibratedPruneConfig):
     """Prune with OBS reconstruction of the remaining weights, block by block.
@@ -147,5 +146,6 @@ class _SparseGPT:
         return {"relative_error": error, "error_tokens": stat.tokens}
 
 
+@register("sparsegpt", SparseGPTConfig, kind="prune", needs_data=True, paper="Frantar & Alistarh 2023, arXiv:2301.00774")
 def apply(model: torch.nn.Module, config: SparseGPTConfig, ctx: Any) -> dict[str, Any]:
     return calibrated.run(model, config, ctx, lambda sparsities: _SparseGPT(config, sparsities))

@@ -37,9 +37,6 @@ from . import importance
 log = logging.getLogger(__name__)
 
 
-@register("structured", kind="prune",
-          uses="calibration windows for activation, Taylor or depth scores (magnitude needs none)",
-          needs_data=False, paper="Minitron arXiv:2407.14679; ShortGPT arXiv:2403.03853")
 @dataclass(frozen=True)
 class StructuredConfig(StepConfig):
     """Remove attention heads, MLP channels, whole blocks and hidden width."""
@@ -250,6 +247,9 @@ def _generic(model: torch.nn.Module, config: StructuredConfig, ctx: Any) -> dict
                           round_to=config.round_to, norm=config.norm)
 
 
+@register("structured", StructuredConfig, kind="prune",
+          uses="calibration windows for activation, Taylor or depth scores (magnitude needs none)",
+          needs_data=False, paper="Minitron arXiv:2407.14679; ShortGPT arXiv:2403.03853")
 def apply(model: torch.nn.Module, config: StructuredConfig, ctx: Any) -> dict[str, Any]:
     from ..models.arch import arch_of
 

@@ -29,7 +29,6 @@ from ..models.layers import weight_matrix
 from .masks import CalibratedPruneConfig, apply_mask, nm_mask, parse_pattern, row_mask
 
 
-@register("wanda", kind="prune", needs_data=True, paper="Sun et al. 2023, arXiv:2306.11695")
 @dataclass(frozen=True)
 class WandaConfig(CalibratedPruneConfig):
     """Remove the weights of lowest |W|·||x|| in every output row.
@@ -82,5 +81,6 @@ class _Wanda:
         return {}
 
 
+@register("wanda", WandaConfig, kind="prune", needs_data=True, paper="Sun et al. 2023, arXiv:2306.11695")
 def apply(model: torch.nn.Module, config: WandaConfig, ctx: Any) -> dict[str, Any]:
     return calibrated.run(model, config, ctx, lambda sparsities: _Wanda(config, sparsities))

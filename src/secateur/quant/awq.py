@@ -29,7 +29,6 @@ from .common import WeightQuantConfig, fold_scales, run_calibrated, scheme_for, 
 from .primitives import Scheme, _grouped, dequantize, minmax_params, params_from_range, qrange, quantize
 
 
-@register("awq", kind="quantize", needs_data=True, paper="Lin et al. 2024, arXiv:2306.00978")
 @dataclass(frozen=True)
 class AWQConfig(WeightQuantConfig, CalibratedConfig):
     """Scale salient input channels before rounding, then clip each weight's range."""
@@ -171,5 +170,6 @@ class _AWQ:
         return dict(self.records.get(name, {}), bits=scheme.bits, strategy=scheme.strategy)
 
 
+@register("awq", AWQConfig, kind="quantize", needs_data=True, paper="Lin et al. 2024, arXiv:2306.00978")
 def apply(model: torch.nn.Module, config: AWQConfig, ctx: Any) -> dict[str, Any]:
     return run_calibrated(model, config, ctx, lambda targets: _AWQ(model, targets, config))

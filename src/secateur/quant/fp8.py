@@ -33,7 +33,6 @@ from ..runtime.fp8_linear import FP8Linear
 from .primitives import dequantize_fp8, fp8_dtype, quantize_fp8
 
 
-@register("fp8", kind="quantize", needs_data=False, paper="Micikevicius et al. 2022, arXiv:2209.05433")
 @dataclass(frozen=True)
 class FP8Config(TargetedConfig):
     """Cast weights (and, dynamically per token, activations) to 8-bit floats with scales."""
@@ -43,6 +42,7 @@ class FP8Config(TargetedConfig):
     activations: Optional[Literal["fp8"]] = param("fp8", "fp8: dynamic per-token FP8 activations; None: weight-only")
 
 
+@register("fp8", FP8Config, kind="quantize", needs_data=False, paper="Micikevicius et al. 2022, arXiv:2209.05433")
 @torch.no_grad()
 def apply(model: nn.Module, config: FP8Config, ctx: Any = None) -> dict[str, Any]:
     fp8_dtype(config.format)

@@ -32,7 +32,6 @@ from .common import WeightQuantConfig, run_calibrated, scheme_for, stash
 from .primitives import Scheme, qrange, weight_params
 
 
-@register("gptq", kind="quantize", needs_data=True, paper="Frantar et al. 2023, arXiv:2210.17323")
 @dataclass(frozen=True)
 class GPTQConfig(WeightQuantConfig, CalibratedConfig):
     """Quantize weights column by column, compensating each column's error in the rest."""
@@ -142,5 +141,6 @@ class _GPTQ:
         return {"bits": scheme.bits, "strategy": scheme.strategy}
 
 
+@register("gptq", GPTQConfig, kind="quantize", needs_data=True, paper="Frantar et al. 2023, arXiv:2210.17323")
 def apply(model: torch.nn.Module, config: GPTQConfig, ctx: Any) -> dict[str, Any]:
     return run_calibrated(model, config, ctx, lambda targets: _GPTQ(config))

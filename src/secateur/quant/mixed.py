@@ -31,7 +31,6 @@ from .common import WeightQuantConfig, check_linear
 from .primitives import dequantize, quantize_weight, resolve_group
 
 
-@register("mixed", kind="quantize", needs_data=True, paper="sensitivity-driven bit allocation (HAWQ, arXiv:1905.03696)")
 @dataclass(frozen=True)
 class MixedPrecisionConfig(WeightQuantConfig, CalibratedConfig):
     """Per-layer bits from measured sensitivity under an average-bits or bytes budget."""
@@ -120,6 +119,7 @@ def _fields(config: Any) -> dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in fields(config)}
 
 
+@register("mixed", MixedPrecisionConfig, kind="quantize", needs_data=True, paper="sensitivity-driven bit allocation (HAWQ, arXiv:1905.03696)")
 def apply(model: torch.nn.Module, config: MixedPrecisionConfig, ctx: Any) -> dict[str, Any]:
     ids = calibration_ids(ctx, "mixed")
     targets = select_modules(model, config.targets, config.ignore)

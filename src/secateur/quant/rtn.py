@@ -20,12 +20,12 @@ from .common import WeightQuantConfig, check_linear, replace, scheme_for, summar
 from .primitives import dequantize, quantize_weight
 
 
-@register("rtn", kind="quantize", needs_data=False, paper="round-to-nearest baseline (e.g. Dettmers et al. 2022)")
 @dataclass(frozen=True)
 class RTNConfig(WeightQuantConfig):
     """Round every targeted weight to the nearest point of its integer grid."""
 
 
+@register("rtn", RTNConfig, kind="quantize", needs_data=False, paper="round-to-nearest baseline (e.g. Dettmers et al. 2022)")
 @torch.no_grad()
 def apply(model: torch.nn.Module, config: RTNConfig, ctx: Any = None) -> dict[str, Any]:
     modules = select_modules(model, config.targets, config.ignore)

@@ -27,7 +27,6 @@ from .common import WeightQuantConfig, fold_scales, run_calibrated, scheme_for, 
 from .primitives import quantize_weight
 
 
-@register("smoothquant", kind="quantize", needs_data=True, paper="Xiao et al. 2023, arXiv:2211.10438")
 @dataclass(frozen=True)
 class SmoothQuantConfig(WeightQuantConfig, CalibratedConfig):
     """Smooth activation outliers into the weights, then int8 weights and per-token int8 activations."""
@@ -79,6 +78,7 @@ class _SmoothQuant:
         return dict(self.records.get(name, {"smoothed": False}), bits=scheme.bits, strategy=scheme.strategy)
 
 
+@register("smoothquant", SmoothQuantConfig, kind="quantize", needs_data=True, paper="Xiao et al. 2023, arXiv:2211.10438")
 def apply(model: torch.nn.Module, config: SmoothQuantConfig, ctx: Any) -> dict[str, Any]:
     return {**run_calibrated(model, config, ctx, lambda targets: _SmoothQuant(model, targets, config)),
             "alpha": config.alpha}
