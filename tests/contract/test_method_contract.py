@@ -21,7 +21,7 @@ resume per pair.
 
 Capability gaps are named: one-pass methods skip the resume check with their reason, and W8A8
 checkpoints are held to the same weights (not identical logits) under stock transformers (see
-``W8A8_STOCK``). Known bugs are strict xfails on the one check they break (``KNOWN_BUGS``).
+``W8A8_STOCK``). Known bugs would be strict xfails on the one check they break (``KNOWN_BUGS``).
 """
 
 from __future__ import annotations
@@ -73,12 +73,9 @@ class UntouchedTargets(AssertionError):
     """The dry run lists a module that the real run leaves unchanged."""
 
 
-# Known bugs, each pinned by a strict xfail on the one check it breaks.
-POOLER = ("BERT's pooler.dense lies outside the transformer blocks, so the calibration loop never visits it: "
-          "{m} selects it (the dry run lists it, the result counts it among 'modules') but leaves it dense, "
-          "and reports 0.4706 sparsity for 0.5 (the calibrated quantizers round such modules to nearest "
-          "instead)")
-KNOWN_BUGS = {("wanda", "bert"): POOLER.format(m="wanda"), ("sparsegpt", "bert"): POOLER.format(m="sparsegpt")}
+# Known bugs, each pinned by a strict xfail on the one check it breaks (none today: the calibrated
+# pruners once left BERT's pooler.dense, outside the blocks the loop walks, dense — now magnitude-pruned).
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
 
 
 def grid():

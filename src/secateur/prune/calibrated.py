@@ -14,7 +14,7 @@ from ..calibrate import BlockMethod, ColumnNorms, Options, sequential
 from ..errors import ConfigError, SecateurError
 from ..targets import select_modules
 from ..models.layers import weight_matrix
-from .masks import outlier_ratio, owl_sparsities
+from .masks import apply_mask, nm_mask, outlier_ratio, owl_sparsities, parse_pattern, row_mask, sparsity_of
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,27 @@ def module_sparsities(model: nn.Module, targets: dict[str, nn.Module], config: A
     return sparsity
 
 
+@torch.no_grad()
+def _outside_blocks(model: nn.Module, targets: dict[str, nn.Module], sparsities: dict[str, float],
+                    config: Any) -> dict[str, Any]:
+    """Targets outside the transformer blocks (BERT's pooler) are never seen by the calibration
+    loop, which walks the blocks: they are pruned by magnitude |W| to their sparsity (or N:M
+    pattern), so that the step's sparsity holds for every module it selected."""
+    from ..models.arch import arch_of
+
+    prefix = arch_of(model).arch.block_prefix(model) + "."
+    done: dict[str, Any] = {}
+    for name, module in targets.items():
+        if name.startswith(prefix):
+            continue
+        scores = weight_matrix(module).detach().abs().float()
+        keep = nm_mask(scores, *parse_pattern(config.pattern)) if config.pattern else row_mask(scores, sparsities[name])
+        apply_mask(module, keep)
+        done[name] = {"sparsity": round(sparsity_of(weight_matrix(module)), 6), "calibrated": False}
+        log.info("%s is outside the transformer blocks: pruned by magnitude (no calibration)", name)
+    return done
+
+
 def run(model: nn.Module, config: Any, ctx: Any, make: Callable[[dict[str, float]], BlockMethod]) -> dict[str, Any]:
     """Select targets, resolve sparsities, run the loop with the method ``make(sparsities)``."""
     ids = calibration_ids(ctx, config.method)
@@ -105,8 +126,10 @@ def run(model: nn.Module, config: Any, ctx: Any, make: Callable[[dict[str, float
     sparsities = module_sparsities(model, targets, config, ids, ctx)
     result = sequential(model, ids, targets, make(sparsities), options_for(config, ctx),
                         description=config.method)
+    layers = dict(result.layers)
+    layers.update(_outside_blocks(model, targets, sparsities, config))
     total = sum(m.weight.numel() for m in targets.values())
     zeros = sum(int((m.weight == 0).sum()) for m in targets.values())
-    return {"modules": len(targets), "sparsity": round(zeros / max(total, 1), 6), "layers": result.layers,
+    return {"modules": len(targets), "sparsity": round(zeros / max(total, 1), 6), "layers": layers,
             "calibration": result.settings, "peak_rss_mib": round(result.peak_rss_mib, 1),
             "resumed_from_block": result.resumed_from, "loop_seconds": round(result.seconds, 3)}
