@@ -743,3 +743,13 @@ def test_fp8_tensor_strategy_with_unequal_rows_is_refused(tmp_path):
     with pytest.raises(SecateurError, match="strategy 'tensor' but its rows carry different scales"):
         secateur.save(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_a_quantized_model_with_the_config_s_shapes_records_no_layout(family, tmp_path):
+    """The card's layout lists only shapes the config cannot describe. Quantized GPT-2 once recorded
+    every Conv1D weight as [out, in] (its shape stand-in was an nn.Linear), as if it were resized."""
+    model = tiny_model(family)
+    secateur.compress_(model, secateur.RTNConfig(bits=4, group_size=16))
+    card = secateur.artifacts.verify(secateur.save(model, tmp_path / family))
+    assert card["layout"] is None

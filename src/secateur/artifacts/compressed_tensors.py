@@ -505,8 +505,11 @@ def describe(model: nn.Module, directory: str | os.PathLike | None = None) -> di
 
 @contextmanager
 def dense_view(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` with every QuantLinear temporarily swapped for an ``nn.Linear`` of its shape on
-    the meta device (no memory), for code that reads shapes from ``nn.Linear`` weights."""
+    """``model`` with every QuantLinear temporarily swapped for an empty projection of its shape, of
+    the class the family's config builds (``nn.Linear``, GPT-2's Conv1D), on the meta device (no
+    memory), for code that reads shapes from the weights."""
+    from ..models.layers import projection_like
+
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     try:
         for name, module in quantized_modules(model).items():
@@ -514,7 +517,7 @@ def dense_view(model: nn.Module) -> Iterator[nn.Module]:
             parent = model.get_submodule(parent_name) if parent_name else model
             out_features, in_features = _stored_weight(module).shape
             bias = isinstance(getattr(module, "bias", None), torch.Tensor)
-            stand_in = nn.Linear(in_features, out_features, bias=bias, device="meta")
+            stand_in = projection_like(model, in_features, out_features, bias)
             setattr(parent, child, stand_in)
             swapped.append((parent, child, module))
         yield model

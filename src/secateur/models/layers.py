@@ -67,10 +67,6 @@ def out_axis(module: Any) -> int:
     return 1 if is_transposed(module) else 0
 
 
-__all__ = ["PROJECTION_CLASSES", "TRANSPOSED_CLASSES", "CLASS_ALIASES", "is_transposed", "is_projection",
-           "weight_matrix", "stored", "out_features", "in_features", "out_axis", "set_features"]
-
-
 def set_features(module: Any, out: int | None = None, in_: int | None = None) -> None:
     """Update the size attributes a projection class keeps beside its weight after its weight was
     sliced or resized (``nn.Linear``: ``out_features`` / ``in_features``; Conv1D: ``nf`` / ``nx``)."""
@@ -78,3 +74,28 @@ def set_features(module: Any, out: int | None = None, in_: int | None = None) ->
     for name, value in zip(names, (out, in_)):
         if value is not None and hasattr(module, name):
             setattr(module, name, int(value))
+
+
+def projection_like(model: Any, in_features: int, out_features: int, bias: bool) -> Any:
+    """An empty projection of the class ``model``'s family uses (nn.Linear, or GPT-2's Conv1D with
+    its weight ``[in, out]``), on the meta device: a stand-in for code that reads shapes as the
+    family's config builds them."""
+    import torch
+    import torch.nn as nn
+
+    from .arch import arch_of
+
+    facts = arch_of(model, strict=False)
+    with torch.device("meta"):
+        if facts is not None and facts.arch.transposed and facts.arch.layer_class == "Conv1D":
+            from transformers.pytorch_utils import Conv1D
+
+            layer = Conv1D(out_features, in_features)
+            if not bias:
+                layer.bias = None
+            return layer
+        return nn.Linear(in_features, out_features, bias=bias)
+
+
+__all__ = ["PROJECTION_CLASSES", "TRANSPOSED_CLASSES", "CLASS_ALIASES", "is_transposed", "is_projection",
+           "weight_matrix", "stored", "out_features", "in_features", "out_axis", "set_features", "projection_like"]
