@@ -65,7 +65,7 @@ NO_RESUME = {
 # W8A8 layers quantize their inputs per token on the amax/127 grid (vLLM's); compressed-tensors'
 # stock runtime fake-quantizes on amax/127.5, so an activation may land one step apart: stock
 # outputs are held to the same weights bit for bit and to outputs within 2% of the largest
-# (tests/unit/test_quant_format.py measures 0.6% at most), not to identical logits.
+# (tests/artifacts/test_compressed_tensors.py measures 0.6% at most), not to identical logits.
 W8A8_STOCK = "stock compressed-tensors W8A8 outputs stray beyond one activation step (2% of the largest output)"
 
 

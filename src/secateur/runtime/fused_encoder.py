@@ -23,7 +23,7 @@ floats (per-token symmetric int8, :func:`secateur.runtime.kernels.quantize_per_t
 pass multiplies by the reciprocal of the scale instead of dividing). But GELU (erf to 3e-7),
 LayerNorm and attention are computed in a different float order than torch's, so a value sitting
 on an int8 rounding boundary can move one step: the outputs match the unfused W8A8 model to
-quantization noise, not bit for bit (tests/unit/test_fused_encoder.py).
+quantization noise, not bit for bit (tests/runtime/test_fused_encoder.py).
 
 Which blocks qualify is read from the architecture table: post-norm rows (norms ``attn_out`` and
 ``mlp_out``) whose six projections are per-channel symmetric W8A8 :class:`QuantLinear` s with kernels

@@ -5,7 +5,7 @@ oneDNN's ``qlinear_pointwise`` once ran W8A8 about 700x slower than float32 and 
 
 On an Intel CPU with AMX, the same guard can be run as on a CPU without it::
 
-    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python -m pytest tests/unit/test_kernel_guard.py tests/unit/test_quant_kernels.py
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python -m pytest tests/runtime/test_kernel_guard.py tests/runtime/test_quant_kernels.py
 
 (``.ci/run`` does so; kernel choices measured under that cap are cached under their own key.)
 Times are the fastest of several alternating runs, measured again (up to four times) while over the
