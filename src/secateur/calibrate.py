@@ -354,6 +354,27 @@ def _in_features(module: nn.Module) -> int:
     return weight_matrix(module).shape[1]
 
 
+def calibration_ids(ctx: Any, method: str) -> torch.Tensor:
+    """The run's calibration token ids ``[n, seq_len]`` (a CalibrationSet or a tensor), or a
+    one-line error naming ``method`` and how a recipe gives it data."""
+    data = getattr(ctx, "data", None)
+    ids = getattr(data, "input_ids", data)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise SecateurError(f"method '{method}' needs calibration data: a CalibrationSet or token ids [n, seq_len] "
+                            "(in a recipe: data: {source: tinystories, samples: 128, seq_len: 256})")
+    return ids
+
+
+def options_for(config: Any, ctx: Any, propagate: str | None = None) -> Options:
+    """The loop's options from a calibrated step's config (a :class:`~secateur.config.CalibratedConfig`)
+    and the run context; ``propagate`` set: an extra observation pass (no checkpoints, no errors)."""
+    return Options(propagate=propagate or config.propagate, activation_dtype=config.activation_dtype,
+                   offload=config.offload, batch_size=config.batch_size, device=getattr(ctx, "device", None),
+                   compute_dtype=config.compute_dtype,
+                   checkpoint_dir=getattr(ctx, "checkpoint_dir", None) if propagate is None else None,
+                   record_error=propagate is None)
+
+
 def sequential(model: nn.Module, input_ids: torch.Tensor, targets: dict[str, nn.Module], method: BlockMethod,
                options: Options = Options(), description: str = "calibrating") -> Result:
     """Walk ``model`` block by block over the calibration ``input_ids`` [n, seq_len]; see the module doc."""

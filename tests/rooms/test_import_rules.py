@@ -126,3 +126,13 @@ def test_the_method_table_holds_each_apply_itself_and_the_exports_derive_from_it
         assert getattr(secateur, spec.config.__name__) is spec.config and spec.config.method == name
     assert {n for n in secateur.__all__ if n.endswith("Config") and n != "StepConfig"} == \
         {s.config.__name__ for s in table.values()}
+
+
+def test_a_method_room_reads_no_other_method_room():
+    """prune/ and quant/ share machinery through calibrate.py and api.py, never each other; the
+    training room crosses on purpose to train what the others make: quant's QAT modules (qat,
+    distilling a quantized model) and prune's masks (gradual pruning)."""
+    allowed = {("distill", "quant"), ("distill", "prune")}
+    ok = lambda s, d: (room(s) not in METHOD_ROOMS or room(d) not in METHOD_ROOMS or room(s) == room(d)  # noqa: E731
+                       or (room(s), room(d)) in allowed)
+    assert violations(ok, graph()) == []

@@ -10,30 +10,13 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..calibrate import BlockMethod, ColumnNorms, Options, sequential
-from ..errors import ConfigError, SecateurError
+from ..calibrate import BlockMethod, ColumnNorms, calibration_ids, options_for, sequential
+from ..errors import ConfigError
 from ..targets import select_modules
 from ..models.layers import weight_matrix
 from .masks import apply_mask, nm_mask, outlier_ratio, owl_sparsities, parse_pattern, row_mask, sparsity_of
 
 log = logging.getLogger(__name__)
-
-
-def calibration_ids(ctx: Any, method: str) -> torch.Tensor:
-    data = getattr(ctx, "data", None)
-    ids = getattr(data, "input_ids", data)
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        raise SecateurError(f"method '{method}' needs calibration data: a CalibrationSet or token ids [n, seq_len] "
-                            "(in a recipe: data: {source: tinystories, samples: 128, seq_len: 256})")
-    return ids
-
-
-def options_for(config: Any, ctx: Any, propagate: str | None = None) -> Options:
-    return Options(propagate=propagate or config.propagate, activation_dtype=config.activation_dtype,
-                   offload=config.offload, batch_size=config.batch_size, device=getattr(ctx, "device", None),
-                   compute_dtype=config.compute_dtype,
-                   checkpoint_dir=getattr(ctx, "checkpoint_dir", None) if propagate is None else None,
-                   record_error=propagate is None)
 
 
 def block_of(name: str, block_prefix: str) -> int:

@@ -212,7 +212,7 @@ def describe(model: torch.nn.Module, config: StructuredConfig) -> dict[str, Any]
 
 # --- apply ---------------------------------------------------------------------------------------
 def _ids(ctx: Any, what: str) -> torch.Tensor:
-    from .calibrated import calibration_ids
+    from ..calibrate import calibration_ids
 
     try:
         return calibration_ids(ctx, "structured")

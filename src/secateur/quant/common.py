@@ -127,7 +127,7 @@ def run_calibrated(model: nn.Module, config: Any, ctx: Any, make: Callable[[dict
     that does not divide fails before any work), run the one calibration loop with the method
     ``make(targets)``, swap the stashed Linears for QuantLinears, report."""
     from ..calibrate import sequential
-    from ..prune.calibrated import calibration_ids, options_for
+    from ..calibrate import calibration_ids, options_for
     from ..targets import select_modules
 
     ids = calibration_ids(ctx, config.method)

@@ -20,10 +20,9 @@ from typing import Any, Literal, Optional
 import torch
 
 from ..api import get_method, register
-from ..calibrate import calibration_loss
+from ..calibrate import calibration_ids, calibration_loss
 from ..config import CalibratedConfig, param
 from ..errors import ConfigError
-from ..prune.calibrated import calibration_ids
 from ..progress import track
 from ..targets import select_modules
 from ..models.layers import weight_matrix
