@@ -115,6 +115,7 @@ def minilm(section: str, scale: float, checkpoints: Path | None) -> dict[str, An
     cut = (StructuredConfig(mlp=0.0, drop_layers=3) if section == "minilm-depth"
            else StructuredConfig(mlp=0.5, importance="taylor"))
     compress_(student, cut, data=calib)
+    from secateur import lineage
     report = lineage.of(student).history()[-1]["result"]
     start_value = m.metric(student)
     log(f"[{section}] dense {m.dense:.2f}, start {start_value:.2f} (kept blocks {report.get('kept_blocks')})")
@@ -258,6 +259,7 @@ def depth_levers(scale: float, checkpoints: Path | None) -> dict[str, Any]:
         cut = m.fresh()
         compress_(cut, StructuredConfig(mlp=0.0, blocks=(block,)))
         out["removed_block"][block] = m.metric(cut)
+    from secateur import lineage
     out["chosen_block"] = next(r["result"]["removed_blocks"] for r in lineage.of(student).history()
                                if r["step"]["method"] == "structured")
     out.update(final=min(v["final"] for v in out["levers"].values()), seconds=round(seconds, 1))

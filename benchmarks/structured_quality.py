@@ -79,6 +79,7 @@ class Bench:
         compress_seconds = time.perf_counter() - t0
         value = self.evaluate(model)
         seconds = time.perf_counter() - start
+        from secateur import lineage
         report = lineage.of(model).history()[-1]["result"]
         before, after = report["before"], report["after"]
         row = {

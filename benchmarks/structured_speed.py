@@ -60,6 +60,7 @@ def main() -> None:
     for name, fields in VARIANTS.items():
         model = dense if fields is None else secateur.compress_(copy.deepcopy(dense), secateur.StructuredConfig(**fields))
         path = secateur.save(model, workdir / name.replace(" ", "_").replace("%", "").replace("+", ""))
+        from secateur import lineage
         result = lineage.of(model).history()[-1]["result"] if fields else None
         models[name] = model
         info[name] = {"fields": fields, "parameters": sum(p.numel() for p in model.parameters()),
