@@ -80,20 +80,28 @@ def ct_token_fake_quant(x: torch.Tensor) -> torch.Tensor:
 def reference_model(quantized: nn.Module, family: str) -> nn.Module:
     """A dense copy: every QuantLinear becomes an nn.Linear with the dequantized weight (W8A8:
     and compressed-tensors' per-token fake quantization of its input)."""
+    return densified(quantized, formats.is_quantized, reference_weight,
+                     lambda m: ct_token_fake_quant if m.activation == "int8" else None).eval()
+
+
+def densified(quantized: nn.Module, which, weight_of, fake_quant_of) -> nn.Module:
+    """A copy with every module ``which`` selects replaced by an nn.Linear of weight ``weight_of(m)``
+    whose input first goes through ``fake_quant_of(m)`` (None: unchanged)."""
     dense = copy.deepcopy(quantized)
     for name, module in list(dense.named_modules()):
-        if not formats.is_quantized(module):
+        if not which(module):
             continue
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         with torch.no_grad():
-            linear.weight.copy_(reference_weight(module))
+            linear.weight.copy_(weight_of(module))
             if module.bias is not None:
                 linear.bias.copy_(module.bias)
-        if module.activation == "int8":
-            linear.register_forward_pre_hook(lambda _, args: (ct_token_fake_quant(args[0]),))
+        fake_quant = fake_quant_of(module)
+        if fake_quant is not None:
+            linear.register_forward_pre_hook(lambda _, args, f=fake_quant: (f(args[0]),))
         parent, _, child = name.rpartition(".")
         setattr(dense.get_submodule(parent), child, linear)
-    return dense.eval()
+    return dense
 
 
 # --- the models ---------------------------------------------------------------------------------
@@ -255,17 +263,24 @@ def test_stock_transformers_dequantize_on_load_drops_activation_quantization(tmp
 
 # --- (c) the config and the card ---------------------------------------------------------------
 
+def quantization_config(path):
+    """config.json's quantization_config, raw and as compressed-tensors parses it, after the checks
+    every saved checkpoint must pass (compressed-tensors, compressed, the head left out)."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    raw = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert raw["quant_method"] == "compressed-tensors" and raw["quantization_status"] == "compressed"
+    assert raw["ignore"] == ["lm_head"]
+    return raw, QuantizationConfig.model_validate(raw)
+
+
 @pytest.mark.parametrize("saved", [("llama", "mixed"), ("qwen2", "w4g16-asym")], indirect=True,
                          ids=["llama-mixed", "qwen2-w4g16-asym"])
 def test_config_json_is_what_compressed_tensors_expects(saved):
     from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationConfig
 
     family, plan, model, path = saved
-    raw = json.loads((path / "config.json").read_text())["quantization_config"]
-    assert raw["quant_method"] == "compressed-tensors" and raw["quantization_status"] == "compressed"
-    assert raw["ignore"] == ["lm_head"]
-    parsed = QuantizationConfig.model_validate(raw)
+    raw, parsed = quantization_config(path)
     tensors = tensors_of(path)
     names = formats.quantized_modules(model)
     if plan == "mixed":
@@ -485,19 +500,8 @@ def fp8_reference_model(quantized: nn.Module) -> nn.Module:
     """A dense copy: every FP8Linear an nn.Linear with ``weight_fp8.float() * weight_scale`` (FP8
     activations: and compressed-tensors' per-token fake quantization of its input); QuantLinear
     modules as in :func:`reference_model`."""
-    dense = copy.deepcopy(quantized)
-    for name, module in list(dense.named_modules()):
-        if not isinstance(module, FP8Linear):
-            continue
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        with torch.no_grad():
-            linear.weight.copy_(module.weight_fp8.float() * module.weight_scale)
-            if module.bias is not None:
-                linear.bias.copy_(module.bias)
-        if module.activations == "fp8":
-            linear.register_forward_pre_hook(lambda _, args: (ct_fp8_token_fake_quant(args[0]),))
-        parent, _, child = name.rpartition(".")
-        setattr(dense.get_submodule(parent), child, linear)
+    dense = densified(quantized, lambda m: isinstance(m, FP8Linear), lambda m: m.weight_fp8.float() * m.weight_scale,
+                      lambda m: ct_fp8_token_fake_quant if m.activations == "fp8" else None)
     return reference_model(dense, "llama")
 
 
@@ -616,14 +620,10 @@ def test_fp8_stock_scales_a_2d_input_per_tensor(tmp_path):
                          indirect=True, ids=["llama-mixed", "qwen2-e4m3-channel-a8", "llama-e4m3-tensor-w"])
 def test_fp8_config_json_and_tensors(fp8_saved):
     from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import is_match
 
     family, plan, model, path = fp8_saved
-    raw = json.loads((path / "config.json").read_text())["quantization_config"]
-    assert raw["quant_method"] == "compressed-tensors" and raw["quantization_status"] == "compressed"
-    assert raw["ignore"] == ["lm_head"]
-    parsed = QuantizationConfig.model_validate(raw)
+    raw, parsed = quantization_config(path)
     float_groups = [g for g in parsed.config_groups.values() if g.weights.type == "float"]
     assert len(float_groups) == 1
     (group,) = float_groups
