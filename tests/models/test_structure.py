@@ -1,4 +1,4 @@
-"""Physical removal (prune/structure.py) on every family, against obviously-correct references.
+"""Physical removal (models/structure.py) on every family, against obviously-correct references.
 
 - Heads and MLP channels whose contribution is exactly zero are removed → outputs unchanged.
 - Removing a block equals skipping it (a forward hook returning the block's input).

@@ -1,12 +1,12 @@
 """How much each removable unit matters — the scoring piece of structured pruning.
 
 Scores are computed on the dense model and never remove anything; ``structured.py`` decides from
-them how much to remove where, and ``structure.py`` removes it. Higher score = more important.
+them how much to remove where, and ``models/structure.py`` removes it. Higher score = more important.
 
 Width (heads, KV heads, MLP channels, hidden channels):
 
 ``magnitude``   the L2 (or L1) norm of the unit's *group*: every weight and bias entry that is
-                removed with it (``structure.py`` defines the groups).
+                removed with it (``models/structure.py`` defines the groups).
 ``activation``  Minitron (Muralidharan et al. 2024, arXiv:2407.14679): mean over calibration
                 tokens of |activation| of the channel — the MLP's intermediate activation (the
                 input of down), the norm of each head's attention output (the input of o), the

@@ -3,7 +3,7 @@ really shrink and the model is really faster on ordinary hardware.
 
 Three separate pieces: ``importance.py`` scores the units (magnitude, activation, Taylor; block
 influence or measured loss for depth), the *policy* here decides how many to remove where, and
-``structure.py`` removes them physically. By default the same number of heads and channels goes
+``models/structure.py`` removes them physically. By default the same number of heads and channels goes
 in every block, so the result is an ordinary checkpoint that stock ``AutoModel*.from_pretrained``
 loads; ``uniform: false`` lets the scores decide per block (the artifact then records its layout
 and :func:`secateur.load` rebuilds it).
