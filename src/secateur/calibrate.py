@@ -428,8 +428,7 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
                arch: Any, result: Result, offload_dir: str | None) -> Activations:
     import copy
 
-    from .models.layers import weight_matrix
-    from .prune.masks import sparsity_of
+    from .models.layers import sparsity_of, weight_matrix
 
     home = next(block.parameters()).device
     device = torch.device(options.device) if options.device else home

@@ -136,3 +136,17 @@ def test_a_method_room_reads_no_other_method_room():
     ok = lambda s, d: (room(s) not in METHOD_ROOMS or room(d) not in METHOD_ROOMS or room(s) == room(d)  # noqa: E731
                        or (room(s), room(d)) in allowed)
     assert violations(ok, graph()) == []
+
+
+def test_the_shared_machinery_stands_below_the_methods():
+    """api, targets, calibrate, recipe and progress import the ground floor, models/, data/ and each
+    other; api alone reaches artifacts/ (a training step's teacher named by path is loaded with
+    secateur.load) and, through methods(), the method files that register themselves."""
+    below = GROUND | MACHINERY | {"models", "data"}
+
+    def ok(s: str, d: str) -> bool:
+        if room(s) not in MACHINERY or room(d) in below:
+            return True
+        return s == "secateur.api" and (room(d) == "artifacts" or room(d) in METHOD_ROOMS)
+
+    assert violations(ok, graph()) == []

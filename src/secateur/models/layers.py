@@ -49,6 +49,11 @@ def weight_matrix(module: Any) -> Any:
     return weight.t() if is_transposed(module) else weight
 
 
+def sparsity_of(tensor: Any) -> float:
+    """The fraction of exact zeros in a weight."""
+    return float((tensor == 0).sum()) / max(tensor.numel(), 1)
+
+
 def stored(module: Any, tensor: Any) -> Any:
     """An ``[out, in]`` tensor in ``module``'s stored layout (the inverse of :func:`weight_matrix`)."""
     return tensor.t() if is_transposed(module) else tensor
@@ -98,4 +103,5 @@ def projection_like(model: Any, in_features: int, out_features: int, bias: bool)
 
 
 __all__ = ["PROJECTION_CLASSES", "TRANSPOSED_CLASSES", "CLASS_ALIASES", "is_transposed", "is_projection",
-           "weight_matrix", "stored", "out_features", "in_features", "out_axis", "set_features", "projection_like"]
+           "weight_matrix", "stored", "out_features", "in_features", "out_axis", "set_features", "projection_like",
+           "sparsity_of"]

@@ -13,8 +13,8 @@ import torch.nn as nn
 from ..calibrate import BlockMethod, ColumnNorms, calibration_ids, options_for, sequential
 from ..errors import ConfigError
 from ..targets import select_modules
-from ..models.layers import weight_matrix
-from .masks import apply_mask, nm_mask, outlier_ratio, owl_sparsities, parse_pattern, row_mask, sparsity_of
+from ..models.layers import sparsity_of, weight_matrix
+from .masks import apply_mask, nm_mask, outlier_ratio, owl_sparsities, parse_pattern, row_mask
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import torch
 from ..api import register
 from ..config import TargetedConfig, param
 from ..targets import select_modules
-from .masks import (apply_mask, check_pattern, global_masks, matrix_mask, nm_mask, parse_pattern, row_mask,
-                    sparsity_of, weight_matrix)
+from ..models.layers import sparsity_of, weight_matrix
+from .masks import apply_mask, check_pattern, global_masks, matrix_mask, nm_mask, parse_pattern, row_mask
 
 
 @dataclass(frozen=True)

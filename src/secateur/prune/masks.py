@@ -92,10 +92,6 @@ def apply_mask(module: nn.Module, keep: torch.Tensor) -> None:
     weight.masked_fill_(~keep, 0.0)  # +0.0, not the -0.0 a multiplication leaves on negative weights
 
 
-def sparsity_of(tensor: torch.Tensor) -> float:
-    return float((tensor == 0).sum()) / max(tensor.numel(), 1)
-
-
 # --- shared by the calibrated pruning methods (Wanda, SparseGPT, …) ---------------------------
 def remove_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep mask with exactly the ``k`` lowest scores of every row (last dim) removed."""
