@@ -491,6 +491,52 @@ def _run(recipe: Any, out_dir: Optional[Path], dry_run: bool, as_json: bool, sto
         _emit(result.to_dict(), True)
 
 
+def _verdict_value(verdict: dict[str, Any]) -> str:
+    unit, value = verdict.get("unit", ""), verdict["value"]
+    if unit == "bytes":
+        return f"{value / 1e6:.2f} MB"
+    return f"{value:+.4g}%" if unit == "%" else f"{value:.4g}{unit}"
+
+
+@app.command("run")
+def run_cmd(pipeline_path: Path = typer.Argument(..., metavar="PIPELINE", help="Pipeline file (.yaml or .json)."),
+            workdir: Path = typer.Option(Path("secateur-runs"), "--workdir", "-w",
+                                         help="Where stages, caches and results are kept (re-runs reuse them)."),
+            dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG: what is cached and what will run."),
+            keep_going: bool = typer.Option(False, "--keep-going",
+                                            help="Build every variant even after one fails a gate."),
+            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Build a family of variants from a pipeline file: each from its parent, cached, resumable,
+    evaluated and admitted by its gates. Exits 1 when a variant fails a gate, naming it and by how much."""
+    from .pipeline import Pipeline, plan_pipeline, run_pipeline
+
+    pipeline = Pipeline.load(pipeline_path)
+    if dry_run:
+        rows = plan_pipeline(pipeline, workdir)
+        table = Table("variant", "parent", "steps", "state", "key", "gates", "aliases",
+                      title=f"pipeline {pipeline.name}: {len(rows)} variants of {pipeline.base}")
+        for r in rows:
+            table.add_row(r["variant"], r["parent"], " → ".join(r["steps"]), r["state"], r["key"] or "—",
+                          "; ".join(r["gates"]) or "—", ", ".join(r["aliases"]) or "—")
+        _emit({"pipeline": pipeline.name, "plan": rows}, as_json, table)
+        return
+    result = run_pipeline(pipeline, workdir, keep_going=keep_going)
+    table = Table("variant", "parent", "status", "cached", "seconds", "evaluations", "gates",
+                  title=f"pipeline {result.name} ({result.seconds:.1f} s)")
+    for name, s in result.stages.items():
+        evals = ", ".join(f"{e['task']} {e['value']:.4g}" for e in s.evaluations)
+        gates = ", ".join(f"{'ok' if v['passed'] else 'FAIL'} {v['kind']} {_verdict_value(v)}" for v in s.verdicts)
+        table.add_row(name, s.parent, s.status, "yes" if s.cached else "no", f"{s.seconds:.1f}", evals or "—",
+                      gates or (s.error or "—"))
+    _emit(result.to_dict(), as_json, table)
+    if not as_json:
+        out.print(f"results: {result.workdir}/result.json")
+    if result.failures:
+        for line in result.failures:
+            err.print(line)
+        raise typer.Exit(1)
+
+
 @app.command("demo")
 def demo_cmd(models: Path = typer.Option(..., "--models", help="Folder holding stories260K/hf and all-MiniLM-L6-v2."),
              out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Where artifacts and demo.json go."),

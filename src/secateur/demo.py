@@ -58,31 +58,17 @@ def _row(label: str, variant: str, quality: dict[str, Any], speed: dict[str, Any
 
 
 def measure_speed(models: list[Any]) -> list[dict[str, Any]]:
-    """P4 speed of several models, alternating between them round by round; medians over rounds."""
-    import statistics
-
-    from .evaluate import evaluate
+    """P4 speed of several models in the runtime's fastest eager form, alternating between them
+    round by round; medians over rounds (the pipeline's gates measure the same way)."""
+    from .pipeline.gates import measure_speed as alternate
     from .runtime import optimize_
 
-    for model in models:
-        optimize_(model)
-    runs: list[list[dict[str, Any]]] = [[] for _ in models]
-    kernels: list[dict[str, Any]] = [{} for _ in models]
-    for _ in range(SPEED_ROUNDS):
-        for i, model in enumerate(models):
-            result = evaluate(model, None, "speed", **SPEED_OPTIONS)
-            runs[i].append(result.extra)
-            kernels[i] = result.settings.get("kernels", {})
     out = []
-    for extras, used in zip(runs, kernels):
-        first = extras[0]
-        prefill = [e.get("prefill_ms_median", e.get("latency_ms_median")) for e in extras]
-        decode = [e["decode_tokens_per_s"] for e in extras if "decode_tokens_per_s" in e]
-        out.append({"prefill_ms": statistics.median(prefill),
-                    "decode_tok_s": statistics.median(decode) if decode else None,
-                    "sparsity": first.get("sparsity"), "params": first.get("parameters"),
-                    "bytes_on_disk": first.get("disk_bytes"),
-                    "peak_rss_mib": max(e.get("peak_rss_mib", 0) for e in extras), "kernels": used})
+    for m in alternate([optimize_(model) for model in models], SPEED_ROUNDS, SPEED_OPTIONS):
+        out.append({"prefill_ms": m.get("prefill_ms_median", m.get("latency_ms_median")),
+                    "decode_tok_s": m.get("decode_tokens_per_s"), "sparsity": m.get("sparsity"),
+                    "params": m.get("parameters"), "bytes_on_disk": m.get("disk_bytes"),
+                    "peak_rss_mib": m["peak_rss_mib"], "kernels": m["settings"].get("kernels") or {}})
     return out
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import lineage
-from .errors import ConfigError, SecateurError, did_you_mean
+from .. import lineage
+from ..errors import ConfigError, SecateurError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def calibration_data(recipe: Any, tokenizer: Any) -> Any:
             raise SecateurError("data: this recipe has a step that needs calibration data; add e.g. "
                                 "'data: {source: tinystories, samples: 128, seq_len: 256}'")
         return None
-    from .data import calibration_set, source
+    from ..data import calibration_set, source
 
     spec = recipe.data
     mode = spec.mode or source(spec.source).default_mode
@@ -56,8 +56,8 @@ def calibration_data(recipe: Any, tokenizer: Any) -> Any:
 def evaluate_all(model: Any, tokenizer: Any, specs: Any) -> list[dict[str, Any]]:
     """The recipe's evaluations of ``model`` in the runtime's fastest eager form (a W8A8 encoder
     gets fused blocks: :func:`secateur.runtime.optimize_`; the results' settings say so)."""
-    from .evaluate import evaluate
-    from .runtime import optimize_
+    from ..evaluate import evaluate
+    from ..runtime import optimize_
 
     optimize_(model)
     return [evaluate(model, tokenizer, spec.task, spec.data, **dict(spec.options)).to_dict() for spec in specs]
@@ -68,10 +68,10 @@ def dry_run(recipe: Any) -> list[dict[str, Any]]:
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from .api import get_method
-    from .models import resolve as _resolve
-    from .models.arch import arch_for
-    from .targets import describe_selection, select_modules
+    from ..api import get_method
+    from ..models import resolve as _resolve
+    from ..models.arch import arch_for
+    from ..targets import describe_selection, select_modules
 
     if recipe.model is None:
         raise SecateurError("model: the recipe names no model; add 'model: PATH' or pass --set model=PATH")
@@ -115,12 +115,12 @@ def run_recipe(recipe: Any, out: str | Path | None = None, loaded: Any = None,
     dense copy for stock transformers); ``"dense"`` writes a plain checkpoint.
     """
     check_storage(storage)
-    from .api import compress_
-    from .artifacts import save
-    from .artifacts import load
+    from ..api import compress_
+    from ..artifacts import save
+    from ..artifacts import load
 
     if recipe.data is not None:  # a missing or mistyped data file fails now, not after loading the model
-        from .data import source
+        from ..data import source
 
         source(recipe.data.source)
     if loaded is None:

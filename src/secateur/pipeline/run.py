@@ -1,0 +1,344 @@
+"""Run a pipeline: every variant built from its parent, cached, resumable, evaluated and gated.
+
+    result = run_pipeline(Pipeline.load("family.yaml"), workdir="runs")
+
+Each stage lives under ``workdir/<pipeline>/stages/<variant>-<key>/``; the key is a digest of the
+variant's resolved steps and data, its parent's weights hash, the calibration data's fingerprint
+and the secateur version. A stage whose ``artifact/`` verifies is reused without compressing
+again; a stage killed halfway resumes from its own ``resume/`` checkpoints (the calibration loop's
+blocks, the training loop's steps), and the artifact appears under its final name only once it
+is complete (``secateur.save`` is atomic). Evaluations and gate evidence are cached beside the
+artifact, keyed by what they depend on (the machine too, for speed), so a finished pipeline
+re-runs in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .._version import __version__
+from ..errors import SecateurError
+from .gates import (bytes_verdict, failure_line, measure_speed, peak_rss, quality_verdict, rss_verdict,
+                    speed_verdict)
+from .spec import BASE, Gate, Pipeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage:
+    """One variant's outcome."""
+
+    name: str
+    parent: str
+    key: Optional[str] = None
+    artifact: Optional[str] = None
+    weights_sha256: Optional[str] = None
+    cached: bool = False
+    seconds: float = 0.0
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "pending"          # pending | built | admitted | rejected | skipped | failed
+    aliases: tuple[str, ...] = ()
+    error: Optional[str] = None
+
+    @property
+    def admitted(self) -> bool:
+        return self.status == "admitted"
+
+
+@dataclass
+class PipelineResult:
+    name: str
+    family: str
+    base: str
+    base_weights_sha256: str
+    base_evaluations: list[dict[str, Any]]
+    stages: dict[str, Stage]
+    workdir: str
+    seconds: float = 0.0
+
+    @property
+    def failures(self) -> list[str]:
+        lines = []
+        for name, stage in self.stages.items():
+            lines += [failure_line(name, v) for v in stage.verdicts if not v["passed"]]
+            if stage.status == "failed":
+                lines.append(f"variant '{name}' failed: {stage.error}")
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["failures"] = self.failures
+        return out
+
+
+# --- keys and caches ------------------------------------------------------------------------------
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stage_key(pipeline: Pipeline, name: str, parent_sha: str, data_fingerprint: Any) -> str:
+    recipe = pipeline.variants[name].recipe
+    return _digest({"steps": [s.to_dict() for s in recipe.steps], "data": recipe.data.to_dict() if recipe.data else None,
+                    "parent": parent_sha, "data_fingerprint": data_fingerprint, "secateur": __version__})[:16]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically: a temporary sibling, fsynced, renamed over."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class _Cache:
+    """A JSON file of results keyed by a digest of what they depend on."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = _read_json(path)
+
+    def get(self, key_obj: Any) -> Any:
+        return self.data.get(_digest(key_obj))
+
+    def put(self, key_obj: Any, value: Any) -> Any:
+        self.data[_digest(key_obj)] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(self.path, self.data)
+        return value
+
+
+def _machine_key() -> str:
+    from ..runtime import machine
+
+    return machine.key()
+
+
+# --- the run --------------------------------------------------------------------------------------
+class _Runner:
+    def __init__(self, pipeline: Pipeline, workdir: Path, keep_going: bool):
+        from ..artifacts import weights_hash
+        from ..models import resolve
+
+        self.p, self.keep_going = pipeline, keep_going
+        self.root = Path(workdir).expanduser().resolve() / pipeline.name
+        self.base_path = resolve(pipeline.base)
+        self.base_sha = weights_hash(self.base_path)
+        self.stages = {n: Stage(n, v.parent, aliases=v.aliases) for n, v in pipeline.variants.items()}
+        self.evals = _Cache(self.root / "evaluations.json")
+        self._tokenizer: Any = None
+        self._models: dict[str, Any] = {}
+
+    # paths and hashes of a variant or the base
+    def path_of(self, name: str) -> Path:
+        return self.base_path if name == BASE else Path(self.stages[name].artifact)
+
+    def sha_of(self, name: str) -> Optional[str]:
+        return self.base_sha if name == BASE else self.stages[name].weights_sha256
+
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.base_path)
+        return self._tokenizer
+
+    def data_for(self, name: str) -> Any:
+        from .recipe_run import calibration_data
+
+        recipe = self.p.variants[name].recipe
+        return calibration_data(recipe, self.tokenizer()) if recipe.data is not None else None
+
+    def stage_dir(self, name: str, key: str) -> Path:
+        return self.root / "stages" / f"{name}-{key}"
+
+    def key_of(self, name: str) -> Optional[str]:
+        parent_sha = self.sha_of(self.p.variants[name].parent)
+        if parent_sha is None:
+            return None
+        data = self.data_for(name)
+        return stage_key(self.p, name, parent_sha, getattr(data, "fingerprint", None))
+
+    # building
+    def build(self, name: str) -> None:
+        from ..api import compress_
+        from ..artifacts import load, save, verify
+
+        stage, variant = self.stages[name], self.p.variants[name]
+        start = time.perf_counter()
+        data = self.data_for(name)
+        stage.key = stage_key(self.p, name, self.sha_of(variant.parent), getattr(data, "fingerprint", None))
+        folder = self.stage_dir(name, stage.key)
+        artifact = folder / "artifact"
+        if (artifact / "compression.json").is_file():
+            try:
+                card = verify(artifact)
+                stage.cached, stage.artifact, stage.weights_sha256 = True, str(artifact), card["weights_sha256"]
+                stage.status = "built"
+                log.info("%s: cached (%s)", name, artifact)
+                return
+            except SecateurError as exc:  # a damaged cache entry is rebuilt, never trusted
+                log.warning("%s: cached artifact does not verify (%s); building it again", name, exc)
+                shutil.rmtree(artifact, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        loaded = load(self.path_of(variant.parent))
+        model = loaded.model
+        compress_(model, variant.recipe, data=data, checkpoint_dir=folder / "resume", tokenizer=loaded.tokenizer)
+        recipe = {**variant.recipe.to_dict(), "model": f"{self.p.name}/{variant.parent}", "name": name}
+        save(model, artifact, tokenizer=loaded.tokenizer, recipe=recipe,
+             extra={"pipeline": self.p.name, "family": self.p.family, "variant": name, "parent": variant.parent})
+        shutil.rmtree(folder / "resume", ignore_errors=True)
+        card = verify(artifact)
+        stage.artifact, stage.weights_sha256, stage.status = str(artifact), card["weights_sha256"], "built"
+        stage.seconds = round(time.perf_counter() - start, 3)
+
+    # evaluating
+    def model(self, name: str) -> Any:
+        if name not in self._models:
+            from ..artifacts import load
+
+            self._models[name] = load(self.path_of(name)).model
+        return self._models[name]
+
+    def evaluate(self, name: str) -> list[dict[str, Any]]:
+        from ..evaluate import evaluate
+        from ..runtime import optimize_
+
+        results = []
+        for spec in self.p.eval:
+            key = {"weights": self.sha_of(name), "eval": spec.to_dict(), "secateur": __version__,
+                   "machine": _machine_key()}
+            cached = self.evals.get(key)
+            if cached is None:
+                model = optimize_(self.model(name))
+                tokenizer = self.tokenizer()
+                result = evaluate(model, tokenizer, spec.task, spec.data, **dict(spec.options)).to_dict()
+                cached = self.evals.put(key, {"spec": spec.to_dict(), **result})
+            results.append(cached)
+        return results
+
+    def gate(self, name: str, gate: Gate, base_evals: list[dict[str, Any]]) -> dict[str, Any]:
+        from ..artifacts import verify
+
+        stage = self.stages[name]
+        against = BASE if gate.against == "base" else self.p.variants[name].parent
+        if gate.kind == "quality":
+            ref_evals = base_evals if against == BASE else self.stages[against].evaluations
+            return quality_verdict(gate, _pick(stage.evaluations, gate), _pick(ref_evals, gate))
+        if gate.kind == "max_bytes":
+            return bytes_verdict(gate, verify(stage.artifact))
+        if gate.kind == "max_peak_rss":
+            key = {"rss": stage.weights_sha256, "machine": _machine_key(), "runtime": "eager"}
+            measured = self.evals.get(key) or self.evals.put(key, peak_rss(stage.artifact))
+            return rss_verdict(gate, measured)
+        key = {"speed": [self.sha_of(against), stage.weights_sha256], "runtime": gate.runtime,
+               "machine": _machine_key(), "secateur": __version__}
+        pair = self.evals.get(key)
+        if pair is None:
+            from ..runtime import optimize_
+
+            models = [self.model(against), self.model(name)]
+            if gate.runtime == "fused":
+                models = [optimize_(m) for m in models]
+            pair = self.evals.put(key, measure_speed(models, compile=gate.runtime == "compiled"))
+        return speed_verdict(gate, pair[1], pair[0])
+
+    def run(self) -> PipelineResult:
+        from ..progress import track
+
+        start = time.perf_counter()
+        self.root.mkdir(parents=True, exist_ok=True)
+        base_evals = self.evaluate(BASE)
+        order = self.p.order()
+        for name in track(order, f"pipeline {self.p.name}", total=len(order)):
+            stage, variant = self.stages[name], self.p.variants[name]
+            parent = self.stages.get(variant.parent)
+            if parent is not None and parent.status in ("failed", "skipped", "pending"):
+                stage.status, stage.error = "skipped", f"its parent '{variant.parent}' was not built"
+                continue
+            try:
+                log.info("stage %s (from %s)", name, variant.parent)
+                self.build(name)
+                stage.evaluations = self.evaluate(name)
+                stage.verdicts = [self.gate(name, g, base_evals) for g in self.p.gates_of(name)]
+            except SecateurError as exc:
+                if not self.keep_going:
+                    raise
+                stage.status, stage.error = "failed", str(exc)
+                continue
+            stage.status = "admitted" if all(v["passed"] for v in stage.verdicts) else "rejected"
+            if stage.status == "rejected":
+                for verdict in stage.verdicts:
+                    if not verdict["passed"]:
+                        log.warning(failure_line(name, verdict))
+                if not self.keep_going:
+                    break
+            self._models = {k: m for k, m in self._models.items() if k == BASE}  # the base stays: most gates' reference
+        for name in order:
+            if self.stages[name].status == "pending":
+                self.stages[name].status, self.stages[name].error = "skipped", "the run stopped at a failed gate"
+        result = PipelineResult(self.p.name, self.p.family, self.p.base, self.base_sha, base_evals, self.stages,
+                                str(self.root), round(time.perf_counter() - start, 3))
+        _write_json(self.root / "result.json", result.to_dict())
+        return result
+
+    def plan(self) -> list[dict[str, Any]]:
+        """What a run would do, without loading any model: each stage's key and whether it is cached."""
+        rows = []
+        for name in self.p.order():
+            variant = self.p.variants[name]
+            key = self.key_of(name)
+            cached = False
+            if key is not None:
+                artifact = self.stage_dir(name, key) / "artifact"
+                cached = (artifact / "compression.json").is_file()
+                if cached:
+                    card = _read_json(artifact / "compression.json")
+                    self.stages[name].artifact, self.stages[name].weights_sha256 = str(artifact), card.get("weights_sha256")
+            resume = key is not None and (self.stage_dir(name, key) / "resume").is_dir()
+            rows.append({"variant": name, "parent": variant.parent, "key": key,
+                         "steps": [s.method for s in variant.recipe.steps],
+                         "state": "cached" if cached else "resumes" if resume else
+                                  "runs" if key is not None else "runs (after its parent)",
+                         "gates": [g.describe() for g in self.p.gates_of(name)], "aliases": list(variant.aliases)})
+        return rows
+
+
+def _pick(evaluations: list[dict[str, Any]], gate: Gate) -> dict[str, Any]:
+    """The evaluation a quality gate reads: its task, and its data when the gate names one."""
+    for e in evaluations:
+        spec = e.get("spec") or {}
+        if spec.get("task") == gate.quality and (gate.data is None or spec.get("data") == gate.data):
+            return e
+    raise SecateurError(f"gate '{gate.describe()}': no {gate.quality} evaluation to read")
+
+
+def run_pipeline(pipeline: Pipeline, workdir: str | os.PathLike = "secateur-runs", keep_going: bool = False) -> PipelineResult:
+    """Build, evaluate and gate every variant of ``pipeline``; see the module docstring."""
+    return _Runner(pipeline, Path(workdir), keep_going).run()
+
+
+def plan_pipeline(pipeline: Pipeline, workdir: str | os.PathLike = "secateur-runs") -> list[dict[str, Any]]:
+    """The DAG with each stage's cache key and state (cached, resumes, runs), loading no model."""
+    return _Runner(pipeline, Path(workdir), False).plan()
+
+
+__all__ = ["run_pipeline", "plan_pipeline", "PipelineResult", "Stage", "stage_key"]
