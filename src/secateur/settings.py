@@ -2,6 +2,9 @@
 
 ``SECATEUR_DATA_DIR``   folder holding named datasets (``tinystories/``, ``wikitext2/``, ``c4/``,
                         ``stsb/``); unset means "use the Hugging Face hub" where that is possible.
+``SECATEUR_HOME``       secateur's own folder: the registry database (``registry.db``) and its artifact
+                        store (``objects/``); default ``$XDG_DATA_HOME/secateur``, else
+                        ``~/.local/share/secateur``.
 ``SECATEUR_PROGRESS``   ``0`` hides progress, ``1`` forces bars; by default bars show on a terminal and,
                         elsewhere (a log, CI), a line with the stage, percent and ETA every
                         ``SECATEUR_PROGRESS_EVERY`` seconds (default 30) of a long loop.
@@ -16,6 +19,17 @@ from pathlib import Path
 def data_dir() -> Path | None:
     value = os.environ.get("SECATEUR_DATA_DIR")
     return Path(value).expanduser() if value else None
+
+
+def home() -> Path:
+    """secateur's home folder (``SECATEUR_HOME``; default: the user's data directory), where the
+    registry keeps its database and artifact store. Not created here."""
+    value = os.environ.get("SECATEUR_HOME")
+    if value:
+        return Path(value).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "secateur"
 
 
 def progress_mode() -> str:
