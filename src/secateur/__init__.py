@@ -19,7 +19,8 @@ _EXPORTS = {
     "register": "secateur.api",
     "methods": "secateur.api",
     "Context": "secateur.api",
-    "load": "secateur.artifacts",
+    "load": "secateur.registry",  # artifacts.load, plus registry refs (stories@fast)
+    "Registry": "secateur.registry",
     "Loaded": "secateur.artifacts",
     "save": "secateur.artifacts",
     "Recipe": "secateur.recipe",

@@ -21,6 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Make neural networks smaller and measurably faster.")
 import_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints from other formats.")
 app.add_typer(import_app, name="import")
+from .registry.commands import registry_app  # noqa: E402  (secateur registry ...)
+app.add_typer(registry_app, name="registry")
 
 STORAGE_HELP = "dense: a plain checkpoint; sparse: bitmask + values for pruned weights (see `secateur export`)."
 
@@ -112,7 +114,7 @@ def eval_cmd(model: str = typer.Argument(..., help="Model directory, artifact or
              as_json: bool = typer.Option(False, "--json", help="Print the JSON result instead of a table.")) -> None:
     """Evaluate a model: perplexity (P1/P3), sentence similarity (P2) or speed and memory (P4)."""
     from .evaluate import evaluate, results_table
-    from .artifacts import load
+    from .registry import load  # paths, hub ids and registry refs
     from .runtime import optimize_
 
     given = {"split": split, "seq_len": seq_len, "batch": batch, "max_windows": max_windows,
@@ -137,7 +139,7 @@ def info_cmd(model: Optional[str] = typer.Argument(None, help="Model directory, 
     """Show a model's architecture facts and, for an artifact, its compression card summary; with
     --machine, what each quantized operation runs on this CPU and how fast beside float32."""
     from .artifacts import card_summary
-    from .artifacts import load
+    from .registry import load  # paths, hub ids and registry refs
 
     if machine:
         _machine_info(remeasure, as_json)
@@ -333,7 +335,7 @@ def distill_cmd(student: str = typer.Argument(..., help="Student: a model direct
     if fresh:
         from .distill.students import fresh as fresh_student, parse_overrides
         from . import lineage
-        from .artifacts import load
+        from .registry import load  # paths, hub ids and registry refs
 
         loaded = load(student)
         loaded.model = fresh_student(loaded.model, **parse_overrides(fresh))
