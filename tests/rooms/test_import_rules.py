@@ -150,3 +150,14 @@ def test_the_shared_machinery_stands_below_the_methods():
         return s == "secateur.api" and (room(d) == "artifacts" or room(d) in METHOD_ROOMS)
 
     assert violations(ok, graph()) == []
+
+
+def test_the_registry_stands_on_artifacts_and_result_types_never_on_the_pipeline_or_the_cli():
+    """registry/ imports the ground floor, models/, artifacts/ (verify, load, the card summary) and
+    evaluate's result type; the pipeline and the CLI stand above it; nothing below the product rooms
+    imports it (secateur.load reaches it only through the package's lazy export)."""
+    allowed = GROUND | {"registry", "models", "artifacts"}
+    ok = lambda s, d: room(s) != "registry" or room(d) in allowed or d == "secateur.evaluate.results"  # noqa: E731
+    assert violations(ok, graph()) == []
+    above = PRODUCT | {"registry", "search", "report", "serve"}
+    assert violations(lambda s, d: room(d) != "registry" or room(s) in above, graph()) == []
