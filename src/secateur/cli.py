@@ -507,9 +507,12 @@ def run_cmd(pipeline_path: Path = typer.Argument(..., metavar="PIPELINE", help="
             dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG: what is cached and what will run."),
             keep_going: bool = typer.Option(False, "--keep-going",
                                             help="Build every variant even after one fails a gate."),
+            register: bool = typer.Option(True, "--register/--no-register",
+                                          help="Record the family in the registry (SECATEUR_HOME)."),
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Build a family of variants from a pipeline file: each from its parent, cached, resumable,
-    evaluated and admitted by its gates. Exits 1 when a variant fails a gate, naming it and by how much."""
+    evaluated and admitted by its gates, and recorded in the registry with their aliases. Exits 1
+    when a variant fails a gate, naming it and by how much."""
     from .pipeline import Pipeline, plan_pipeline, run_pipeline
 
     pipeline = Pipeline.load(pipeline_path)
@@ -522,7 +525,16 @@ def run_cmd(pipeline_path: Path = typer.Argument(..., metavar="PIPELINE", help="
                           "; ".join(r["gates"]) or "—", ", ".join(r["aliases"]) or "—")
         _emit({"pipeline": pipeline.name, "plan": rows}, as_json, table)
         return
-    result = run_pipeline(pipeline, workdir, keep_going=keep_going)
+    registry = None
+    if register:
+        from .registry import Registry
+
+        registry = Registry()
+    try:
+        result = run_pipeline(pipeline, workdir, keep_going=keep_going, registry=registry)
+    finally:
+        if registry is not None:
+            registry.close()
     table = Table("variant", "parent", "status", "cached", "seconds", "evaluations", "gates",
                   title=f"pipeline {result.name} ({result.seconds:.1f} s)")
     for name, s in result.stages.items():
@@ -533,6 +545,9 @@ def run_cmd(pipeline_path: Path = typer.Argument(..., metavar="PIPELINE", help="
     _emit(result.to_dict(), as_json, table)
     if not as_json:
         out.print(f"results: {result.workdir}/result.json")
+        if registry is not None:
+            out.print(f"registered in {registry.home}: family '{result.family}' "
+                      f"(secateur registry list {result.family})")
     if result.failures:
         for line in result.failures:
             err.print(line)

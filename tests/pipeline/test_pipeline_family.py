@@ -140,7 +140,7 @@ def test_the_cli_runs_a_pipeline_and_exits_1_naming_the_failed_gate(stories_dir,
     path = tmp_path / "fam.yaml"
     path.write_text(yaml.safe_dump(family(stories_dir, bad={"steps": [{"method": "magnitude", "sparsity": 0.6}],
                                                            "gates": [{"quality": "perplexity", "max_drop_pct": 1}]})))
-    env = {**os.environ, "SECATEUR_PROGRESS": "0"}
+    env = {**os.environ, "SECATEUR_PROGRESS": "0", "SECATEUR_HOME": str(tmp_path / "home")}
     cli = [sys.executable, "-m", "secateur.cli", "run", str(path), "--workdir", str(tmp_path / "w")]
     dry = subprocess.run(cli + ["--dry-run"], capture_output=True, text=True, env=env)
     assert dry.returncode == 0 and "runs" in dry.stdout and "bad" in dry.stdout
@@ -161,7 +161,7 @@ def test_a_stage_killed_halfway_resumes_and_ends_identical(stories_dir, data_dir
     clean = run_pipeline(Pipeline.from_dict(spec), tmp_path / "clean").stages["sg"]
     path = tmp_path / "fam.json"
     path.write_text(json.dumps(spec))
-    env = {**os.environ, "SECATEUR_PROGRESS": "0"}
+    env = {**os.environ, "SECATEUR_PROGRESS": "0", "SECATEUR_HOME": str(tmp_path / "home")}
     proc = subprocess.Popen([sys.executable, "-m", "secateur.cli", "run", str(path), "--workdir", str(tmp_path / "w")],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -180,3 +180,22 @@ def test_a_stage_killed_halfway_resumes_and_ends_identical(stories_dir, data_dir
     assert not list((tmp_path / "w").glob("fam/stages/sg-*/artifact"))  # never a half-written artifact
     resumed = run_pipeline(Pipeline.from_dict(spec), tmp_path / "w").stages["sg"]
     assert resumed.weights_sha256 == clean.weights_sha256 and not resumed.cached
+
+
+def test_a_run_is_recorded_in_the_registry_with_lineage_verdicts_and_aliases(built, tmp_path):
+    from secateur.pipeline import register
+    from secateur.registry import Registry
+
+    pipeline, work, _, result, _ = built
+    with Registry(tmp_path / "home") as registry:
+        ids = register(result, pipeline, registry)
+        variants = {v.name: v for v in registry.list("fam")}
+        assert set(variants) == {"base", "mag", "mag_w8", "wanda"}
+        assert variants["wanda"].status == "rejected" and variants["mag_w8"].status == "admitted"
+        assert registry.resolve("fam@small").id == ids["mag_w8"]            # the admitted variant's alias
+        chain = registry.lineage("fam@small")
+        assert "mag" in repr(chain) and "base" in repr(chain)                # base -> mag -> mag_w8
+        tasks = {e.task for e in registry.evaluations(ids["mag"])}
+        assert tasks == {"perplexity", "speed"}                              # P1 and the family's P4 timing
+        run = registry.run(result.run_id)
+        assert run.status == "failed" and any(v["variant"] == "wanda" and not v["passed"] for v in run.verdicts)

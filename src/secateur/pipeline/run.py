@@ -65,6 +65,10 @@ class PipelineResult:
     stages: dict[str, Stage]
     workdir: str
     seconds: float = 0.0
+    base_speed: Optional[dict[str, Any]] = None
+    speed: dict[str, dict[str, Any]] = field(default_factory=dict)   # variant -> P4 medians, timed beside the base
+    registered: dict[str, str] = field(default_factory=dict)        # variant -> registry id
+    run_id: Optional[str] = None
 
     @property
     def failures(self) -> list[str]:
@@ -252,10 +256,11 @@ class _Runner:
         key = {"speed": [self.sha_of(against), stage.weights_sha256], "runtime": gate.runtime,
                "machine": _machine_key(), "secateur": __version__}
         pair = self.evals.get(key)
-        if pair is None:
+        if pair is None:  # fresh copies: the evaluations' models run fused, an eager gate times them as loaded
+            from ..artifacts import load
             from ..runtime import optimize_
 
-            models = [self.model(against), self.model(name)]
+            models = [load(self.path_of(against)).model, load(self.path_of(name)).model]
             if gate.runtime == "fused":
                 models = [optimize_(m) for m in models]
             pair = self.evals.put(key, measure_speed(models, compile=gate.runtime == "compiled"))
@@ -296,9 +301,27 @@ class _Runner:
             if self.stages[name].status == "pending":
                 self.stages[name].status, self.stages[name].error = "skipped", "the run stopped at a failed gate"
         result = PipelineResult(self.p.name, self.p.family, self.p.base, self.base_sha, base_evals, self.stages,
-                                str(self.root), round(time.perf_counter() - start, 3))
+                                str(self.root))
+        if self.p.speed:
+            result.base_speed, result.speed = self.family_speed()
+        result.seconds = round(time.perf_counter() - start, 3)
         _write_json(self.root / "result.json", result.to_dict())
         return result
+
+    def family_speed(self) -> tuple[Optional[dict[str, Any]], dict[str, dict[str, Any]]]:
+        """P4 speed of the base and every built variant in the runtime's fastest eager form, measured
+        together (alternating round by round), cached by the set of weights and the machine."""
+        from ..artifacts import load
+        from ..runtime import optimize_
+
+        built = [n for n, s in self.stages.items() if s.weights_sha256 is not None]
+        key = {"family_speed": [self.base_sha] + [self.stages[n].weights_sha256 for n in built],
+               "machine": _machine_key(), "secateur": __version__}
+        timed = self.evals.get(key)
+        if timed is None:
+            models = [optimize_(load(self.path_of(n)).model) for n in [BASE] + built]
+            timed = self.evals.put(key, measure_speed(models))
+        return timed[0], dict(zip(built, timed[1:]))
 
     def plan(self) -> list[dict[str, Any]]:
         """What a run would do, without loading any model: each stage's key and whether it is cached."""
@@ -331,9 +354,73 @@ def _pick(evaluations: list[dict[str, Any]], gate: Gate) -> dict[str, Any]:
     raise SecateurError(f"gate '{gate.describe()}': no {gate.quality} evaluation to read")
 
 
-def run_pipeline(pipeline: Pipeline, workdir: str | os.PathLike = "secateur-runs", keep_going: bool = False) -> PipelineResult:
-    """Build, evaluate and gate every variant of ``pipeline``; see the module docstring."""
-    return _Runner(pipeline, Path(workdir), keep_going).run()
+def run_pipeline(pipeline: Pipeline, workdir: str | os.PathLike = "secateur-runs", keep_going: bool = False,
+                 registry: Any = None) -> PipelineResult:
+    """Build, evaluate and gate every variant of ``pipeline``; see the module docstring. With a
+    :class:`~secateur.registry.Registry`, the base and every built variant are recorded there
+    (admitted or rejected, with their evaluations, speed and gate verdicts) and the admitted ones
+    get their aliases."""
+    result = _Runner(pipeline, Path(workdir), keep_going).run()
+    if registry is not None:
+        register(result, pipeline, registry)
+        _write_json(Path(result.workdir) / "result.json", result.to_dict())
+    return result
+
+
+def _speed_evaluation(speed: dict[str, Any]) -> dict[str, Any]:
+    """The family speed table's entry for one model, as an evaluation row (task speed, P4)."""
+    settings = dict(speed.get("settings") or {})
+    metric = "decode_tokens_per_s" if "decode_tokens_per_s" in speed else "latency_ms_median"
+    extra = {k: v for k, v in speed.items() if k != "settings"}
+    return {"task": "speed", "metric": metric, "protocol": settings.get("protocol"), "value": speed[metric],
+            "extra": extra, "settings": settings}
+
+
+def register(result: PipelineResult, pipeline: Pipeline, registry: Any) -> dict[str, str]:
+    """Record ``result`` in ``registry``: one run; the base; each built variant with its parent edge,
+    its status, its evaluations (and its speed), its gate verdicts as evidence; aliases for the
+    admitted. Each variant is written in its own transactions, complete or not at all."""
+    finished = {n: s for n, s in result.stages.items() if s.status in ("admitted", "rejected")}
+    run = registry.start_run(pipeline.name, info={"family": pipeline.family, "base": pipeline.base,
+                                                  "workdir": result.workdir, "source": pipeline.source})
+    ids: dict[str, Any] = {}
+    try:
+        base = registry.add(_base_dir(pipeline), pipeline.family, name="base", run=run.id)
+        ids[BASE] = base
+        evaluations = list(result.base_evaluations)
+        if result.base_speed:
+            evaluations.append(_speed_evaluation(result.base_speed))
+        registry.record_evaluations(base, evaluations, run=run.id)
+        for name in pipeline.order():
+            stage = finished.get(name)
+            if stage is None:
+                continue
+            variant = registry.add(stage.artifact, pipeline.family, name=name, parent=ids.get(stage.parent),
+                                   status=stage.status, run=run.id,
+                                   evidence={"verdicts": stage.verdicts, "key": stage.key})
+            ids[name] = variant
+            evaluations = list(stage.evaluations)
+            if name in result.speed:
+                evaluations.append(_speed_evaluation(result.speed[name]))
+            registry.record_evaluations(variant, evaluations, run=run.id)
+            if stage.status == "admitted":
+                for alias in stage.aliases:
+                    registry.set_alias(pipeline.family, alias, variant)
+    except BaseException:
+        registry.finish_run(run, status="failed", timings={"seconds": result.seconds})
+        raise
+    registry.finish_run(run, status="failed" if result.failures else "succeeded",
+                        timings={"seconds": result.seconds, **{n: s.seconds for n, s in result.stages.items()}},
+                        verdicts=[{"variant": n, **v} for n, s in result.stages.items() for v in s.verdicts])
+    result.registered = {n: v.id for n, v in ids.items()}
+    result.run_id = run.id
+    return result.registered
+
+
+def _base_dir(pipeline: Pipeline) -> Path:
+    from ..models import resolve
+
+    return resolve(pipeline.base)
 
 
 def plan_pipeline(pipeline: Pipeline, workdir: str | os.PathLike = "secateur-runs") -> list[dict[str, Any]]:
@@ -341,4 +428,4 @@ def plan_pipeline(pipeline: Pipeline, workdir: str | os.PathLike = "secateur-run
     return _Runner(pipeline, Path(workdir), False).plan()
 
 
-__all__ = ["run_pipeline", "plan_pipeline", "PipelineResult", "Stage", "stage_key"]
+__all__ = ["run_pipeline", "plan_pipeline", "register", "PipelineResult", "Stage", "stage_key"]

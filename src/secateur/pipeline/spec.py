@@ -6,6 +6,7 @@ missing parent, a cycle or a bad gate is one line naming its path.
     base: models/stories260K/hf
     data: {source: tinystories, samples: 128, seq_len: 256}   # every variant's calibration data
     eval: [{task: perplexity, data: tinystories}]               # evaluated on the base and every variant
+    speed: true                                                 # P4 speed of the base and every variant
     gates:                                                      # every variant must pass these
       - {quality: perplexity, max_drop_pct: 50}                 # vs the base (or against: parent)
       - {speed: decode, min_speedup: 0.9}                       # measured, same process, alternating
@@ -162,7 +163,8 @@ class Pipeline:
     source: Optional[str] = None     # the file it was read from
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    KEYS = ("name", "family", "base", "data", "eval", "gates", "variants")
+    speed: bool = True               # time the base and every variant together (P4, alternating) for the report
+    KEYS = ("name", "family", "base", "data", "eval", "gates", "speed", "variants")
     VARIANT_KEYS = ("parent", "steps", "data", "gates", "aliases")
 
     # --- the DAG ----------------------------------------------------------------------------
@@ -271,7 +273,10 @@ class Pipeline:
                 raise ConfigError(f"{where}.quality", f"{gate.quality!r}{'/' + gate.data if gate.data else ''} is not "
                                                       "evaluated; add it to the pipeline's eval: list (evaluated: "
                                                       f"{one_of([e.task for e in evals]) if evals else 'nothing'})")
-        return cls(name, base, family, variants, evals, gates, source, dict(data))
+        speed = data.get("speed", True)
+        if not isinstance(speed, bool):
+            raise ConfigError("speed", f"got {speed!r}, expected true (time every variant beside the base) or false")
+        return cls(name, base, family, variants, evals, gates, source, dict(data), speed)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.raw)
