@@ -507,6 +507,9 @@ def run_cmd(pipeline_path: Path = typer.Argument(..., metavar="PIPELINE", help="
             dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG: what is cached and what will run."),
             keep_going: bool = typer.Option(False, "--keep-going",
                                             help="Build every variant even after one fails a gate."),
+            allow_rejected: bool = typer.Option(False, "--allow-rejected",
+                                                help="Exit 0 when variants are only rejected by their gates "
+                                                     "(a demo); errors still exit non-zero."),
             register: bool = typer.Option(True, "--register/--no-register",
                                           help="Record the family in the registry (SECATEUR_HOME)."),
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
@@ -551,7 +554,8 @@ def run_cmd(pipeline_path: Path = typer.Argument(..., metavar="PIPELINE", help="
     if result.failures:
         for line in result.failures:
             err.print(line)
-        raise typer.Exit(1)
+        if not (allow_rejected and all(s.status != "failed" for s in result.stages.values())):
+            raise typer.Exit(1)
 
 
 @app.command("demo")
