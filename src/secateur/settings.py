@@ -5,6 +5,8 @@
 ``SECATEUR_HOME``       secateur's own folder: the registry database (``registry.db``) and its artifact
                         store (``objects/``); default ``$XDG_DATA_HOME/secateur``, else
                         ``~/.local/share/secateur``.
+``SECATEUR_MLFLOW_URI`` an MLflow tracking URI (``sqlite:///mlflow.db``, ``http://host:5000``): every registry
+                        write is mirrored there (extra ``mlflow``); unset: no mirror.
 ``SECATEUR_PROGRESS``   ``0`` hides progress, ``1`` forces bars; by default bars show on a terminal and,
                         elsewhere (a log, CI), a line with the stage, percent and ETA every
                         ``SECATEUR_PROGRESS_EVERY`` seconds (default 30) of a long loop.
@@ -30,6 +32,11 @@ def home() -> Path:
     xdg = os.environ.get("XDG_DATA_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
     return base / "secateur"
+
+
+def mlflow_uri() -> str | None:
+    """The MLflow tracking URI the registry mirrors into (``SECATEUR_MLFLOW_URI``), or None."""
+    return os.environ.get("SECATEUR_MLFLOW_URI") or None
 
 
 def progress_mode() -> str:

@@ -256,4 +256,27 @@ def gc_cmd(as_json: bool = JSON) -> None:
                    f"leftovers; {report.kept} objects in use")
 
 
+@registry_app.command("mirror")
+def mirror_cmd(family: Optional[str] = typer.Argument(None, help="Only this family."),
+               uri: Optional[str] = typer.Option(None, "--uri", help="MLflow tracking URI (default: the "
+                                                 "SECATEUR_MLFLOW_URI setting), e.g. sqlite:///mlflow.db."),
+               weights: bool = typer.Option(False, "--weights", help="Log the weights too (default: the card)."),
+               as_json: bool = JSON) -> None:
+    """Mirror the registry into MLflow: a run per variant, a model version per admitted one, the aliases
+    (extra `mlflow`; idempotent: logs only what MLflow lacks)."""
+    from ..settings import mlflow_uri
+    from .mirror import MlflowMirror
+
+    target = uri or mlflow_uri()
+    if not target:
+        raise RegistryError("no MLflow tracking URI: pass --uri (e.g. sqlite:///mlflow.db) or set SECATEUR_MLFLOW_URI")
+    with _open() as reg:
+        summary = MlflowMirror(target, weights=weights).sync(reg, family)
+    if as_json:
+        _json(summary)
+    else:
+        _out.print(f"mirrored {summary['runs']} variants of {summary['families']} families into {target} "
+                   f"({summary['evaluations_logged']} new evaluations)")
+
+
 __all__ = ["registry_app"]

@@ -108,8 +108,8 @@ class Registry:
     """The registry in ``home`` (default: the ``SECATEUR_HOME`` setting): ``registry.db`` and
     ``objects/``. Open one per process (or thread group); close it, or use it as a context manager."""
 
-    def __init__(self, home: Union[str, Path, None] = None):
-        from ..settings import home as default_home
+    def __init__(self, home: Union[str, Path, None] = None, *, mlflow_uri: Optional[str] = None):
+        from ..settings import home as default_home, mlflow_uri as default_mlflow_uri
 
         self.home = Path(home).expanduser() if home is not None else default_home()
         try:
@@ -119,6 +119,26 @@ class Registry:
                                 "SECATEUR_HOME to a writable folder") from None
         self.objects = self.home / store.OBJECTS
         self.db = Database(self.home / DB_NAME)
+        self.mlflow_uri = mlflow_uri or default_mlflow_uri()
+        self._mirror: Any = None
+
+    def mirror(self) -> Any:
+        """The :class:`~secateur.registry.mirror.MlflowMirror` of ``mlflow_uri`` (None without one)."""
+        if self.mlflow_uri and self._mirror is None:
+            from .mirror import MlflowMirror
+
+            self._mirror = MlflowMirror(self.mlflow_uri)
+        return self._mirror
+
+    def _mirrored(self, what: str, action: Any) -> None:
+        """Run ``action(mirror)`` when a mirror is set; a failure is a warning (the registry is the
+        source of truth, and ``secateur registry mirror`` catches up)."""
+        if not self.mlflow_uri:
+            return
+        try:
+            action(self.mirror())
+        except Exception as exc:  # noqa: BLE001 - the write itself succeeded
+            log.warning("mlflow mirror (%s) failed: %s; run `secateur registry mirror` to catch up", what, exc)
 
     @classmethod
     def existing(cls, home: Union[str, Path, None] = None) -> Optional["Registry"]:
@@ -295,7 +315,9 @@ class Registry:
             vid = self.db.write(lambda conn: self._insert(conn, staged, fields, family, name, parent, status, run))
         finally:
             store.discard(staged)  # nothing left when it was installed
-        return self.resolve(vid)
+        variant = self.resolve(vid)
+        self._mirrored("add", lambda m: m.variant(self, variant))
+        return variant
 
     def _fields(self, staged: store.Staged, source: Path, evidence: Optional[dict[str, Any]]) -> dict[str, Any]:
         card, config = staged.card, staged.config
@@ -393,7 +415,10 @@ class Registry:
                                  "ORDER BY id", ids).fetchall() if ids else []
             return [self._evaluation(r) for r in found]
 
-        return self.db.write(body)
+        recorded = self.db.write(body)
+        if recorded:
+            self._mirrored("evaluation", lambda m: m.evaluations(self, self.resolve(recorded[0].variant_id)))
+        return recorded
 
     @staticmethod
     def _evaluation_row(result: Any) -> dict[str, Any]:
@@ -452,7 +477,9 @@ class Registry:
                                "VALUES (?, ?, 'set', ?, ?, ?)", (family_id, alias, variant.id, previous, now)).lastrowid
             return AliasMove(mid, family, alias, "set", variant.id, previous, False, now)
 
-        return self.db.write(body)
+        move = self.db.write(body)
+        self._mirrored("alias", lambda m: m.aliases(self, family))
+        return move
 
     def _current_alias(self, conn: sqlite3.Connection, family: str, alias: str) -> tuple[int, str]:
         family_id = self._family_id(conn, family)
@@ -487,14 +514,18 @@ class Registry:
                                "VALUES (?, ?, 'rollback', ?, ?, ?)", (family_id, alias, previous, current, now)).lastrowid
             return AliasMove(mid, family, alias, "rollback", previous, current, False, now)
 
-        return self.db.write(body)
+        move = self.db.write(body)
+        self._mirrored("rollback", lambda m: m.aliases(self, family))
+        return move
 
     def drop_alias(self, family: str, alias: str) -> AliasMove:
         def body(conn: sqlite3.Connection) -> AliasMove:
             family_id, current = self._current_alias(conn, family, alias)
             return self._drop(conn, family, family_id, alias, current)
 
-        return self.db.write(body)
+        move = self.db.write(body)
+        self._mirrored("drop alias", lambda m: m.aliases(self, family))
+        return move
 
     @staticmethod
     def _drop(conn: sqlite3.Connection, family: str, family_id: int, alias: str, current: str) -> AliasMove:
@@ -574,7 +605,9 @@ class Registry:
             conn.execute("DELETE FROM variants WHERE id = ?", (variant.id,))
             return variant
 
-        return self.db.write(body)
+        removed = self.db.write(body)
+        self._mirrored("remove", lambda m: (m.aliases(self, removed.family), m.removed(removed)))
+        return removed
 
     def gc(self) -> GcReport:
         """Delete the stored objects no variant references, and the leftovers of killed copies."""
