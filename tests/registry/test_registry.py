@@ -437,3 +437,15 @@ def test_remove_and_gc_keep_referenced_objects_only(reg: Registry, made: dict[st
     assert report.removed == [b.store_key] and report.freed_bytes > 0 and report.kept == 1
     assert objects(home) == [c.store_key] and reg.gc().removed == []
     assert reg.integrity() == "ok"
+
+
+def test_set_status_admits_or_rejects_with_evidence(reg: Registry, made: dict[str, Path]) -> None:
+    v = reg.add(made["pruned"], "stories", "p", status="rejected", evidence={"verdicts": [{"passed": False}]})
+    assert reg.add(made["pruned"], "stories", "p", status="admitted").status == "rejected"  # add returns it as it is
+    admitted = reg.set_status(v.id, "admitted", evidence={"verdicts": [{"passed": True}]})
+    assert admitted.status == "admitted" and admitted.info["evidence"] == {"verdicts": [{"passed": True}]}
+    reg.set_alias("stories", "fast", v.id)
+    with pytest.raises(RegistryError, match="is the target of stories@fast; move those aliases before rejecting it"):
+        reg.set_status(v.id, "rejected")
+    with pytest.raises(RegistryError, match="status 'maybe' is not valid"):
+        reg.set_status(v.id, "maybe")

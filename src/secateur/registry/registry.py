@@ -392,6 +392,31 @@ class Registry:
         conn.execute("UPDATE edges SET parent_id = ? WHERE parent_id IS NULL AND parent_sha256 = ? AND child_id != ?",
                      (vid, staged.weights_sha256, vid))
 
+    def set_status(self, ref: Union[str, Variant], status: str, evidence: Optional[dict[str, Any]] = None) -> Variant:
+        """Admit or reject a registered variant (a gate re-judged, e.g. on a re-run whose artifact
+        is byte-identical, which ``add`` returns as it is), with the evidence; a variant an alias
+        names cannot be rejected until the alias moves."""
+        if status not in STATUSES:
+            raise RegistryError(f"status {status!r} is not valid; valid: {one_of(STATUSES)}")
+
+        def body(conn: sqlite3.Connection) -> str:
+            variant = self._resolve(conn, ref)
+            names = [r[0] for r in conn.execute("SELECT name FROM aliases WHERE variant_id = ? ORDER BY name",
+                                                (variant.id,))]
+            if status == "rejected" and names:
+                raise RegistryError(f"variant {variant.id} ({variant.ref}) is the target of "
+                                    f"{', '.join(variant.family + '@' + n for n in names)}; move those aliases "
+                                    "before rejecting it")
+            info = dict(variant.info)
+            if evidence is not None:
+                info["evidence"] = evidence
+            conn.execute("UPDATE variants SET status = ?, info = ? WHERE id = ?", (status, _dumps(info), variant.id))
+            return variant.id
+
+        variant = self.resolve(self.db.write(body))
+        self._mirrored("status", lambda m: m.variant(self, variant))
+        return variant
+
     # --- evaluations ---------------------------------------------------------------------------
 
     def record_evaluation(self, ref: Union[str, Variant], result: Any, *, run: Optional[str] = None) -> Evaluation:
