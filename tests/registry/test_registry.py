@@ -380,6 +380,8 @@ def test_evaluations_keep_every_setting(reg: Registry, made: dict[str, Path]) ->
     e2 = reg.record_evaluation(v.id, {"task": "speed", "protocol": None, "metric": "decode_tokens_per_s",
                                       "value": float("nan")})
     assert e2.value is None and e2.protocol is None
+    with pytest.raises(RegistryError, match="evaluation value 'high' is not a number"):
+        reg.record_evaluation(v.id, {"task": "sts", "metric": "spearman", "value": "high"})
     with pytest.raises(RegistryError, match="lacks value"):
         reg.record_evaluation(v.id, {"task": "sts", "metric": "spearman"})
     assert [x.id for x in reg.evaluations(v.id)] == [e.id, e2.id]

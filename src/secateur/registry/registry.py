@@ -462,8 +462,13 @@ class Registry:
         if isinstance(machine, dict) and settings.get("threads") is not None:
             machine = {**machine, "threads": settings["threads"]}
         value = data["value"]
+        try:
+            value = None if value is None else float(value)
+        except (TypeError, ValueError):
+            raise RegistryError(f"evaluation value {value!r} is not a number (task {data['task']!r}, metric "
+                                f"{data['metric']!r})") from None
         return {"task": str(data["task"]), "metric": str(data["metric"]), "protocol": data.get("protocol"),
-                "value": None if value is None or not math.isfinite(float(value)) else float(value),
+                "value": None if value is None or not math.isfinite(value) else value,
                 "extra": _dumps(data.get("extra") or {}), "settings": _dumps(settings),
                 "fingerprint": None if fingerprint is None else (fingerprint if isinstance(fingerprint, str)
                                                                  else _dumps(fingerprint)),
