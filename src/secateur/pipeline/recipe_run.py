@@ -117,7 +117,7 @@ def run_recipe(recipe: Any, out: str | Path | None = None, loaded: Any = None,
     check_storage(storage)
     from ..api import compress_
     from ..artifacts import save
-    from ..artifacts import load
+    from ..registry import load  # a path, a hub id or a registry ref (family@alias)
 
     if recipe.data is not None:  # a missing or mistyped data file fails now, not after loading the model
         from ..data import source

@@ -141,10 +141,11 @@ class _Runner:
     def __init__(self, pipeline: Pipeline, workdir: Path, keep_going: bool):
         from ..artifacts import weights_hash
         from ..models import resolve
+        from ..registry import resolve_model
 
         self.p, self.keep_going = pipeline, keep_going
         self.root = Path(workdir).expanduser().resolve() / pipeline.name
-        self.base_path = resolve(pipeline.base)
+        self.base_path = resolve(str(resolve_model(pipeline.base)))  # a path, hub id or registry ref
         self.base_sha = weights_hash(self.base_path)
         self.stages = {n: Stage(n, v.parent, aliases=v.aliases) for n, v in pipeline.variants.items()}
         self.evals = _Cache(self.root / "evaluations.json")
@@ -419,8 +420,9 @@ def register(result: PipelineResult, pipeline: Pipeline, registry: Any) -> dict[
 
 def _base_dir(pipeline: Pipeline) -> Path:
     from ..models import resolve
+    from ..registry import resolve_model
 
-    return resolve(pipeline.base)
+    return resolve(str(resolve_model(pipeline.base)))
 
 
 def plan_pipeline(pipeline: Pipeline, workdir: str | os.PathLike = "secateur-runs") -> list[dict[str, Any]]:
