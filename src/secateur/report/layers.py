@@ -40,6 +40,17 @@ def _natural(name: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
+def split_layer(layer: str) -> tuple[Optional[int], str]:
+    """``model.layers.3.self_attn.q_proj`` -> ``(3, "self_attn.q_proj")``; ``lm_head`` -> ``(None, "lm_head")``."""
+    m = re.search(r"(?:^|\.)(\d+)\.(.+)$", layer)
+    return (int(m.group(1)), m.group(2)) if m else (None, layer)
+
+
+def layer_order(name: str) -> tuple[bool, list[Any]]:
+    """The blocks' layers first, block by block (natural order), then the others (``lm_head``)."""
+    return split_layer(name)[0] is None, _natural(name)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -181,7 +192,7 @@ def layer_stats(artifact_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
                     elif tensor.is_floating_point():
                         sparsity[module] = float((tensor == 0).sum()) / tensor.numel()
                         bits[module] = tensor.element_size() * 8
-    order = sorted(set(sparsity) | set(bits), key=_natural)
+    order = sorted(set(sparsity) | set(bits), key=layer_order)
     return {"sparsity": {m: (round(sparsity[m], 6) if sparsity.get(m) is not None else None) for m in order},
             "bits": {m: bits.get(m) for m in order}}
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import SecateurError
+from .layers import layer_order, split_layer
 from .svg import (Scale, axes, domain, esc, fmt, fmt_bytes, fmt_ms, fmt_pct, fmt_ratio, number, overlaps, ramp,
                   shorten, text_width, tick_label)
 
@@ -341,11 +342,11 @@ def _scatter(fam: Family, plot_id: str, title: str, key: QualityKey, xget: Calla
                   x_kind=x_kind, width=width, height=height)]
     if off_high:
         parts.append(f'<line class="break" x1="{left}" y1="{ys.end - 6:.1f}" x2="{area[2]}" y2="{ys.end - 6:.1f}"/>'
-                     f'<text class="break-label" x="{area[2] - 2}" y="{ys.end - 10:.1f}" text-anchor="end">'
+                     f'<text class="break-label" x="{left - 6}" y="{top + band / 2:.1f}" text-anchor="end">'
                      f'off scale</text>')
     if off_low:
         parts.append(f'<line class="break" x1="{left}" y1="{ys.start + 6:.1f}" x2="{area[2]}" y2="{ys.start + 6:.1f}"/>'
-                     f'<text class="break-label" x="{area[2] - 2}" y="{ys.start + 17:.1f}" text-anchor="end">'
+                     f'<text class="break-label" x="{left - 6}" y="{area[3] - band / 2 + 4:.1f}" text-anchor="end">'
                      f'off scale</text>')
     if off_right:
         parts.append(f'<line class="break" x1="{xs.end + 8:.1f}" y1="{top}" x2="{xs.end + 8:.1f}" y2="{area[3]}"/>')
@@ -520,35 +521,24 @@ def _lineage_section(fam: Family) -> str:
 
 # --- per-layer heatmaps -------------------------------------------------------------------------
 
-def _natural(name: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
-def _split(layer: str) -> tuple[Optional[int], str]:
-    """``model.layers.3.self_attn.q_proj`` -> ``(3, "self_attn.q_proj")``; ``lm_head`` -> ``(None, "lm_head")``."""
-    m = re.search(r"(?:^|\.)(\d+)\.(.+)$", layer)
-    return (int(m.group(1)), m.group(2)) if m else (None, layer)
-
-
 def _heatmap(fam: Family, plot_id: str, title: str, field_name: str, colour: Callable[[Any], str],
              text: Callable[[Any], str], legend: str) -> str:
     rows = [e for e in fam.entries if _dict(e.layers.get(field_name))]
     missing = [e.name for e in fam.entries if e not in rows]
     if not rows:
         return _figure_empty(title, "no per-layer numbers (the family dict has no 'layers' entries)")
-    columns = sorted({layer for e in rows for layer in e.layers[field_name]}, key=lambda n: (
-        _split(n)[0] is None, _natural(n)))
+    columns = sorted({layer for e in rows for layer in e.layers[field_name]}, key=layer_order)
     label_w = min(190, max(text_width(shorten(e.name, 26), 11) for e in rows) + 14)
     cell_w = max(5.0, min(26.0, 760 / max(len(columns), 1)))
     cell_h, top = 20, 22
-    groups = [_split(c)[0] for c in columns]
+    groups = [split_layer(c)[0] for c in columns]
     xs, x = [], label_w
     for i, g in enumerate(groups):
         if i and g != groups[i - 1]:
             x += 4
         xs.append(x)
         x += cell_w
-    kinds = [_split(c)[1] for c in columns]
+    kinds = [split_layer(c)[1] for c in columns]
     show_kinds = cell_w >= 11
     kind_h = (max(text_width(shorten(k.split(".")[-1], 14), 10) for k in kinds) + 10) if show_kinds else 8
     width = int(x + 12)
@@ -786,9 +776,19 @@ def _card_rows(fam: Family) -> list[tuple[str, Callable[[Entry], str]]]:
     def short_hash(v: Any) -> str:
         return f'<code title="{esc(v)}">{esc(str(v)[:12])}</code>' if isinstance(v, str) and v else "—"
 
+    def fingerprint(f: Any) -> str:
+        if not isinstance(f, dict):
+            return shorten(str(f), 60)
+        parts = []
+        for k, v in f.items():
+            v = v if isinstance(v, (str, int, float)) else json.dumps(v, sort_keys=True, default=str)
+            parts.append(f"{k} {str(v)[:10] if isinstance(v, str) and re.fullmatch('[0-9a-f]{16,}', v) else v}")
+        return shorten(", ".join(parts), 90)
+
     def fingerprints(e: Entry) -> str:
         fps = _list(e.card.get("data_fingerprints"))
-        return esc(shorten("; ".join(json.dumps(f, sort_keys=True, default=str) for f in fps), 160)) if fps else "—"
+        return "<br>".join(esc(fingerprint(f)) for f in fps[:4]) + (f" (+{len(fps) - 4})" if len(fps) > 4 else "") \
+            if fps else "—"
 
     def verdicts(e: Entry) -> str:
         if not e.verdicts:
@@ -860,7 +860,7 @@ header .sub{color:#cbd2e1;font-size:13px}
 header .facts{margin-top:10px;display:flex;flex-wrap:wrap;gap:6px}
 header .fact{background:#1f2937;border:1px solid #374151;border-radius:999px;padding:2px 10px;font-size:12px;
 color:#e5e7eb}
-nav{position:sticky;top:0;z-index:2;background:#fffffff0;border-bottom:1px solid var(--line);padding:8px 32px;
+nav{background:#fff;border-bottom:1px solid var(--line);padding:8px 32px;
 font-size:13px}
 nav a{color:var(--ink);text-decoration:none;margin-right:18px}
 nav a:hover{color:var(--admitted)}
@@ -939,7 +939,7 @@ tr.rejected td{background:#fffafa}
 .chip.pass{background:#f0fdf4;color:#166534;border:1px solid #bbf7d0}
 .chip.fail{background:#fef2f2;color:#991b1b;border:1px solid #fecaca}
 table.cards th:first-child{position:sticky;left:0;background:#fafbfc;white-space:nowrap}
-table.cards td{min-width:170px;max-width:340px;word-break:break-word}
+table.cards td{min-width:130px;max-width:300px;word-break:break-word}
 table.cards thead th.rejected{color:var(--rejected)}
 details pre{max-height:340px;overflow:auto;background:#f8fafc;border:1px solid var(--line);padding:8px;
 font-size:11px;white-space:pre-wrap}
