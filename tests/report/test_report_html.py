@@ -137,6 +137,10 @@ def test_names_and_recipes_are_escaped(family):
     family["variants"][2]["verdicts"][0]["gate"] = "<b onmouseover=alert(4)>gate</b>"
     family["machine"]["cpu"] = "<iframe src=javascript:alert(5)>"
     family["family"] = "</title><script>alert(6)</script>"
+    family["variants"][3]["card"]["quantization"]["bits"] = {"<script>alert(7)</script>": 3}
+    family["variants"][4]["layers"]["sparsity"]["<script>alert(8)</script>"] = 0.5
+    for entry in [family["base"], *family["variants"]]:  # one quality axis, its data named by a script
+        entry["evaluations"][0]["settings"]["data"] = "<script>alert(9)</script>"
     text = report.render(family)
     page = Page(text)
     tags = {tag for tag, _ in page.elements}
@@ -266,3 +270,72 @@ def test_docs_describe_every_section():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "report.md").read_text(encoding="utf-8")
     for heading in ("Summary", "Trade-offs", "Lineage", "Per layer", "Latency", "Gates", "Cards", "contract"):
         assert heading.lower() in doc.lower(), heading
+
+
+def _paths(value, prefix=()):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield prefix + (k,)
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield prefix + (i,)
+            yield from _paths(v, prefix + (i,))
+
+
+def test_any_piece_missing_or_mistyped_still_renders(family):
+    """Thirty seeded mutations of the family (a key dropped, a value turned into None, a string, a
+    NaN or an empty container) each still give a page; only the variants list and names are required."""
+    import random
+
+    rng = random.Random(23)
+    required = lambda p: (p[0] == "variants" and (len(p) <= 2 or p[2:] == ("name",))  # noqa: E731
+                          or p in (("base",), ("base", "name")))
+    paths = [p for p in _paths(family) if not required(p)]
+    for _ in range(30):
+        mutated = copy.deepcopy(family)
+        for path in rng.sample(paths, 6):
+            parent = mutated
+            try:
+                for step in path[:-1]:
+                    parent = parent[step]
+                if isinstance(parent, dict) and path[-1] in parent:
+                    choice = rng.choice(["drop", None, "text", float("nan"), {}, []])
+                    if choice == "drop":
+                        del parent[path[-1]]
+                    else:
+                        parent[path[-1]] = choice
+            except (KeyError, IndexError, TypeError):
+                continue
+        text = report.render(mutated)
+        assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
+
+
+def test_an_encoder_family_with_many_variants(family):
+    """Latency only (an encoder), 24 variants with long names and 12 blocks: still one mark per
+    variant per plot, the latency axis named after the encoder's timing."""
+    base = family["base"]
+    base["speed"] = {"latency_ms_median": 9.0, "latency_ms_p95": 9.8, "latency_ms_p99": 11.0}
+    base["evaluations"] = [{"task": "sts", "metric": "spearman", "value": 0.82, "protocol": "P2"}]
+    base["layers"] = {"sparsity": {f"encoder.layer.{b}.{k}": 0.0 for b in range(12) for k in ("q", "k", "v", "o")},
+                      "bits": {f"encoder.layer.{b}.{k}": 32 for b in range(12) for k in ("q", "k", "v", "o")}}
+    variants = []
+    for i in range(24):
+        variants.append({"name": f"minilm-w8a8-variant-with-a-long-name-{i:02d}", "parent": "base" if i < 4
+                         else f"minilm-w8a8-variant-with-a-long-name-{i // 4 - 1:02d}",
+                         "status": "rejected" if i % 5 == 0 else "admitted",
+                         "evaluations": [{"task": "sts", "metric": "spearman", "value": 0.82 - 0.004 * i,
+                                          "protocol": "P2"}],
+                         "speed": {"latency_ms_median": 9.0 - 0.2 * i, "latency_ms_p95": 9.5 - 0.2 * i,
+                                   "latency_ms_p99": 10.0 - 0.2 * i},
+                         "bytes": 90_000_000 - 3_000_000 * i,
+                         "layers": {"sparsity": {k: i / 30 for k in base["layers"]["sparsity"]},
+                                    "bits": {k: 8 for k in base["layers"]["bits"]}}})
+    family["variants"] = variants
+    base["bytes"] = 90_000_000
+    page = Page(text := report.render(family))
+    assert set(page.plots) == {"pareto-latency-sts-spearman-p2", "pareto-bytes-sts-spearman-p2", "lineage",
+                               "heatmap-sparsity", "heatmap-bits", "latency-forward"}
+    for plot, attrs in page.plots.items():
+        assert len(marks(attrs, "variant")) == 24 and len(marks(attrs, "base")) == 1, plot
+    assert "forward latency, median (ms) — lower is better" in text and "forward latency p50" in text

@@ -126,7 +126,8 @@ def test_real_artifacts_make_a_report(tmp_path):
         card = json.loads((path / "compression.json").read_text())
         return {"name": name, "parent": parent, "status": status, "card": card, "layers": report.layer_stats(path)}
 
-    family = {"family": "tiny", "machine": {"cpu": "test", "threads": 1}, "base": entry("base", base_dir, status="base"),
+    family = {"family": "tiny", "machine": {"cpu": "test", "threads": 1},
+              "base": entry("base", base_dir, status="base"),
               "variants": [entry("sparse", a, "base"), entry("w4", b, "sparse", "rejected")]}
     text = report.render(family)
     for plot in ("heatmap-sparsity", "heatmap-bits"):

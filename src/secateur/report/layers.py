@@ -112,8 +112,8 @@ def layer_stats(artifact_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     if not files:
         raise SecateurError(f"'{directory}' holds no safetensors weights: layer statistics read an artifact directory")
     card = _read_json(directory / "compression.json")
-    card_bits = {name: entry.get("bits") for name, entry in ((card.get("quantization") or {}).get("layers") or {}).items()
-                 if isinstance(entry, dict)}
+    quantized = (card.get("quantization") or {}).get("layers") or {}
+    card_bits = {name: entry.get("bits") for name, entry in quantized.items() if isinstance(entry, dict)}
     groups = _config_bits(_read_json(directory / "config.json"))
 
     def quant_bits(module: str, fallback: Optional[int]) -> Optional[int]:

@@ -12,7 +12,6 @@ escaped. Each plot is a ``<figure class="plot" data-plot="...">`` whose marks ar
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
@@ -23,11 +22,13 @@ from typing import Any, Callable, Optional
 from ..errors import SecateurError
 from .layers import layer_order, split_layer
 from .svg import (Scale, axes, domain, esc, fmt, fmt_bytes, fmt_ms, fmt_pct, fmt_ratio, number, overlaps, ramp,
-                  shorten, text_width, tick_label)
+                  shorten, shorten_name, text_width, tick_label)
 
 HIGHER_IS_BETTER = {"perplexity": False, "sts": True}
 LOWER_IS_BETTER_METRICS = {"perplexity", "loss", "nll", "wer", "cer", "error", "bits_per_byte", "bpb"}
-LATENCIES = (("latency_ms", "latency"), ("decode_step_ms", "decode step"), ("prefill_ms", "prefill"))
+LATENCIES = (("latency_ms", "forward latency", "forward"), ("decode_step_ms", "decode step latency", "decode-step"),
+             ("prefill_ms", "prefill latency", "prefill"))  # speed keys' prefix, in words, in plot ids
+LATENCY_WORDS = {prefix: words for prefix, words, _ in LATENCIES}
 CARD_JSON_LIMIT = 60_000  # characters of a card's JSON shown in full; longer ones are cut, saying so
 
 SPARSITY_RAMP = ((246, 248, 252), (189, 215, 238), (107, 174, 214), (33, 113, 181), (8, 48, 107))
@@ -176,7 +177,7 @@ class Family:
                 if k is not None and k not in keys:
                     keys.append(k)
         self.keys = keys
-        self.latency = next((p for p, _ in LATENCIES if any(number(e.speed.get(f"{p}_median")) is not None
+        self.latency = next((p for p, _, _ in LATENCIES if any(number(e.speed.get(f"{p}_median")) is not None
                                                             for e in self.entries)), None)
 
     def quality(self, entry: Entry, key: QualityKey) -> Optional[float]:
@@ -237,7 +238,7 @@ def _hover(fam: Family, e: Entry) -> str:
             d = fam.delta(e, key)
             lines.append(f"{key.label()}: {fmt(q)}" + (f" ({fmt_pct(d)} vs base)" if d is not None and not e.is_base
                                                       else ""))
-    for prefix, label in LATENCIES:
+    for prefix, label, _ in LATENCIES:
         p50 = number(e.speed.get(f"{prefix}_median"))
         if p50 is not None:
             p95, p99 = e.speed.get(f"{prefix}_p95"), e.speed.get(f"{prefix}_p99")
@@ -283,7 +284,8 @@ def _missing(names: list[str], why: str) -> str:
 
 def _shape(e: Entry, x: float, y: float, front: bool) -> str:
     if e.is_base:
-        return f'<path class="shape base" d="M{x:.1f},{y - 7:.1f}L{x + 7:.1f},{y:.1f}L{x:.1f},{y + 7:.1f}L{x - 7:.1f},{y:.1f}Z"/>'
+        return (f'<path class="shape base" d="M{x:.1f},{y - 7:.1f}L{x + 7:.1f},{y:.1f}L{x:.1f},{y + 7:.1f}'
+                f'L{x - 7:.1f},{y:.1f}Z"/>')
     if e.status == "rejected":
         return (f'<circle class="shape rejected" cx="{x:.1f}" cy="{y:.1f}" r="6"/>'
                 f'<path class="cross" d="M{x - 4:.1f},{y - 4:.1f}L{x + 4:.1f},{y + 4:.1f}M{x - 4:.1f},{y + 4:.1f}'
@@ -369,7 +371,7 @@ def _scatter(fam: Family, plot_id: str, title: str, key: QualityKey, xget: Calla
     for e, x, y in order:
         px, py = spots[id(e)]
         parts.append(_mark(e, fam, _shape(e, px, py, id(e) in on_front)))
-        label = shorten(e.name, 28)
+        label = shorten_name(e.name, 28)
         if not (ylo <= y <= yhi):
             label += f" ({fmt(y, 3)})"
         elif x > xhi:
@@ -410,7 +412,8 @@ def _figure_empty(title: str, why: str) -> str:
 
 def _legend_pareto() -> str:
     return ('<p class="legend">'
-            '<svg width="14" height="14" viewBox="-7 -7 14 14"><path class="shape base" d="M0,-6L6,0L0,6L-6,0Z"/></svg> base '
+            '<svg width="14" height="14" viewBox="-7 -7 14 14"><path class="shape base" d="M0,-6L6,0L0,6L-6,0Z"/>'
+            '</svg> base '
             '<svg width="14" height="14" viewBox="-7 -7 14 14"><circle class="shape admitted" r="5"/></svg> admitted '
             '<svg width="14" height="14" viewBox="-7 -7 14 14"><circle class="shape admitted front" r="5"/></svg> '
             'admitted, on the Pareto front '
@@ -427,12 +430,12 @@ def _pareto_section(fam: Family) -> str:
            'on both axes at once.</p>', _legend_pareto()]
     if not fam.keys:
         out.append(_no_data("no model has a quality evaluation"))
-    latency_label = dict(LATENCIES).get(fam.latency or "", "latency")
+    latency_label = LATENCY_WORDS.get(fam.latency or "", "latency")
     for key in fam.keys:
         out.append('<div class="grid2">')
         if fam.latency:
-            out.append(_scatter(fam, f"pareto-latency-{key.slug()}", f"{key.label()} vs {latency_label} latency", key,
-                                fam.latency_ms, f"{latency_label} latency, median (ms)"))
+            out.append(_scatter(fam, f"pareto-latency-{key.slug()}", f"{key.label()} vs {latency_label}", key,
+                                fam.latency_ms, f"{latency_label}, median (ms)"))
         else:
             out.append(_figure_empty(f"{key.label()} vs latency", "no model has a speed measurement"))
         out.append(_scatter(fam, f"pareto-bytes-{key.slug()}", f"{key.label()} vs weights on disk", key,
@@ -493,14 +496,15 @@ def _lineage_section(fam: Family) -> str:
         mid = (x0 + x1) / 2
         cls = "edge rejected" if v.status == "rejected" else "edge"
         steps = " → ".join(_step_text(s) for s in v.steps) or "(no steps recorded)"
-        parts.append(f'<path class="{cls}" d="M{x0:.1f},{y0:.1f}C{mid:.1f},{y0:.1f} {mid:.1f},{y1:.1f} {x1:.1f},{y1:.1f}">'
+        parts.append(f'<path class="{cls}" d="M{x0:.1f},{y0:.1f}C{mid:.1f},{y0:.1f} {mid:.1f},{y1:.1f} '
+                     f'{x1:.1f},{y1:.1f}">'
                      f'<title>{esc(v.parent)} → {esc(v.name)}: {esc(steps)}</title></path>')
         parts.append(f'<text class="edge-label" x="{x1 - 6:.1f}" y="{y1 - 6:.1f}" text-anchor="end">'
-                     f'{esc(shorten(_methods(v), int((gap_x - 16) / 6.2)))}</text>')
+                     f'{esc(shorten(_methods(v), int((gap_x - 16) / 6.2)))}</text>' if v.steps else "")
     for name in order:
         x, y = pos(name)
         e = fam.by_name.get(name)
-        label = esc(shorten(name, int((node_w - 16) / 8)))
+        label = esc(shorten_name(name, int((node_w - 16) / 8)))
         if e is None:
             parts.append(f'<g class="phantom"><title>{esc(name)}: a parent that is not in this family</title>'
                          f'<rect x="{x}" y="{y}" width="{node_w}" height="{node_h}" rx="8"/>'
@@ -528,7 +532,7 @@ def _heatmap(fam: Family, plot_id: str, title: str, field_name: str, colour: Cal
     if not rows:
         return _figure_empty(title, "no per-layer numbers (the family dict has no 'layers' entries)")
     columns = sorted({layer for e in rows for layer in e.layers[field_name]}, key=layer_order)
-    label_w = min(190, max(text_width(shorten(e.name, 26), 11) for e in rows) + 14)
+    label_w = min(190, max(text_width(shorten_name(e.name, 26), 11) for e in rows) + 14)
     cell_w = max(5.0, min(26.0, 760 / max(len(columns), 1)))
     cell_h, top = 20, 22
     groups = [split_layer(c)[0] for c in columns]
@@ -550,14 +554,15 @@ def _heatmap(fam: Family, plot_id: str, title: str, field_name: str, colour: Cal
         if i == len(columns) or groups[i] != groups[start]:
             g = groups[start]
             mid = (xs[start] + xs[i - 1] + cell_w) / 2
+            name = "other" if g is None else (f"block {g}" if xs[i - 1] - xs[start] > 40 else str(g))
             parts.append(f'<text class="block-label" x="{mid:.1f}" y="{top - 7}" text-anchor="middle">'
-                         f'{esc("block " + str(g) if g is not None and (xs[i - 1] - xs[start]) > 40 else (g if g is not None else "other"))}</text>')
+                         f'{esc(name)}</text>')
             start = i
     for r, e in enumerate(rows):
         y = top + r * cell_h
         values = e.layers[field_name]
         cells = [f'<text class="row-label" x="{label_w - 8}" y="{y + cell_h / 2 + 4:.1f}" text-anchor="end">'
-                 f'{esc(shorten(e.name, 26))}</text>']
+                 f'{esc(shorten_name(e.name, 26))}</text>']
         for c, layer in enumerate(columns):
             v = values.get(layer)
             if layer not in values:
@@ -574,7 +579,8 @@ def _heatmap(fam: Family, plot_id: str, title: str, field_name: str, colour: Cal
             parts.append(f'<text class="kind-label" transform="translate({cx:.1f} {y0}) rotate(90)">'
                          f'{esc(shorten(kind.split(".")[-1], 14))}</text>')
     parts.append("</svg>")
-    note = "" if show_kinds else f'<p class="missing">columns within a block: {esc(", ".join(dict.fromkeys(kinds)))}</p>'
+    note = "" if show_kinds else \
+        f'<p class="missing">columns within a block: {esc(", ".join(dict.fromkeys(kinds)))}</p>'
     return _figure(plot_id, title, "".join(parts), legend + note + _missing(missing, "no per-layer numbers"))
 
 
@@ -594,9 +600,11 @@ def _layers_section(fam: Family) -> str:
     sparsity_legend = ('<p class="legend">' + "".join(
         f'<span class="swatch" style="background:{ramp(SPARSITY_RAMP, t)}"></span>{int(t * 100)}% '
         for t in (0, 0.25, 0.5, 0.75, 1.0)) + 'zeros · grey: no data · empty: not in this model</p>')
-    bits_legend = ('<p class="legend">' + "".join(f'<span class="swatch" style="background:{BIT_COLOURS[b]}"></span>{b}-bit '
-                                                  for b in (2, 3, 4, 8))
-                   + f'<span class="swatch" style="background:{WIDE_BITS}"></span>16/32-bit float · grey: no data · empty: not in this model</p>')
+    bits_legend = ('<p class="legend">'
+                   + "".join(f'<span class="swatch" style="background:{BIT_COLOURS[b]}"></span>{b}-bit '
+                             for b in (2, 3, 4, 8))
+                   + f'<span class="swatch" style="background:{WIDE_BITS}"></span>16/32-bit float · '
+                   'grey: no data · empty: not in this model</p>')
     return ('<section id="layers"><h2>Per layer</h2><p class="lede">One row per model, one column per weight '
             'matrix, grouped by block (hover a cell for its layer and number). Sparsity counts entries that are '
             'exactly zero once dequantized; bits is the stored width of each weight.</p><div class="stack">'
@@ -609,10 +617,10 @@ def _layers_section(fam: Family) -> str:
 
 # --- latency distributions ----------------------------------------------------------------------
 
-def _latency_panel(fam: Family, prefix: str, label: str) -> str:
+def _latency_panel(fam: Family, prefix: str, label: str, slug: str) -> str:
     rows = [e for e in fam.entries if number(e.speed.get(f"{prefix}_median")) is not None]
     missing = [e.name for e in fam.entries if e not in rows]
-    label_w = min(190, max(text_width(shorten(e.name, 26), 11) for e in rows) + 14)
+    label_w = min(190, max(text_width(shorten_name(e.name, 26), 11) for e in rows) + 14)
     plot_w, text_w, row_h, top, bottom = 420, 230, 26, 10, 40
     width, height = int(label_w + plot_w + text_w), top + len(rows) * row_h + bottom
     highest = max(number(e.speed.get(f"{prefix}_p99")) or number(e.speed.get(f"{prefix}_p95"))
@@ -624,9 +632,10 @@ def _latency_panel(fam: Family, prefix: str, label: str) -> str:
     for t in xs.ticks():
         px = xs(t)
         parts.append(f'<line class="grid" x1="{px:.1f}" y1="{top}" x2="{px:.1f}" y2="{ys.start:.1f}"/>'
-                     f'<text class="tick" x="{px:.1f}" y="{ys.start + 16:.1f}" text-anchor="middle">{esc(fmt(t, 3))}</text>')
+                     f'<text class="tick" x="{px:.1f}" y="{ys.start + 16:.1f}" text-anchor="middle">'
+                     f'{esc(fmt(t, 3))}</text>')
     parts.append(f'<text class="label" x="{label_w + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle">'
-                 f'{esc(label)} time (ms): ● p50 ┃ p95 │ p99</text>')
+                 f'{esc(label)} (ms): ● p50 ┃ p95 │ p99</text>')
     base50 = number(fam.base.speed.get(f"{prefix}_median"))
     if base50 is not None:
         parts.append(f'<line class="base-line" x1="{xs(base50):.1f}" y1="{top}" x2="{xs(base50):.1f}" '
@@ -636,7 +645,8 @@ def _latency_panel(fam: Family, prefix: str, label: str) -> str:
         p50 = number(e.speed[f"{prefix}_median"])
         p95, p99 = number(e.speed.get(f"{prefix}_p95")), number(e.speed.get(f"{prefix}_p99"))
         tail = p99 if p99 is not None else p95
-        body = [f'<text class="row-label" x="{label_w - 8}" y="{y + 4:.1f}" text-anchor="end">{esc(shorten(e.name, 26))}</text>']
+        body = [f'<text class="row-label" x="{label_w - 8}" y="{y + 4:.1f}" text-anchor="end">'
+                f'{esc(shorten_name(e.name, 26))}</text>']
         if tail is not None:
             body.append(f'<line class="whisker" x1="{xs(p50):.1f}" y1="{y}" x2="{xs(tail):.1f}" y2="{y}"/>')
         if p95 is not None:
@@ -649,12 +659,12 @@ def _latency_panel(fam: Family, prefix: str, label: str) -> str:
                     f'p95 {esc(fmt(p95, 3))} · p99 {esc(fmt(p99, 3))} ms</text>')
         parts.append(_mark(e, fam, "".join(body)))
     parts.append("</svg>")
-    return _figure(f"latency-{prefix.removesuffix('_ms').replace('_', '-')}", f"{label} latency distribution",
+    return _figure(f"latency-{slug}", f"{label}: distribution",
                    "".join(parts), _missing(missing, "not measured"))
 
 
 def _latency_section(fam: Family) -> str:
-    panels = [_latency_panel(fam, prefix, label) for prefix, label in LATENCIES
+    panels = [_latency_panel(fam, prefix, label, slug) for prefix, label, slug in LATENCIES
               if any(number(e.speed.get(f"{prefix}_median")) is not None for e in fam.entries)]
     settings = _dict(fam.base.speed.get("settings")) or next(
         (_dict(e.speed.get("settings")) for e in fam.entries if e.speed.get("settings")), {})
@@ -722,7 +732,7 @@ def _speed_class(speedup: Optional[float]) -> str:
 
 
 def _summary_section(fam: Family) -> str:
-    lat_label = dict(LATENCIES).get(fam.latency or "", "latency")
+    lat_label = LATENCY_WORDS.get(fam.latency or "", "latency")
     heads = ["model", "parent", "steps", "status"]
     for key in fam.keys:
         heads += [key.label(), "Δ vs base"]
@@ -760,7 +770,7 @@ def _card_rows(fam: Family) -> list[tuple[str, Callable[[Entry], str]]]:
     def q_bits(e: Entry) -> str:
         quant = _dict(e.card.get("quantization"))
         bits = _dict(quant.get("bits"))
-        return ", ".join(f"{n} layers at {b}-bit" for b, n in bits.items()) or "—"
+        return esc(", ".join(f"{n} layers at {b}-bit" for b, n in bits.items())) or "—"
 
     def steps(e: Entry) -> str:
         return "<br>".join(esc(_step_text(s)) for s in e.steps) or "—"

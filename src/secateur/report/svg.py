@@ -126,7 +126,7 @@ def axes(x: Scale, y: Scale, *, x_label: str, y_label: str, x_kind: str = "", y_
          width: float, height: float) -> str:
     """Grid lines, tick labels and axis titles of a plot whose area is ``x``'s and ``y``'s ranges."""
     left, right, bottom, top = x.start, x.end, y.start, y.end
-    parts = [f'<g class="axes">']
+    parts = ['<g class="axes">']
     for t in x.ticks():
         px = x(t)
         parts.append(f'<line class="grid" x1="{px:.1f}" y1="{top:.1f}" x2="{px:.1f}" y2="{bottom:.1f}"/>'
@@ -156,6 +156,14 @@ def shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: max(limit - 1, 1)] + "…"
 
 
+def shorten_name(text: str, limit: int) -> str:
+    """A long name cut in the middle, so that both its start and its distinguishing end show."""
+    if len(text) <= limit:
+        return text
+    head = max((limit - 1) // 2, 1)
+    return text[:head] + "…" + text[len(text) - max(limit - 1 - head, 1):]
+
+
 def overlaps(box: tuple[float, float, float, float], placed: Iterable[tuple[float, float, float, float]]) -> bool:
     x0, y0, x1, y1 = box
     return any(x0 < b[2] and b[0] < x1 and y0 < b[3] and b[1] < y1 for b in placed)
@@ -175,4 +183,4 @@ def ramp(stops: Sequence[tuple[int, int, int]], t: float) -> str:
 
 
 __all__ = ["esc", "number", "fmt", "fmt_bytes", "fmt_ms", "fmt_pct", "fmt_ratio", "Scale", "domain", "axes",
-           "tick_label", "text_width", "shorten", "overlaps", "mix", "ramp"]
+           "tick_label", "text_width", "shorten", "shorten_name", "overlaps", "mix", "ramp"]
