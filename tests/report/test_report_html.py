@@ -239,6 +239,13 @@ def test_a_parent_outside_the_family_and_a_cycle_are_drawn(family):
     assert "elsewhere: a parent that is not in this family" in text
 
 
+def test_parent_base_means_the_base_whatever_its_name(family):
+    family["base"]["name"] = "stories260K"
+    page = Page(text := report.render(family))
+    assert [a["data-variant"] for a in marks(page.plots["lineage"], "base")] == ["stories260K"]
+    assert "not in this family" not in text
+
+
 def test_bad_input_is_one_line():
     with pytest.raises(SecateurError, match="variants.* must be a list"):
         report.render({"variants": {"a": 1}})
@@ -338,4 +345,4 @@ def test_an_encoder_family_with_many_variants(family):
                                "heatmap-sparsity", "heatmap-bits", "latency-forward"}
     for plot, attrs in page.plots.items():
         assert len(marks(attrs, "variant")) == 24 and len(marks(attrs, "base")) == 1, plot
-    assert "forward latency, median (ms) — lower is better" in text and "forward latency p50" in text
+    assert "forward latency, median (ms) — lower is better" in text and "<th>forward p50</th>" in text

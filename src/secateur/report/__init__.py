@@ -22,7 +22,7 @@ every other piece may be missing (its section then says "no data")::
      "variants": [{
         "name": str,                                  # unique within the family
         "id": str | None,                             # the registry's variant id
-        "parent": str,                                # "base" or another variant's name
+        "parent": str,                                # "base" (the base, whatever its name) or a variant's name
         "status": "admitted" | "rejected",
         "aliases": [str],                             # without the family@ prefix
         "recipe": {"steps": [{"method": str, ...}]},  # default: the card's recipe

@@ -168,6 +168,9 @@ class Family:
             if v.name in seen:
                 raise SecateurError(f"report: two entries are named '{v.name}'; variant names must be unique")
             seen.add(v.name)
+        for v in self.variants:  # "base" names the base whatever the base is called
+            if v.parent == "base" and self.base.name != "base" and "base" not in seen:
+                v.parent = self.base.name
         self.entries = [self.base, *self.variants]
         self.by_name = {e.name: e for e in self.entries}
         keys: list[QualityKey] = []
@@ -736,7 +739,7 @@ def _summary_section(fam: Family) -> str:
     heads = ["model", "parent", "steps", "status"]
     for key in fam.keys:
         heads += [key.label(), "Δ vs base"]
-    heads += [f"{lat_label} p50", "speedup", "weights", "size ×"]
+    heads += [f"{lat_label.removesuffix(' latency')} p50", "speedup", "weights", "size ×"]
     out = ['<section id="summary"><h2>Summary</h2><table class="summary"><thead><tr>'
            + "".join(f"<th>{esc(h)}</th>" for h in heads) + "</tr></thead><tbody>"]
     for e in fam.entries:
