@@ -184,7 +184,8 @@ class Family:
                                                             for e in self.entries)), None)
 
     def quality(self, entry: Entry, key: QualityKey) -> Optional[float]:
-        for ev in entry.evaluations:
+        """The model's number on the axis ``key``: its last evaluation there (the newest, in time order)."""
+        for ev in reversed(entry.evaluations):
             if _key(ev) == key:
                 return number(ev.get("value"))
         return None
