@@ -1,7 +1,19 @@
 #!/usr/bin/env bash
-# The demo: sets up .venv on a fresh machine, then compresses the real models in the shared folder
-# end to end (evaluate dense, prune, evaluate again, save artifacts) and prints a before/after table.
+# The main job: sets up .venv on a fresh machine, then builds two real families of variants from
+# pipeline files (stories260K: distill -> prune -> quantize and GPTQ W4, plus one variant rejected
+# by its gate on purpose; all-MiniLM-L6-v2: W8A8, a distilled 3-layer student, and that student
+# W8A8), each gated on measured quality, speed and size, records them in the registry and writes
+# one HTML report per family. A second run reuses every cached stage.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$ROOT"
-secateur demo --models "$SECATEUR_SHARED_DIR/models" --out "${DEMO_OUT:-runs/demo}" "$@"
+OUT="${DEMO_OUT:-runs/demo}"
+export SECATEUR_HOME="${SECATEUR_HOME:-$OUT/home}"
+declare -A VARIANTS=([stories]="base student student-sparse student-sparse-w8 gptq-w4 wanda50"
+                     [minilm]="base w8a8 student student-w8a8")
+for family in stories minilm; do
+  secateur run "examples/pipelines/$family-family.yaml" --workdir "$OUT/pipelines" --keep-going --allow-rejected "$@"
+  refs=(); for v in ${VARIANTS[$family]}; do refs+=("$family/$v"); done
+  secateur registry compare "${refs[@]}"
+  secateur report "$family" --out "$OUT/report-$family.html"
+done

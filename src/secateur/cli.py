@@ -558,6 +558,21 @@ def run_cmd(pipeline_path: Path = typer.Argument(..., metavar="PIPELINE", help="
             raise typer.Exit(1)
 
 
+@app.command("report")
+def report_cmd(family: str = typer.Argument(..., help="A family in the registry (secateur registry list)."),
+               out_path: Path = typer.Option(Path("report.html"), "--out", "-o", help="The HTML file to write."),
+               home: Optional[Path] = typer.Option(None, "--home", help="Registry home (default: SECATEUR_HOME).")) -> None:
+    """Write one self-contained HTML page for a family: Pareto plots (quality vs measured latency and
+    vs bytes), the lineage graph, per-layer sparsity and bit widths, latency spread, gate verdicts and
+    the cards side by side. Works offline (no network, no script)."""
+    from .registry import Registry
+    from .report import collect, write
+
+    with Registry(home) as registry:
+        family_data = collect(registry, family)
+    out.print(f"wrote {write(family_data, out_path)} ({len(family_data['variants'])} variants of '{family}')")
+
+
 @app.command("demo")
 def demo_cmd(models: Path = typer.Option(..., "--models", help="Folder holding stories260K/hf and all-MiniLM-L6-v2."),
              out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Where artifacts and demo.json go."),

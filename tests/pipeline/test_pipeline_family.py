@@ -199,3 +199,12 @@ def test_a_run_is_recorded_in_the_registry_with_lineage_verdicts_and_aliases(bui
         assert tasks == {"perplexity", "speed"}                              # P1 and the family's P4 timing
         run = registry.run(result.run_id)
         assert run.status == "failed" and any(v["variant"] == "wanda" and not v["passed"] for v in run.verdicts)
+        # the report draws the family from the registry: one mark per model in each trade-off plot
+        from secateur.report import collect, render
+
+        family_data = collect(registry, "fam")
+        assert {v["name"]: v["status"] for v in family_data["variants"]} == \
+            {"mag": "admitted", "mag_w8": "admitted", "wanda": "rejected"}
+        assert family_data["variants"][1]["parent"] == "mag" and family_data["base"]["speed"]["decode_tokens_per_s"] > 0
+        page = render(family_data)
+        assert page.count('class="mark variant rejected"') >= 2 and "http://" not in page

@@ -396,9 +396,11 @@ def register(result: PipelineResult, pipeline: Pipeline, registry: Any) -> dict[
             stage = finished.get(name)
             if stage is None:
                 continue
+            evidence = {"verdicts": stage.verdicts, "key": stage.key}
             variant = registry.add(stage.artifact, pipeline.family, name=name, parent=ids.get(stage.parent),
-                                   status=stage.status, run=run.id,
-                                   evidence={"verdicts": stage.verdicts, "key": stage.key})
+                                   status=stage.status, run=run.id, evidence=evidence)
+            if variant.status != stage.status or variant.info.get("evidence") != evidence:  # the same bytes, re-gated
+                variant = registry.set_status(variant, stage.status, evidence)
             ids[name] = variant
             evaluations = list(stage.evaluations)
             if name in result.speed:

@@ -50,7 +50,8 @@ This room reads only that dict, except :func:`layer_stats`, which reads an artif
 
 from __future__ import annotations
 
+from .family import collect
 from .layers import layer_stats
 from .page import higher_is_better, pareto_front, render, write
 
-__all__ = ["render", "write", "layer_stats", "pareto_front", "higher_is_better"]
+__all__ = ["render", "write", "layer_stats", "pareto_front", "higher_is_better", "collect"]
