@@ -62,13 +62,38 @@ def test_every_concrete_cli_command_in_the_readme_is_valid(shared_dir, data_dir,
                 and not re.search(r"\b(MODEL|DIR|OUT|FILE|OUT_DIR)\b|\||\[", line)
                 and not line.startswith("secateur import")]  # its llama2c files are placeholders too
     assert len(commands) >= 8
+    _registered_family(shared_dir, tmp_path, monkeypatch)  # what the README's run would have registered
     for line in commands:
         args = shlex.split(line.replace("../shared", str(shared_dir)))[1:]
-        if args[0] in ("compress", "prune", "quantize", "distill"):
+        if args[0] in ("compress", "prune", "quantize", "distill", "run"):
             if "--out" in args:
                 args[args.index("--out") + 1] = str(tmp_path / "out")
-            args.append("--dry-run")
+            if "--dry-run" not in args:
+                args.append("--dry-run")
+            if args[0] == "run":
+                args += ["--workdir", str(tmp_path / "runs")]
+        if args[0] == "report":
+            args[args.index("--out") + 1] = str(tmp_path / "report.html")
         with pytest.raises(SystemExit) as info:
             main(args)
             raise SystemExit(0)
         assert info.value.code == 0, line
+
+
+def _registered_family(shared_dir, tmp_path, monkeypatch):
+    """A registry in tmp_path holding a 'stories' family: the base and one small variant under the
+    README's aliases (the README builds them with `secateur run`; here a quick magnitude step)."""
+    import secateur
+    from secateur.registry import Registry
+
+    monkeypatch.setenv("SECATEUR_HOME", str(tmp_path / "home"))
+    base_dir = shared_dir / "models" / "stories260K" / "hf"
+    loaded = secateur.load(base_dir)
+    secateur.compress_(loaded.model, secateur.MagnitudeConfig(sparsity=0.2))
+    small = secateur.save(loaded.model, tmp_path / "small", tokenizer=loaded.tokenizer)
+    with Registry() as registry:
+        base = registry.add(base_dir, "stories", name="base")
+        variant = registry.add(small, "stories", name="small", parent=base)
+        for alias in ("small", "smallest"):
+            registry.set_alias("stories", alias, variant)
+
