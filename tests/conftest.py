@@ -4,12 +4,15 @@ the checkout); tests that need them are skipped with a clear reason when it is a
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SECATEUR_PROGRESS", "0")
+# a registry the tests may write to, never the user's own (~/.local/share/secateur)
+os.environ["SECATEUR_HOME"] = tempfile.mkdtemp(prefix="secateur-test-home-")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SECATEUR_SHARED_DIR", REPO.parent / "shared"))
