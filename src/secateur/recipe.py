@@ -226,21 +226,7 @@ class Recipe:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recipe":
         """Read a ``.yaml``/``.yml`` or ``.json`` recipe file."""
-        p = Path(path).expanduser()
-        if not p.exists():
-            raise SecateurError(f"recipe file '{path}' does not exist")
-        if not p.is_file():
-            raise SecateurError(f"recipe path '{path}' is not a file; expected a .yaml, .yml or .json recipe")
-        suffix = p.suffix.lower()
-        if suffix not in RECIPE_SUFFIXES:
-            raise SecateurError(f"recipe file '{path}' has suffix '{p.suffix}'; expected one of {one_of(RECIPE_SUFFIXES)}")
-        _check_size(p.stat().st_size, f"recipe file '{path}'")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError("", f"recipe file '{path}' is not UTF-8 text (byte {exc.start})") from None
-        data = _parse_json(text, str(path)) if suffix == ".json" else _parse_yaml(text, str(path))
-        return cls.from_dict(data)
+        return cls.from_dict(read_file(path, "recipe"))
 
     # --- writing ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -308,6 +294,25 @@ class Recipe:
 
         table = methods()
         return any(table[s.method].needs_data for s in self.steps if s.method in table)
+
+
+def read_file(path: str | os.PathLike, what: str) -> Any:
+    """The parsed content of a ``.yaml``/``.yml`` or ``.json`` file (a recipe, a pipeline), with the
+    same bounds and one-line errors for both."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise SecateurError(f"{what} file '{path}' does not exist")
+    if not p.is_file():
+        raise SecateurError(f"{what} path '{path}' is not a file; expected a .yaml, .yml or .json {what}")
+    suffix = p.suffix.lower()
+    if suffix not in RECIPE_SUFFIXES:
+        raise SecateurError(f"{what} file '{path}' has suffix '{p.suffix}'; expected one of {one_of(RECIPE_SUFFIXES)}")
+    _check_size(p.stat().st_size, f"{what} file '{path}'")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"{what} file '{path}' is not UTF-8 text (byte {exc.start})") from None
+    return _parse_json(text, str(path)) if suffix == ".json" else _parse_yaml(text, str(path))
 
 
 def example_yaml(method: Any) -> str:

@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
-from ..errors import ConfigError, SecateurError, did_you_mean, one_of
-from ..recipe import (MAX_RECIPE_BYTES, RECIPE_SUFFIXES, Recipe, _check_size, _expand_env, _parse_json,
-                      _parse_yaml, _reject_unknown)
+from ..errors import ConfigError, did_you_mean, one_of
+from ..recipe import MAX_RECIPE_BYTES, Recipe, _check_size, _expand_env, _parse_yaml, _reject_unknown, read_file
 
 BASE = "base"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -191,19 +190,7 @@ class Pipeline:
     # --- loading ----------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Pipeline":
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise SecateurError(f"pipeline file '{path}' does not exist" if not p.exists() else
-                                f"pipeline path '{path}' is not a file; expected a .yaml, .yml or .json pipeline")
-        if p.suffix.lower() not in RECIPE_SUFFIXES:
-            raise SecateurError(f"pipeline file '{path}' has suffix '{p.suffix}'; expected one of {one_of(RECIPE_SUFFIXES)}")
-        _check_size(p.stat().st_size, f"pipeline file '{path}'")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError("", f"pipeline file '{path}' is not UTF-8 text (byte {exc.start})") from None
-        data = _parse_json(text, str(path)) if p.suffix.lower() == ".json" else _parse_yaml(text, str(path))
-        return cls.from_dict(data, source=str(p))
+        return cls.from_dict(read_file(path, "pipeline"), source=str(Path(path).expanduser()))
 
     @classmethod
     def from_yaml(cls, text: str) -> "Pipeline":

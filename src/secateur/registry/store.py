@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..artifacts.checkpoint import _fsync_dir
 from .db import RegistryError
 
 log = logging.getLogger(__name__)
@@ -60,16 +61,6 @@ class Staged:
     @property
     def bytes(self) -> int:
         return sum(int(e["bytes"]) for e in self.files.values())
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sources(root: Path) -> list[tuple[str, Path]]:
