@@ -9,17 +9,9 @@ import sys
 import pytest
 
 from secateur.cli import main
+from secateur.testing import run_cli as run
 from secateur.errors import SecateurError
 from secateur.testing import tiny_model, tiny_tokenizer
-
-
-def run(capsys, *args):
-    capsys.readouterr()  # drop what fixtures printed
-    with pytest.raises(SystemExit) as info:
-        main(list(args))
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
 
 
 @pytest.fixture

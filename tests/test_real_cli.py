@@ -5,23 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from secateur import lineage
 import secateur
 from secateur import StructuredConfig, compress_
-from secateur.cli import main
 from secateur.data import calibration_set
-
-
-def run_cli(capsys, *args):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main(list(args))
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
+from secateur.testing import run_cli
 
 
 def test_minilm_depth_influence_keeps_the_first_and_last_layers(minilm_dir, data_dir):

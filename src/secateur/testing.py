@@ -87,3 +87,17 @@ def timing_model(seed: int = 0) -> Any:
                             num_key_value_heads=12, vocab_size=32000, max_position_embeddings=2048)
     torch.manual_seed(seed)
     return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+def run_cli(capsys: Any, *args: str) -> tuple[int, str, str]:
+    """Run ``secateur ARGS...`` in-process under pytest's ``capsys``: (exit code, stdout, stderr)."""
+    import pytest
+
+    from .cli import main
+
+    capsys.readouterr()  # drop what fixtures printed
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err

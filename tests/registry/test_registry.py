@@ -19,7 +19,7 @@ from secateur.errors import SecateurError
 from secateur.evaluate import EvalResult
 from secateur.registry import Registry, RegistryError, resolve_model
 from secateur.registry import store
-from secateur.testing import tiny_model, tiny_tokenizer
+from secateur.testing import run_cli, tiny_model, tiny_tokenizer
 
 IDS = torch.tensor([[1, 7, 9, 33, 54, 2, 80, 100]])
 
@@ -30,16 +30,13 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """base (tiny llama) → pruned (magnitude 0.5) → pruned70 (magnitude 0.7), as artifacts, plus a
+def made(made: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The shared base → pruned (tests/registry/conftest.py), then pruned70 (magnitude 0.7), plus a
     plain Hugging Face checkpoint (no card) and a compressed-tensors checkpoint without a card (what
     llm-compressor writes)."""
-    root = tmp_path_factory.mktemp("made")
-    model, tokenizer = tiny_model("llama", with_tokenizer=True)
-    out = {"base": secateur.save(model, root / "base", tokenizer=tokenizer)}
-    loaded = artifacts.load(out["base"])
-    secateur.compress_(loaded.model, secateur.MagnitudeConfig(sparsity=0.5))
-    out["pruned"] = secateur.save(loaded.model, root / "pruned", tokenizer=loaded.tokenizer)
+    root = tmp_path_factory.mktemp("more")
+    out = dict(made)
+    tokenizer = artifacts.load(out["base"]).tokenizer
     loaded = artifacts.load(out["pruned"])
     secateur.compress_(loaded.model, secateur.MagnitudeConfig(sparsity=0.7))
     out["pruned70"] = secateur.save(loaded.model, root / "pruned70", tokenizer=loaded.tokenizer)
@@ -337,20 +334,13 @@ def test_refs_resolve_only_when_they_are_refs(home: Path, made: dict[str, Path],
 
 
 def test_secateur_eval_and_info_take_refs(reg: Registry, made: dict[str, Path], tmp_path: Path, capsys) -> None:
-    from secateur.cli import main
-
     v = reg.add(made["pruned"], "stories", "pruned")
     reg.set_alias("stories", "fast", v.id)
     text = tmp_path / "t.txt"
     text.write_text("a small story about a cat and a dog.\n" * 50)
 
     def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as info:
-            main(list(args))
-            raise SystemExit(0)
-        captured = capsys.readouterr()
-        return info.value.code, captured.out, captured.err
+        return run_cli(capsys, *args)
 
     code, out, err = run("eval", "stories@fast", "--task", "perplexity", "--data", str(text), "--max-windows", "2",
                          "--seq-len", "32", "--json")

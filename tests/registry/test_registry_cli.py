@@ -7,31 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import secateur
-from secateur import artifacts
-from secateur.cli import main
 from secateur.registry import Registry
-from secateur.testing import tiny_model
-
-
-@pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("made")
-    model, tokenizer = tiny_model("llama", with_tokenizer=True)
-    out = {"base": secateur.save(model, root / "base", tokenizer=tokenizer)}
-    loaded = artifacts.load(out["base"])
-    secateur.compress_(loaded.model, secateur.MagnitudeConfig(sparsity=0.5))
-    out["pruned"] = secateur.save(loaded.model, root / "pruned", tokenizer=loaded.tokenizer)
-    return out
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main(list(args))
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
+from secateur.testing import run_cli as run
 
 
 def test_the_registry_commands(capsys, made: dict[str, Path], tmp_path: Path) -> None:

@@ -8,24 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import secateur
-from secateur import artifacts
 from secateur.registry import Registry
-from secateur.testing import tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
 mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed (pip install 'secateur[mlflow]')")
-
-
-@pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("made")
-    model, tokenizer = tiny_model("llama", with_tokenizer=True)
-    out = {"base": secateur.save(model, root / "base", tokenizer=tokenizer)}
-    loaded = artifacts.load(out["base"])
-    secateur.compress_(loaded.model, secateur.MagnitudeConfig(sparsity=0.5))
-    out["pruned"] = secateur.save(loaded.model, root / "pruned", tokenizer=loaded.tokenizer)
-    return out
 
 
 def test_every_registry_write_is_mirrored_into_mlflow(made: dict[str, Path], tmp_path: Path,
