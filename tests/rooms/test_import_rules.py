@@ -8,9 +8,11 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "secateur"
 GROUND = {"errors", "settings", "config", "_version", "lineage"}
-MACHINERY = {"api", "targets", "calibrate", "progress", "recipe", "testing"}
+MACHINERY = {"api", "targets", "calibrate", "progress", "recipe"}
 METHOD_ROOMS = {"prune", "quant", "distill"}
-PRODUCT = {"pipeline", "cli", "demo", "__init__"}
+# testing.py (tiny models, the in-process CLI runner) serves the tests only: nothing in src imports it,
+# and it may drive the whole package, the CLI included
+PRODUCT = {"pipeline", "cli", "demo", "__init__", "testing"}
 
 
 def room(module: str) -> str:
@@ -161,3 +163,7 @@ def test_the_registry_stands_on_artifacts_and_result_types_never_on_the_pipeline
     assert violations(ok, graph()) == []
     above = PRODUCT | {"registry", "search", "report", "serve"}
     assert violations(lambda s, d: room(d) != "registry" or room(s) in above, graph()) == []
+
+
+def test_nothing_in_the_package_imports_its_test_helpers():
+    assert violations(lambda s, d: d != "secateur.testing", graph()) == []
