@@ -7,6 +7,7 @@ screenshot is kept (copied to ``$SECATEUR_TEST_ARTIFACTS`` when that is set)."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 import shutil
 from pathlib import Path
 
@@ -39,6 +40,21 @@ def _playwright():
     return sync_playwright
 
 
+@contextmanager
+def opened(path, **page_options):
+    """The page at ``path`` loaded in the system chromium, with a :class:`Watch` on it."""
+    sync_playwright = _playwright()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])  # CI runs as root
+        try:
+            page = browser.new_page(**page_options)
+            watch = Watch(page)
+            page.goto(Path(path).as_uri(), wait_until="load")
+            yield page, watch
+        finally:
+            browser.close()
+
+
 class Watch:
     """Console messages, page errors, dialogs and requests of one page."""
 
@@ -56,34 +72,26 @@ class Watch:
 
 
 def test_the_report_renders_in_headless_chromium(family, tmp_path):
-    sync_playwright = _playwright()
     path = report.write(family, tmp_path / "report.html")
     names = sorted(v["name"] for v in family["variants"])
     rejected = sorted(v["name"] for v in family["variants"] if v["status"] == "rejected")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])  # CI runs as root
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            watch = Watch(page)
-            page.goto(path.as_uri(), wait_until="load")
-            plots = page.evaluate(PLOTS_JS)
-            assert page.evaluate("() => document.scripts.length") == 0
-            assert len(plots) == 7
-            for plot in plots:
-                assert sorted(plot["variants"]) == names, plot["plot"]
-                assert sorted(plot["rejected"]) == rejected, plot["plot"]
-                assert plot["base"] == 1, plot["plot"]
-                assert plot["drawn"] == len(names) + 1, plot["plot"]  # each mark has a box on the page
-            pareto = next(p for p in plots if p["plot"].startswith("pareto-latency"))
-            hover = pareto["hover"]["student-sparse-w8"]
-            assert "step 1: rtn(bits=8, strategy=channel)" in hover and "perplexity (tinystories, P1): 4.33" in hover
-            assert "failed perplexity(tinystories) drop <= 40% vs base" in pareto["hover"]["magnitude-70"]
-            page.hover('.mark.variant[data-variant="gptq-w4"]')  # hovering works and raises nothing
-            shot = tmp_path / "report.png"
-            page.screenshot(path=str(shot), full_page=True)
-            watch.check(path.as_uri())
-        finally:
-            browser.close()
+    with opened(path, viewport={"width": 1400, "height": 900}) as (page, watch):
+        plots = page.evaluate(PLOTS_JS)
+        assert page.evaluate("() => document.scripts.length") == 0
+        assert len(plots) == 7
+        for plot in plots:
+            assert sorted(plot["variants"]) == names, plot["plot"]
+            assert sorted(plot["rejected"]) == rejected, plot["plot"]
+            assert plot["base"] == 1, plot["plot"]
+            assert plot["drawn"] == len(names) + 1, plot["plot"]  # each mark has a box on the page
+        pareto = next(p for p in plots if p["plot"].startswith("pareto-latency"))
+        hover = pareto["hover"]["student-sparse-w8"]
+        assert "step 1: rtn(bits=8, strategy=channel)" in hover and "perplexity (tinystories, P1): 4.33" in hover
+        assert "failed perplexity(tinystories) drop <= 40% vs base" in pareto["hover"]["magnitude-70"]
+        page.hover('.mark.variant[data-variant="gptq-w4"]')  # hovering works and raises nothing
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        watch.check(path.as_uri())
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
@@ -96,42 +104,26 @@ def test_the_report_renders_in_headless_chromium(family, tmp_path):
 
 
 def test_a_hostile_name_stays_text_in_the_browser(family, tmp_path):
-    sync_playwright = _playwright()
     evil = "<script>alert(1)</script>"
     family["variants"][1]["name"] = evil
     family["variants"][2]["parent"] = evil
     family["variants"][0]["aliases"] = ['"><img src=x onerror=alert(2)>']
     path = report.write(family, tmp_path / "hostile.html")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            watch = Watch(page)
-            page.goto(path.as_uri(), wait_until="load")
-            assert page.evaluate("() => document.scripts.length + document.images.length") == 0
-            assert evil in page.evaluate("() => document.body.innerText")
-            for plot in page.evaluate(PLOTS_JS):
-                assert evil in plot["variants"], plot["plot"]
-            watch.check(path.as_uri())
-        finally:
-            browser.close()
+    with opened(path) as (page, watch):
+        assert page.evaluate("() => document.scripts.length + document.images.length") == 0
+        assert evil in page.evaluate("() => document.body.innerText")
+        for plot in page.evaluate(PLOTS_JS):
+            assert evil in plot["variants"], plot["plot"]
+        watch.check(path.as_uri())
 
 
 def test_the_watch_sees_a_blocked_load(family, tmp_path):
     """The checks above can fail: the same page with one external image gets a console error
     (the page's Content-Security-Policy refuses the load) and the request is seen."""
-    sync_playwright = _playwright()
     text = report.render(family).replace("<main>", '<main><img src="http://127.0.0.1:9/x.png" alt="">', 1)
     path = tmp_path / "leaky.html"
     path.write_text(text, encoding="utf-8")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            watch = Watch(page)
-            page.goto(path.as_uri(), wait_until="load")
-            with pytest.raises(AssertionError):
-                watch.check(path.as_uri())
-            assert any("Content Security Policy" in m[1] for m in watch.console if m[0] == "error"), watch.console
-        finally:
-            browser.close()
+    with opened(path) as (page, watch):
+        with pytest.raises(AssertionError):
+            watch.check(path.as_uri())
+        assert any("Content Security Policy" in m[1] for m in watch.console if m[0] == "error"), watch.console

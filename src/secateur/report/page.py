@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 from ..errors import SecateurError
 from .layers import layer_order, split_layer
 from .svg import (Scale, axes, domain, esc, fmt, fmt_bytes, fmt_ms, fmt_pct, fmt_ratio, number, overlaps, ramp,
-                  shorten, shorten_name, text_width, tick_label)
+                  shorten, shorten_name, text_width, tick_label, x_grid)
 
 HIGHER_IS_BETTER = {"perplexity": False, "sts": True}
 LOWER_IS_BETTER_METRICS = {"perplexity", "loss", "nll", "wer", "cer", "error", "bits_per_byte", "bpb"}
@@ -633,11 +633,7 @@ def _latency_panel(fam: Family, prefix: str, label: str, slug: str) -> str:
     ys = Scale(0.0, 1.0, top + len(rows) * row_h, top)
     parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
              f'aria-label="{esc(label)} latency">']
-    for t in xs.ticks():
-        px = xs(t)
-        parts.append(f'<line class="grid" x1="{px:.1f}" y1="{top}" x2="{px:.1f}" y2="{ys.start:.1f}"/>'
-                     f'<text class="tick" x="{px:.1f}" y="{ys.start + 16:.1f}" text-anchor="middle">'
-                     f'{esc(fmt(t, 3))}</text>')
+    parts += x_grid(xs, top, ys.start, lambda t: fmt(t, 3))
     parts.append(f'<text class="label" x="{label_w + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle">'
                  f'{esc(label)} (ms): ● p50 ┃ p95 │ p99</text>')
     base50 = number(fam.base.speed.get(f"{prefix}_median"))

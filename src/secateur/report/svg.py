@@ -122,16 +122,19 @@ def tick_label(value: float, kind: str = "") -> str:
     return fmt(value, 3)
 
 
+def x_grid(x: Scale, top: float, bottom: float, label: Any) -> list[str]:
+    """A vertical grid line from ``top`` to ``bottom`` and its tick label under it, at each of ``x``'s
+    ticks; ``label(t)`` is the tick's text."""
+    return [f'<line class="grid" x1="{x(t):.1f}" y1="{top:.1f}" x2="{x(t):.1f}" y2="{bottom:.1f}"/>'
+            f'<text class="tick" x="{x(t):.1f}" y="{bottom + 16:.1f}" text-anchor="middle">{esc(label(t))}</text>'
+            for t in x.ticks()]
+
+
 def axes(x: Scale, y: Scale, *, x_label: str, y_label: str, x_kind: str = "", y_kind: str = "",
          width: float, height: float) -> str:
     """Grid lines, tick labels and axis titles of a plot whose area is ``x``'s and ``y``'s ranges."""
     left, right, bottom, top = x.start, x.end, y.start, y.end
-    parts = ['<g class="axes">']
-    for t in x.ticks():
-        px = x(t)
-        parts.append(f'<line class="grid" x1="{px:.1f}" y1="{top:.1f}" x2="{px:.1f}" y2="{bottom:.1f}"/>'
-                     f'<text class="tick" x="{px:.1f}" y="{bottom + 16:.1f}" text-anchor="middle">'
-                     f'{esc(tick_label(t, x_kind))}</text>')
+    parts = ['<g class="axes">', *x_grid(x, top, bottom, lambda t: tick_label(t, x_kind))]
     for t in y.ticks():
         py = y(t)
         parts.append(f'<line class="grid" x1="{left:.1f}" y1="{py:.1f}" x2="{right:.1f}" y2="{py:.1f}"/>'
