@@ -102,12 +102,19 @@ class Lineage:
 
 
 def of(model: Any) -> Lineage:
-    """``model``'s lineage (an empty one is started for a model built in memory)."""
+    """``model``'s lineage, to add steps to (an empty one is started for a model built in memory)."""
     record = model.__dict__.get(_ATTR)
     if record is None:
         record = Lineage()
         set_(model, record)
     return record
+
+
+def read(model: Any) -> Lineage:
+    """``model``'s lineage for reading only: a model without one is left untouched (an empty record
+    is returned, not attached), so that measuring or saving a model never changes it."""
+    record = model.__dict__.get(_ATTR)
+    return record if record is not None else Lineage()
 
 
 def set_(model: Any, record: Optional[Lineage]) -> None:
@@ -120,8 +127,8 @@ def set_(model: Any, record: Optional[Lineage]) -> None:
 
 def base_hash(model: Any) -> Optional[str]:
     """The sha256 of the weights the model was loaded from (None for a model built in memory)."""
-    base = of(model).base
+    base = read(model).base
     return base.weights_sha256 if base is not None else None
 
 
-__all__ = ["Base", "Step", "Lineage", "of", "set_", "base_hash"]
+__all__ = ["Base", "Step", "Lineage", "of", "read", "set_", "base_hash"]

@@ -470,3 +470,14 @@ def test_an_unsealed_card_of_an_older_artifact_still_loads(llama_artifact: Path,
     del card["card_sha256"]
     (copy / "compression.json").write_text(json.dumps(card))
     assert verify(copy)["files"] and "unsealed" in caplog.text
+
+
+def test_measuring_or_saving_a_model_leaves_it_without_a_lineage_it_did_not_have(tmp_path: Path) -> None:
+    from secateur.evaluate import evaluate
+
+    model = tiny_model("llama")
+    evaluate(model, None, "speed", prompt_len=8, new_tokens=2, runs=2, warmup=1)
+    save(model, tmp_path / "plain")
+    assert "_secateur_lineage" not in model.__dict__
+    secateur.compress_(model, secateur.MagnitudeConfig(sparsity=0.2))
+    assert [s.method for s in lineage.read(model).steps] == ["magnitude"]

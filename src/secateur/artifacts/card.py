@@ -145,7 +145,7 @@ def _layout(model: Any) -> dict[str, Any] | None:
 def build_card(model: Any, *, recipe: Any = None, metrics: dict[str, Any] | None = None,
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The card for ``model`` without its ``files`` and ``weights_sha256`` (filled in by :func:`save`)."""
-    record = lineage.of(model)
+    record = lineage.read(model)
     history = record.history()
     config = getattr(model, "config", None)
     dtype = getattr(model, "dtype", None)

@@ -97,7 +97,7 @@ def _samples_dir(teacher: nn.Module, ctx: Any) -> Any:
     from .. import lineage
 
     sha = lineage.base_hash(teacher)
-    if root is None or not sha or lineage.of(teacher).steps:
+    if root is None or not sha or lineage.read(teacher).steps:
         return None
     return Path(root) / f"samples-{sha[:16]}"
 

@@ -186,7 +186,7 @@ def _kept_blocks(student: nn.Module, teacher_layers: int) -> tuple[int, ...]:
     teacher's last (transformers applies the final norm to the last hidden state); else ()."""
     from .. import lineage
 
-    for record in reversed(lineage.of(student).steps):
+    for record in reversed(lineage.read(student).steps):
         result = record.result
         kept = result.get("kept_blocks")
         if record.method == "structured" and kept is not None:

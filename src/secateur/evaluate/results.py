@@ -55,7 +55,7 @@ def environment(model: Any) -> dict[str, Any]:
     config = getattr(model, "config", None)
     from .. import lineage
 
-    base = lineage.of(model).base
+    base = lineage.read(model).base
     source = base.to_dict() if base is not None else {}
     return {
         "model": {"name": source.get("name"), "path": source.get("path"),

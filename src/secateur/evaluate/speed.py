@@ -202,7 +202,7 @@ def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int 
         model.train(was_training)
 
     block_sparsity, all_sparsity, per_layer = sparsity(model)
-    base = lineage.of(model).base
+    base = lineage.read(model).base
     source_path = path or (base.path if base is not None else None)
     extra.update(peak_rss_mib=peak_rss_mib(), parameters=sum(p.numel() for p in model.parameters()),
                  disk_bytes=disk_bytes(source_path), sparsity=block_sparsity, sparsity_all_linear=all_sparsity)

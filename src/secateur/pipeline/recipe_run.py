@@ -136,7 +136,7 @@ def run_recipe(recipe: Any, out: str | Path | None = None, loaded: Any = None,
         result.before = evaluate_all(model, tokenizer, recipe.eval)
     resume = _resume_dir(out)
     compress_(model, recipe, data=data, checkpoint_dir=resume, tokenizer=tokenizer)
-    result.steps = lineage.of(model).history()
+    result.steps = lineage.read(model).history()
     result.after = evaluate_all(model, tokenizer, recipe.eval)
     if out is not None:
         metrics = {"before": result.before, "after": result.after}
