@@ -3,6 +3,7 @@ the checkout); tests that need them are skipped with a clear reason when it is a
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -13,6 +14,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SECATEUR_PROGRESS", "0")
 # a registry the tests may write to, never the user's own (~/.local/share/secateur)
 os.environ["SECATEUR_HOME"] = tempfile.mkdtemp(prefix="secateur-test-home-")
+
+# the resource planner prices stages with fixed round prices in tests (measuring this machine's cost
+# model takes about a minute; tests/planner measures its parts on their own)
+_COSTS = Path(os.environ["SECATEUR_HOME"]) / "test-cost-model.json"
+_COSTS.write_text(json.dumps({
+    "threads": 2, "gemm": [[r, w, 50.0 if w < 128 else 150.0] for r in (64, 4096) for w in (32, 1536)],
+    "attention_gflops": 100.0, "op_s": 2e-6, "elementwise_bps": 2e10, "sort_eps": 3e7, "read_bps": 1e9,
+    "write_bps": 4e8, "hash_bps": 1e9, "base_rss": {"causal": 4e8, "encoder": 4e8}, "load_rss_per_byte": 1.5,
+    "memory": {"calibrated": 1.0, "training": 1.5}, "methods": {}, "measured_at": ""}))
+os.environ["SECATEUR_COST_MODEL"] = str(_COSTS)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SECATEUR_SHARED_DIR", REPO.parent / "shared"))

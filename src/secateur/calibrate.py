@@ -26,7 +26,6 @@ import dataclasses
 import json
 import logging
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -418,7 +417,9 @@ def sequential(model: nn.Module, input_ids: torch.Tensor, targets: dict[str, nn.
         if offload_dir:
             shutil.rmtree(offload_dir, ignore_errors=True)
     result.seconds = time.perf_counter() - start_time
-    result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from .runtime.machine import peak_rss_bytes
+
+    result.peak_rss_mib = peak_rss_bytes() / 2**20
     return result
 
 

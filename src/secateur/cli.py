@@ -512,6 +512,9 @@ def run_cmd(pipeline_path: Path = typer.Argument(..., metavar="PIPELINE", help="
                                                      "(a demo); errors still exit non-zero."),
             register: bool = typer.Option(True, "--register/--no-register",
                                           help="Record the family in the registry (SECATEUR_HOME)."),
+            check_plan: bool = typer.Option(True, "--plan/--no-plan",
+                                            help="Refuse a run the resource planner predicts will not fit in "
+                                                 "memory (secateur plan shows the plan)."),
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Build a family of variants from a pipeline file: each from its parent, cached, resumable,
     evaluated and admitted by its gates, and recorded in the registry with their aliases. Exits 1
@@ -534,7 +537,7 @@ def run_cmd(pipeline_path: Path = typer.Argument(..., metavar="PIPELINE", help="
 
         registry = Registry()
     try:
-        result = run_pipeline(pipeline, workdir, keep_going=keep_going, registry=registry)
+        result = run_pipeline(pipeline, workdir, keep_going=keep_going, registry=registry, check_plan=check_plan)
     finally:
         if registry is not None:
             registry.close()
@@ -556,6 +559,40 @@ def run_cmd(pipeline_path: Path = typer.Argument(..., metavar="PIPELINE", help="
             err.print(line)
         if not (allow_rejected and all(s.status != "failed" for s in result.stages.values())):
             raise typer.Exit(1)
+
+
+@app.command("plan")
+def plan_cmd(pipeline_path: Path = typer.Argument(..., metavar="PIPELINE", help="Pipeline file (.yaml or .json)."),
+             workdir: Path = typer.Option(Path("secateur-runs"), "--workdir", "-w",
+                                          help="The run's folder: stages already built there cost nothing."),
+             remeasure: bool = typer.Option(False, "--remeasure",
+                                            help="Measure this machine's cost model again (about a minute)."),
+             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Predict each stage's wall time and peak memory on this machine before running, from the
+    model's shapes, the calibration size, the method and a cost model measured once per machine.
+    Exits 1 when the run would not fit in memory, naming the settings that would."""
+    from .pipeline import Pipeline, plan_resources
+    from .planner import cost_model, gib
+
+    pipeline = Pipeline.load(pipeline_path)
+    costs = cost_model(remeasure=remeasure)
+    plan = plan_resources(pipeline, workdir, costs)
+    table = Table("variant", "parent", "steps", "state", "time", "peak RSS", "largest parts",
+                  title=f"plan of {pipeline.name} on {costs.machine.get('cpu', 'this machine')}, "
+                        f"{costs.threads} threads")
+    for s in plan.stages:
+        parts = sorted(s.memory.items(), key=lambda kv: -kv[1])[:2]
+        table.add_row(s.variant, s.parent, " → ".join(s.steps), "runs" if s.runs else "cached",
+                      f"{s.seconds:.1f} s" if s.runs else "—", gib(s.peak_bytes) if s.runs else "—",
+                      ", ".join(f"{k} {gib(v)}" for k, v in parts) if s.runs else "—")
+    _emit({"pipeline": pipeline.name, **plan.to_dict()}, as_json, table)
+    if not as_json:
+        out.print(f"predicted: {plan.seconds:.0f} s of building, peak {gib(plan.peak_bytes)} "
+                  f"(with the base held for its gates); available {gib(plan.available_bytes)} "
+                  f"({plan.available_source})")
+    if not plan.fits:
+        err.print(plan.refusal())
+        raise typer.Exit(1)
 
 
 @app.command("report")

@@ -15,6 +15,7 @@ hashable. The method name is a class attribute set by :func:`secateur.api.regist
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -192,3 +193,22 @@ class CalibratedConfig(TargetedConfig):
     compute_dtype: Optional[Literal["float32", "bfloat16"]] = param(
         None, "dtype of the calibration forward passes (bfloat16 is ~2.5x faster on CPUs with AVX-512 BF16); "
               "statistics still accumulate in float32 and weights are rewritten in their own dtype")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(value: Any, path: str) -> int:
+    """``12345``, ``"2MB"``, ``"1.5 GiB"`` -> bytes; anything else is a ConfigError naming ``path``."""
+    if isinstance(value, bool):
+        raise ConfigError(path, f"got {value!r}, expected a size such as 2000000, '2MB' or '1.5GiB'")
+    if isinstance(value, int) and value > 0:
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        if m and m.group(2).lower() in _UNITS:
+            number = float(m.group(1)) * _UNITS[m.group(2).lower()]
+            if number >= 1:
+                return int(number)
+    raise ConfigError(path, f"got {value!r}, expected a positive size such as 2000000, '2MB' or '1.5GiB' "
+                            f"(units: {', '.join(u for u in _UNITS if u)})")

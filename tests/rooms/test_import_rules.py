@@ -12,7 +12,7 @@ MACHINERY = {"api", "targets", "calibrate", "progress", "recipe"}
 METHOD_ROOMS = {"prune", "quant", "distill"}
 # testing.py (tiny models, the in-process CLI runner) serves the tests only: nothing in src imports it,
 # and it may drive the whole package, the CLI included
-PRODUCT = {"pipeline", "cli", "demo", "__init__", "testing"}
+PRODUCT = {"pipeline", "planner", "cli", "demo", "__init__", "testing"}
 
 
 def room(module: str) -> str:
@@ -167,3 +167,10 @@ def test_the_registry_stands_on_artifacts_and_result_types_never_on_the_pipeline
 
 def test_nothing_in_the_package_imports_its_test_helpers():
     assert violations(lambda s, d: d != "secateur.testing", graph()) == []
+
+
+def test_the_planner_stands_below_the_pipelines():
+    """The pipeline room asks the planner before a run; the planner reads shapes, methods' configs
+    and the machinery, never a pipeline (the search room will price candidates with it too)."""
+    ok = lambda s, d: room(s) != "planner" or room(d) not in {"pipeline", "cli", "demo", "registry", "report"}  # noqa: E731
+    assert violations(ok, graph()) == []

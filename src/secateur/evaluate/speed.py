@@ -21,8 +21,6 @@ and the fraction of exact zeros in Linear weights, per layer and in total.
 from __future__ import annotations
 
 import logging
-import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -113,8 +111,10 @@ def disk_bytes(path: str | Path | None) -> int | None:
 
 
 def peak_rss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    """The process's peak resident set (:func:`secateur.runtime.machine.peak_rss_bytes`), MiB."""
+    from ..runtime.machine import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20
 
 
 def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int = 128, new_tokens: int = 64,

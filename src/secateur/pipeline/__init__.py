@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from .recipe_run import (STORAGE, RunResult, _resume_dir, calibration_data, check_storage, dry_run, evaluate_all,
                          run_recipe)
-from .run import PipelineResult, Stage, plan_pipeline, register, run_pipeline, stage_key
+from .run import PipelineResult, Stage, plan_pipeline, plan_resources, register, run_pipeline, stage_key
 from .spec import Gate, Pipeline, Variant
 
 __all__ = ["run_recipe", "dry_run", "calibration_data", "check_storage", "evaluate_all", "RunResult", "STORAGE",
-           "Pipeline", "Variant", "Gate", "run_pipeline", "plan_pipeline", "register", "PipelineResult", "Stage", "stage_key",
+           "Pipeline", "Variant", "Gate", "run_pipeline", "plan_pipeline", "plan_resources", "register", "PipelineResult", "Stage", "stage_key",
            "_resume_dir"]

@@ -49,6 +49,7 @@ class Stage:
     status: str = "pending"          # pending | built | admitted | rejected | skipped | failed
     aliases: tuple[str, ...] = ()
     error: Optional[str] = None
+    predicted: Optional[dict[str, Any]] = None   # the planner's seconds and peak RSS, when it ran first
 
     @property
     def admitted(self) -> bool:
@@ -324,6 +325,38 @@ class _Runner:
             timed = self.evals.put(key, measure_speed(models))
         return timed[0], dict(zip(built, timed[1:]))
 
+    def resources(self, costs: Any = None, available: Any = None) -> Any:
+        """The resource plan (:mod:`secateur.planner`): each stage's predicted wall time and peak RSS on
+        this machine, a stage already cached costing nothing; and whether the run fits in memory."""
+        from ..planner import Data, StageSpec, plan_stages
+
+        rows = {r["variant"]: r for r in self.plan()}
+        specs = {}
+        for name in self.p.order():
+            variant = self.p.variants[name]
+            ids = getattr(self.data_for(name), "input_ids", None)  # the set as built: a source may hold fewer windows
+            data = Data(int(ids.shape[0]), int(ids.shape[1])) if ids is not None else Data()
+            data.text_tokens = self._text_tokens(variant.recipe.steps)
+            cached = rows[name]["state"] == "cached"
+            specs[name] = StageSpec(variant.parent, list(variant.recipe.steps), data,
+                                    self.stages[name].artifact if cached else None)
+        return plan_stages(str(self.base_path), specs, costs, available)
+
+    def _text_tokens(self, steps: Any) -> Optional[float]:
+        """Mean tokens of the texts an encoder's training step reads (they are padded per batch, so
+        their length, not ``seq_len``, decides its cost); None for causal models and other steps."""
+        from ..distill.data import source_sequences
+        from ..models.arch import arch_for
+
+        config = json.loads((Path(self.base_path) / "config.json").read_text(encoding="utf-8"))
+        if arch_for(config.get("model_type", "")).kind == "causal":
+            return None
+        lengths = []
+        for step in steps:
+            for spec in getattr(step, "data", ()) or ():
+                lengths += [len(s) for s in source_sequences(spec, self.tokenizer(), "encoder", step.seq_len)]
+        return sum(lengths) / len(lengths) if lengths else None
+
     def plan(self) -> list[dict[str, Any]]:
         """What a run would do, without loading any model: each stage's key and whether it is cached."""
         rows = []
@@ -356,12 +389,22 @@ def _pick(evaluations: list[dict[str, Any]], gate: Gate) -> dict[str, Any]:
 
 
 def run_pipeline(pipeline: Pipeline, workdir: str | os.PathLike = "secateur-runs", keep_going: bool = False,
-                 registry: Any = None) -> PipelineResult:
+                 registry: Any = None, check_plan: bool = True) -> PipelineResult:
     """Build, evaluate and gate every variant of ``pipeline``; see the module docstring. With a
     :class:`~secateur.registry.Registry`, the base and every built variant are recorded there
     (admitted or rejected, with their evaluations, speed and gate verdicts) and the admitted ones
-    get their aliases."""
-    result = _Runner(pipeline, Path(workdir), keep_going).run()
+    get their aliases. With ``check_plan`` (the default) the resource plan is made first and a run
+    predicted to exceed the memory available is refused before it starts (:mod:`secateur.planner`)."""
+    runner = _Runner(pipeline, Path(workdir), keep_going)
+    if check_plan:
+        plan = runner.resources()
+        if not plan.fits:
+            raise SecateurError(f"pipeline '{pipeline.name}': {plan.refusal()} (secateur plan shows the plan; "
+                                "--no-plan runs anyway)")
+        for sp in plan.stages:
+            if sp.runs:
+                runner.stages[sp.variant].predicted = {"seconds": sp.seconds, "peak_rss_bytes": round(sp.peak_bytes)}
+    result = runner.run()
     if registry is not None:
         register(result, pipeline, registry)
         _write_json(Path(result.workdir) / "result.json", result.to_dict())
@@ -432,4 +475,10 @@ def plan_pipeline(pipeline: Pipeline, workdir: str | os.PathLike = "secateur-run
     return _Runner(pipeline, Path(workdir), False).plan()
 
 
-__all__ = ["run_pipeline", "plan_pipeline", "register", "PipelineResult", "Stage", "stage_key"]
+def plan_resources(pipeline: Pipeline, workdir: str | os.PathLike = "secateur-runs", costs: Any = None,
+                   available: Any = None) -> Any:
+    """The resource plan of ``pipeline`` (:class:`secateur.planner.Plan`), loading no model."""
+    return _Runner(pipeline, Path(workdir), False).resources(costs, available)
+
+
+__all__ = ["run_pipeline", "plan_pipeline", "plan_resources", "register", "PipelineResult", "Stage", "stage_key"]

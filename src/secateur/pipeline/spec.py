@@ -33,29 +33,11 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
 from ..errors import ConfigError, did_you_mean, one_of
+from ..config import parse_bytes
 from ..recipe import MAX_RECIPE_BYTES, Recipe, _check_size, _expand_env, _parse_yaml, _reject_unknown, read_file
 
 BASE = "base"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_bytes(value: Any, path: str) -> int:
-    """``12345``, ``"2MB"``, ``"1.5 GiB"`` -> bytes; anything else is a ConfigError naming ``path``."""
-    if isinstance(value, bool):
-        raise ConfigError(path, f"got {value!r}, expected a size such as 2000000, '2MB' or '1.5GiB'")
-    if isinstance(value, int) and value > 0:
-        return value
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
-        if m and m.group(2).lower() in _UNITS:
-            number = float(m.group(1)) * _UNITS[m.group(2).lower()]
-            if number >= 1:
-                return int(number)
-    raise ConfigError(path, f"got {value!r}, expected a positive size such as 2000000, '2MB' or '1.5GiB' "
-                            f"(units: {', '.join(u for u in _UNITS if u)})")
-
-
 @dataclass(frozen=True)
 class Gate:
     """One admission test. Exactly one kind: ``quality`` (a task evaluated by the pipeline: the most
