@@ -20,7 +20,7 @@ os.environ["SECATEUR_HOME"] = tempfile.mkdtemp(prefix="secateur-test-home-")
 _COSTS = Path(os.environ["SECATEUR_HOME"]) / "test-cost-model.json"
 _COSTS.write_text(json.dumps({
     "threads": 2, "gemm": [[r, w, 50.0 if w < 128 else 150.0] for r in (64, 4096) for w in (32, 1536)],
-    "attention_gflops": 100.0, "op_s": 2e-6, "elementwise_bps": 2e10, "sort_eps": 3e7, "read_bps": 1e9,
+    "attention_score_s": 8e-10, "op_s": 2e-6, "elementwise_bps": 2e10, "sort_eps": 3e7, "read_bps": 1e9,
     "write_bps": 4e8, "hash_bps": 1e9, "base_rss": {"causal": 4e8, "encoder": 4e8}, "load_rss_per_byte": 1.5,
     "memory": {"calibrated": 1.0, "training": 1.5}, "methods": {}, "measured_at": ""}))
 os.environ["SECATEUR_COST_MODEL"] = str(_COSTS)

@@ -336,26 +336,22 @@ class _Runner:
             variant = self.p.variants[name]
             ids = getattr(self.data_for(name), "input_ids", None)  # the set as built: a source may hold fewer windows
             data = Data(int(ids.shape[0]), int(ids.shape[1])) if ids is not None else Data()
-            data.text_tokens = self._text_tokens(variant.recipe.steps)
+            self._training_texts(variant.recipe.steps, data)
             cached = rows[name]["state"] == "cached"
             specs[name] = StageSpec(variant.parent, list(variant.recipe.steps), data,
                                     self.stages[name].artifact if cached else None)
         return plan_stages(str(self.base_path), specs, costs, available)
 
-    def _text_tokens(self, steps: Any) -> Optional[float]:
-        """Mean tokens of the texts an encoder's training step reads (they are padded per batch, so
-        their length, not ``seq_len``, decides its cost); None for causal models and other steps."""
-        from ..distill.data import source_sequences
+    def _training_texts(self, steps: Any, data: Any) -> None:
+        """For an encoder's training step, the planner needs the length its batches pad to (the
+        longest of each batch's texts, not ``seq_len``) and what tokenizing the texts costs: both are
+        measured here by reading and tokenizing them (:func:`secateur.planner.training_texts`)."""
         from ..models.arch import arch_for
+        from ..planner import training_texts
 
         config = json.loads((Path(self.base_path) / "config.json").read_text(encoding="utf-8"))
-        if arch_for(config.get("model_type", "")).kind == "causal":
-            return None
-        lengths = []
-        for step in steps:
-            for spec in getattr(step, "data", ()) or ():
-                lengths += [len(s) for s in source_sequences(spec, self.tokenizer(), "encoder", step.seq_len)]
-        return sum(lengths) / len(lengths) if lengths else None
+        if arch_for(config.get("model_type", "")).kind != "causal":
+            training_texts(steps, self.tokenizer(), data)
 
     def plan(self) -> list[dict[str, Any]]:
         """What a run would do, without loading any model: each stage's key and whether it is cached."""

@@ -99,6 +99,28 @@ def gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB / 4 else f"{n / (1 << 20):.0f} MiB"
 
 
+def training_texts(steps: list[Any], tokenizer: Any, data: Data, batches: int = 200) -> Data:
+    """Fill ``data`` for the encoder training steps among ``steps``: the expected length of a batch
+    (texts are padded to the longest of their batch: the mean over ``batches`` random batches of the
+    longest text) and the seconds that reading and tokenizing the texts took here."""
+    import random
+    import time
+
+    from ..distill.data import source_sequences
+
+    for step in steps:
+        if step.method not in TRAINING or not getattr(step, "data", ()):
+            continue
+        start = time.perf_counter()
+        lengths = [len(s) for spec in step.data for s in source_sequences(spec, tokenizer, "encoder", step.seq_len)]
+        data.text_seconds += time.perf_counter() - start
+        if lengths:
+            rng = random.Random(0)
+            size = min(step.batch_size, len(lengths))
+            data.text_tokens = sum(max(rng.sample(lengths, size)) for _ in range(batches)) / batches
+    return data
+
+
 # --- memory available ---------------------------------------------------------------------------------
 def _parse_bytes(text: str) -> float:
     from ..config import parse_bytes  # the one parser of "8GB", "512MiB"
@@ -224,4 +246,4 @@ def _suggestions(plan: Plan, stages: dict[str, StageSpec], shapes: dict[str, Mod
 
 
 __all__ = ["Plan", "StagePlan", "StageSpec", "Data", "Estimate", "CostModel", "ModelShape", "cost_model",
-           "plan_stages", "available_memory", "gib"]
+           "plan_stages", "available_memory", "training_texts", "gib"]

@@ -46,7 +46,9 @@ class CostModel:
     machine: dict[str, Any] = field(default_factory=dict)
     threads: int = 1
     gemm: list[list[float]] = field(default_factory=list)      # [rows, width, gflops]
-    attention_gflops: float = 10.0
+    attention_score_s: float = 1e-9       # seconds per attention score (batch·heads·seq²) ...
+    attention_score_dim_s: float = 1e-11  # ... plus this per score and head dimension
+    attention_head_s: float = 2e-6        # ... plus this per (batch, head) matrix
     op_s: float = 5e-6
     elementwise_bps: float = 5e9
     cholesky_s_per_d3: float = 1e-9
@@ -98,10 +100,13 @@ class CostModel:
         bottom = lg(r1, w0) * (1 - tw) + lg(r1, w1) * tw
         return math.exp(top * (1 - tr) + bottom * tr)
 
-    def attention_s(self, batch: float, heads: float, seq: float, head_dim: float, causal: bool,
-                    count: float = 1.0) -> float:
-        flops = 4.0 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
-        return count * (flops / (self.attention_gflops * 1e9) + 3 * self.op_s)
+    def attention_s(self, batch: float, heads: float, seq: float, head_dim: float, count: float = 1.0) -> float:
+        """One ``scaled_dot_product_attention`` forward. On a CPU it costs per score (a causal mask
+        saves nothing: every score is computed, then masked) and per head dimension, with a fixed
+        cost per (batch, head) matrix that dominates short sequences."""
+        scores = batch * heads * seq * seq
+        per_score = self.attention_score_s + head_dim * self.attention_score_dim_s
+        return count * (scores * per_score + batch * heads * self.attention_head_s + 3 * self.op_s)
 
     def elementwise_s(self, nbytes: float, ops: float = 1.0) -> float:
         return ops * (nbytes / self.elementwise_bps + self.op_s)
@@ -170,9 +175,17 @@ def measure_primitives(model: CostModel) -> CostModel:
             seconds = _best(lambda: torch.matmul(a, w, out=out), repeat=3)
             grid.append([rows, width, 2.0 * rows * width * width / seconds / 1e9])
     model.gemm = grid
-    q = torch.randn(4, 8, 256, 32)
-    seconds = _best(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=False), repeat=3)
-    model.attention_gflops = 4.0 * 4 * 8 * 256 * 256 * 32 / seconds / 1e9
+    # attention: per score at two head dimensions, then the per-matrix cost of many short sequences
+    timed = {}
+    for d in (8, 64):
+        q = torch.randn(8, 8, 256, d)
+        timed[d] = _best(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), repeat=3) / (8 * 8 * 256 * 256)
+    model.attention_score_dim_s = max((timed[64] - timed[8]) / 56, 0.0)
+    model.attention_score_s = max(timed[8] - 8 * model.attention_score_dim_s, 1e-12)
+    q = torch.randn(64, 12, 16, 32)
+    seconds = _best(lambda: F.scaled_dot_product_attention(q, q, q), repeat=3)
+    per_score = model.attention_score_s + 32 * model.attention_score_dim_s
+    model.attention_head_s = max((seconds - 64 * 12 * 16 * 16 * per_score) / (64 * 12), 0.0)
     small, scale = torch.randn(64, 32), torch.rand(64, 1) + 0.5
 
     def few_ops() -> None:  # the kind of small operation a method's inner loop is made of

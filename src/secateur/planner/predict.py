@@ -49,7 +49,8 @@ class Data:
     """The calibration set a stage reads: ``samples`` windows of ``seq_len`` tokens."""
     samples: int = 0
     seq_len: int = 0
-    text_tokens: Optional[float] = None   # mean tokens of a training text (encoders train on padded sentences)
+    text_tokens: Optional[float] = None   # tokens of an encoder's training batch: its texts padded to the longest
+    text_seconds: float = 0.0             # what reading and tokenizing the training texts took the planner
 
     @property
     def tokens(self) -> int:
@@ -72,7 +73,7 @@ class Estimate:
 def block_forward_s(c: CostModel, s: ModelShape, batch: int, seq: int, block: int = 0) -> float:
     rows = batch * seq
     products = sum(c.gemm_s(rows, p.d_in, p.d_out) for p in s.projections if p.block == block)
-    attention = c.attention_s(batch, s.heads, seq, s.head_dim, causal=s.kind == "causal")
+    attention = c.attention_s(batch, s.heads, seq, s.head_dim)
     rest = c.elementwise_s(rows * (6 * s.hidden + 2 * s.intermediate) * 4) + OPS_PER_BLOCK[s.kind] * c.op_s
     return products + attention + rest
 
@@ -161,8 +162,8 @@ def _calibrated(c: CostModel, s: ModelShape, step: Any, data: Data, est: Estimat
 def _training(c: CostModel, s: ModelShape, teacher: ModelShape, step: Any, data: Data, est: Estimate) -> float:
     bs = getattr(step, "batch_size", 16)
     seq = getattr(step, "seq_len", 256)
-    if s.kind != "causal":  # sentences padded per batch (batches of similar lengths): about their mean length
-        seq = min(seq, 1.15 * data.text_tokens) if data.text_tokens else seq
+    if s.kind != "causal" and data.text_tokens:  # sentences padded to the longest of their batch
+        seq = min(seq, data.text_tokens)
     steps, accumulate = getattr(step, "steps", 100), getattr(step, "accumulate", 1)
     bf16 = getattr(step, "dtype", "auto") == "bfloat16"
     student = model_forward_s(c, s, bs, seq)
@@ -174,7 +175,7 @@ def _training(c: CostModel, s: ModelShape, teacher: ModelShape, step: Any, data:
     eval_every = getattr(step, "eval_every", 100) or steps
     holdout = max(1, int(getattr(step, "holdout", 0.05) * max(data.samples, 1) / bs) + 1)
     evals = (steps // eval_every + 1) * holdout * (student + teacher_fwd + losses)
-    t = steps * per_step * (0.8 if bf16 else 1.0) + evals
+    t = steps * per_step * (0.8 if bf16 else 1.0) + evals + data.text_seconds
     # memory: the student's state, the teacher, and what autograd keeps for one micro-batch
     kept_per_block = bs * seq * (6 * s.hidden + 3 * s.intermediate) * 4 + 2 * attention_bytes(s, bs, seq)
     logits = 6.0 * bs * seq * s.vocab * 4 if s.kind == "causal" else 4.0 * bs * seq * s.hidden

@@ -190,6 +190,7 @@ def measure_memory(model: Any) -> Any:
     dt = heavy["parts"]["load"] - base["parts"]["load"]
     read = max(dt / max(s_large.disk_bytes - s_small.disk_bytes, 1), 1e-10)
     model.read_bps = 1.0 / read
+    # the first load of a stage's process (a pipeline's stages each load their parent afresh)
     model.load_fixed_s = max(base["parts"]["load"] - s_small.disk_bytes * read, 0.0)
     # transient multipliers: what the measured peak leaves after the counted parts, over the counted transient
     samples, seq = 64, 256
@@ -209,7 +210,7 @@ def measure_methods(model: Any) -> Any:
     """Per-method corrections from the real methods on two probe models: measured compress time =
     ``scale`` × counted time + ``per_projection`` × projections (the per-layer bookkeeping a count
     of operations misses), solved exactly from the two (non-negative; one scale if not). Also the
-    fixed costs of a warm load and of a save, as medians over every probe stage."""
+    fixed cost of a save, the median over every probe stage."""
     import statistics
 
     from ..progress import track
@@ -218,7 +219,7 @@ def measure_methods(model: Any) -> Any:
 
     samples, seq = PROBE_DATA
     points: dict[str, list[tuple[float, float, int]]] = {}
-    loads, saves = [], []
+    saves = []
     for name in track(["probe-s", "probe-m"], "timing methods on probe models", total=2):
         folder = synthetic_llama(_folder() / name, **PROBE_MODELS[name])
         shape = ModelShape.of(folder)
@@ -227,7 +228,6 @@ def measure_methods(model: Any) -> Any:
             config = _config(step)
             counted = predict.method_seconds(model, shape, shape, config, predict.Data(samples, seq), predict.Estimate())
             points.setdefault(method, []).append((run["parts"]["compress"], counted, len(shape.projections)))
-            loads.append(run["parts"]["load"] - model.read_s(shape.disk_bytes))
             after = shape.after(config)
             saves.append(run["parts"]["save"] - model.write_s(after.disk_bytes) - 2 * after.disk_bytes / model.hash_bps)
     model.methods, model.per_projection_s = {}, {}
@@ -239,7 +239,6 @@ def measure_methods(model: Any) -> Any:
         if scale <= 0 or per < 0:   # no non-negative exact fit: one scale, least squares in log space
             scale, per = math.sqrt(m1 / max(c1, 1e-9) * m2 / max(c2, 1e-9)), 0.0
         model.methods[method], model.per_projection_s[method] = scale, per
-    model.load_fixed_s = max(statistics.median(loads), 0.0)
     model.save_fixed_s = max(statistics.median(saves), 0.0)
     return model
 
