@@ -546,7 +546,8 @@ def run_cmd(pipeline_path: Path = typer.Argument(..., metavar="PIPELINE", help="
     for name, s in result.stages.items():
         evals = ", ".join(f"{e['task']} {e['value']:.4g}" for e in s.evaluations)
         gates = ", ".join(f"{'ok' if v['passed'] else 'FAIL'} {v['kind']} {_verdict_value(v)}" for v in s.verdicts)
-        table.add_row(name, s.parent, s.status, "yes" if s.cached else "no", f"{s.seconds:.1f}", evals or "—",
+        seconds = f"{s.seconds:.1f}" + (f" (plan {s.predicted['seconds']:.1f})" if s.predicted and not s.cached else "")
+        table.add_row(name, s.parent, s.status, "yes" if s.cached else "no", seconds, evals or "—",
                       gates or (s.error or "—"))
     _emit(result.to_dict(), as_json, table)
     if not as_json:
