@@ -417,7 +417,7 @@ def sequential(model: nn.Module, input_ids: torch.Tensor, targets: dict[str, nn.
         if offload_dir:
             shutil.rmtree(offload_dir, ignore_errors=True)
     result.seconds = time.perf_counter() - start_time
-    from .runtime.machine import peak_rss_bytes
+    from .progress import peak_rss_bytes
 
     result.peak_rss_mib = peak_rss_bytes() / 2**20
     return result

@@ -104,7 +104,7 @@ def test_cost_model_measures_prices_on_this_machine():
 def test_peak_rss_of_a_fresh_process_is_its_own():
     """Linux keeps ru_maxrss across execve: a small child of a large parent read the parent's peak."""
     ballast = torch.ones(300 << 18)  # 300 MiB resident in this process
-    code = "from secateur.runtime.machine import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from secateur.progress import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < 250 << 20
     del ballast

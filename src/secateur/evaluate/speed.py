@@ -112,7 +112,7 @@ def disk_bytes(path: str | Path | None) -> int | None:
 
 def peak_rss_mib() -> float:
     """The process's peak resident set (:func:`secateur.runtime.machine.peak_rss_bytes`), MiB."""
-    from ..runtime.machine import peak_rss_bytes
+    from ..progress import peak_rss_bytes
 
     return peak_rss_bytes() / 2**20
 

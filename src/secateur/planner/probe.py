@@ -99,7 +99,7 @@ def _one(spec: dict[str, Any]) -> dict[str, Any]:
     from ..api import compress_
     from ..artifacts import load, save, verify
     from ..recipe import Recipe
-    from ..runtime.machine import peak_rss_bytes
+    from ..progress import peak_rss_bytes
 
     model_dir = Path(spec["model"])
     recipe = Recipe.from_dict({"steps": spec["steps"], **({"data": spec["data"]} if spec.get("data") else {})})

@@ -74,26 +74,4 @@ def key() -> str:
     return hashlib.sha256(json.dumps(describe(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set in bytes: ``VmHWM`` of ``/proc/self/status`` on Linux.
-
-    Not ``getrusage().ru_maxrss``: Linux keeps that across ``execve``, so a fresh child process of a
-    large parent reports the parent's resident set as its own peak (a 13 MB child of an 800 MB
-    parent reads 813 MB). ``VmHWM`` belongs to the address space, which ``execve`` replaces.
-    Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS) is the fallback.
-    """
-    import resource
-    import sys
-
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-__all__ = ["FLAGS", "peak_rss_bytes", "cpu_model", "cpu_flags", "vendor", "has_amx", "describe", "key"]
+__all__ = ["FLAGS", "cpu_model", "cpu_flags", "vendor", "has_amx", "describe", "key"]
