@@ -325,12 +325,12 @@ class _Runner:
             timed = self.evals.put(key, measure_speed(models))
         return timed[0], dict(zip(built, timed[1:]))
 
-    def resources(self, costs: Any = None, available: Any = None) -> Any:
+    def resources(self, costs: Any = None, available: Any = None, rows: Any = None) -> Any:
         """The resource plan (:mod:`secateur.planner`): each stage's predicted wall time and peak RSS on
         this machine, a stage already cached costing nothing; and whether the run fits in memory."""
         from ..planner import Data, StageSpec, plan_stages
 
-        rows = {r["variant"]: r for r in self.plan()}
+        rows = {r["variant"]: r for r in (rows or self.plan())}
         specs = {}
         for name in self.p.order():
             variant = self.p.variants[name]
@@ -392,8 +392,9 @@ def run_pipeline(pipeline: Pipeline, workdir: str | os.PathLike = "secateur-runs
     get their aliases. With ``check_plan`` (the default) the resource plan is made first and a run
     predicted to exceed the memory available is refused before it starts (:mod:`secateur.planner`)."""
     runner = _Runner(pipeline, Path(workdir), keep_going)
-    if check_plan:
-        plan = runner.resources()
+    rows = runner.plan()
+    if check_plan and any(r["state"] != "cached" for r in rows):  # a fully cached run builds nothing to plan
+        plan = runner.resources(rows=rows)
         if not plan.fits:
             raise SecateurError(f"pipeline '{pipeline.name}': {plan.refusal()} (secateur plan shows the plan; "
                                 "--no-plan runs anyway)")
