@@ -99,14 +99,16 @@ def gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB / 4 else f"{n / (1 << 20):.0f} MiB"
 
 
-def training_texts(steps: list[Any], tokenizer: Any, data: Data, batches: int = 200) -> Data:
-    """Fill ``data`` for the encoder training steps among ``steps``: the expected length of a batch
-    (texts are padded to the longest of their batch: the mean over ``batches`` random batches of the
-    longest text) and the seconds that reading and tokenizing the texts took here."""
+def training_texts(steps: list[Any], tokenizer: Any, data: Data, samples: int = 200) -> Data:
+    """Fill ``data`` for the encoder training steps among ``steps``: the length a batch pads to and
+    the seconds that reading and tokenizing the texts took here. The training loop sorts each
+    window of ``GROUP`` batches by length before cutting it into batches (so a batch pads to about
+    its own length), so the expected padded length is the mean, over ``samples`` random windows
+    sorted and cut the same way, of each batch's longest text."""
     import random
     import time
 
-    from ..distill.data import source_sequences
+    from ..distill.data import GROUP, source_sequences
 
     for step in steps:
         if step.method not in TRAINING or not getattr(step, "data", ()):
@@ -114,10 +116,15 @@ def training_texts(steps: list[Any], tokenizer: Any, data: Data, batches: int = 
         start = time.perf_counter()
         lengths = [len(s) for spec in step.data for s in source_sequences(spec, tokenizer, "encoder", step.seq_len)]
         data.text_seconds += time.perf_counter() - start
-        if lengths:
-            rng = random.Random(0)
-            size = min(step.batch_size, len(lengths))
-            data.text_tokens = sum(max(rng.sample(lengths, size)) for _ in range(batches)) / batches
+        if not lengths:
+            continue
+        rng, size = random.Random(0), min(step.batch_size, len(lengths))
+        window = min(size * GROUP, len(lengths))
+        padded = []
+        for _ in range(samples):
+            chunk = sorted(rng.sample(lengths, window))
+            padded += [max(chunk[b:b + size]) for b in range(0, window, size)]
+        data.text_tokens = sum(padded) / len(padded)
     return data
 
 
