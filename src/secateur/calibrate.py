@@ -46,6 +46,113 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# --- several processes --------------------------------------------------------------------------
+def world() -> tuple[int, int]:
+    """``(rank, size)`` of the process group the calibration runs in; ``(0, 1)`` alone."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce ``tensor`` in place over the process group (``sum`` or ``max``); alone, a no-op."""
+    import torch.distributed as dist
+
+    if world()[1] > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor
+
+
+def reduce_count(n: int) -> int:
+    """An integer summed over the process group."""
+    return int(all_reduce_(torch.tensor([n], dtype=torch.int64))[0])
+
+
+def gather_batches(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each rank's per-batch tensors (rank ``r`` holds global batches ``r, r + W, …``, as
+    :func:`sequential` deals them) gathered on every rank in global batch order. Shapes travel
+    first, then the values as one flat float32 tensor per rank: no pickling."""
+    import torch.distributed as dist
+
+    rank, size = world()
+    if size == 1:
+        return parts
+    cols = int(parts[0].shape[-1]) if parts else 0
+    counts = torch.zeros(size, dtype=torch.int64)
+    counts[rank] = len(parts)
+    all_reduce_(counts)
+    rows = torch.zeros(size, int(counts.max()), dtype=torch.int64)
+    rows[rank, :len(parts)] = torch.tensor([p.shape[0] for p in parts], dtype=torch.int64)
+    cols = int(all_reduce_(torch.tensor([cols]), "max")[0])
+    all_reduce_(rows)
+    flat = [torch.zeros(int(rows[r].sum()) * cols) for r in range(size)]
+    mine = torch.cat([p.reshape(-1).float() for p in parts]) if parts else torch.zeros(0)
+    for r in range(size):  # a broadcast per rank: sizes differ, which all_gather does not allow
+        if r == rank:
+            flat[r].copy_(mine)
+        dist.broadcast(flat[r], src=r)
+    per_rank = [list(flat[r].split([int(n) * cols for n in rows[r, :int(counts[r])]])) for r in range(size)]
+    out = []
+    for g in range(int(counts.sum())):
+        out.append(per_rank[g % size][g // size].view(-1, cols))
+    return out
+
+
+def _broadcast_module(module: nn.Module, src: int) -> None:
+    """Make ``module``'s parameters and buffers on every rank those of rank ``src``; buffers a method
+    attached there (scales, zero points) are created where they are missing. The names, shapes and
+    dtypes travel as JSON bytes, the values as tensors."""
+    import torch.distributed as dist
+
+    rank, _ = world()
+    state = dict(module.state_dict())
+    header = json.dumps({k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in state.items()})
+    data = torch.tensor(list(header.encode()), dtype=torch.uint8) if rank == src else torch.zeros(0, dtype=torch.uint8)
+    length = torch.tensor([data.numel()], dtype=torch.int64)
+    dist.broadcast(length, src=src)
+    if rank != src:
+        data = torch.zeros(int(length[0]), dtype=torch.uint8)
+    dist.broadcast(data, src=src)
+    spec = json.loads(bytes(data.tolist()).decode())
+    for key, (shape, dtype) in spec.items():
+        value = state.get(key)
+        if value is None or list(value.shape) != shape or str(value.dtype).removeprefix("torch.") != dtype:
+            value = torch.zeros(shape, dtype=getattr(torch, dtype))
+            owner = module.get_submodule(key.rpartition(".")[0]) if "." in key else module
+            owner.register_buffer(key.rpartition(".")[2], value)
+        dist.broadcast(value, src=src)
+
+
+def _broadcast_json(obj: Any, src: int) -> Any:
+    import torch.distributed as dist
+
+    rank, _ = world()
+    data = torch.tensor(list(json.dumps(obj, default=str).encode()), dtype=torch.uint8) if rank == src else \
+        torch.zeros(0, dtype=torch.uint8)
+    length = torch.tensor([data.numel()], dtype=torch.int64)
+    dist.broadcast(length, src=src)
+    if rank != src:
+        data = torch.zeros(int(length[0]), dtype=torch.uint8)
+    dist.broadcast(data, src=src)
+    return json.loads(bytes(data.tolist()).decode())
+
+
+def init_from_env() -> tuple[int, int]:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment): gloo on
+    CPU, NCCL when every rank has a GPU. Alone: nothing. Returns :func:`world`."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= int(
+            os.environ.get("LOCAL_WORLD_SIZE", "1")) else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return world()
+
+
 # --- observers: statistics of a module's inputs ----------------------------------------------
 class Observer(Protocol):
     def update(self, x: torch.Tensor) -> None: ...
@@ -62,6 +169,12 @@ class ColumnNorms:
         x = x.reshape(-1, x.shape[-1]).float()
         self.sq += (x * x).sum(0).double()  # a batch's partial sum in float32, the running total in float64
         self.tokens += x.shape[0]
+
+    def reduce(self) -> None:
+        """Sum over the process group (float64: the order of the ranks' partial sums changes only
+        the last bits of a float64)."""
+        all_reduce_(self.sq)
+        self.tokens = reduce_count(self.tokens)
 
 
 @lru_cache(maxsize=None)
@@ -100,6 +213,13 @@ class Hessian:
         with _fp32_matmul_precision("bf16") if exact_bf16 else nullcontext():
             self.xtx.addmm_(x.t(), x)
         self.tokens += x.shape[0]
+
+    def reduce(self) -> None:
+        """Sum XᵀX over the process group. Each rank sums its own batches, then the ranks' sums are
+        added: the same terms as one process in another order, so H differs from a single run by
+        float32 summation order only (relative ~1e-6; tested)."""
+        all_reduce_(self.xtx)
+        self.tokens = reduce_count(self.tokens)
 
     @property
     def H(self) -> torch.Tensor:
@@ -396,6 +516,16 @@ def sequential(model: nn.Module, input_ids: torch.Tensor, targets: dict[str, nn.
                               "samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]),
                               "threads": torch.get_num_threads()})
     checkpoint = Path(options.checkpoint_dir) if options.checkpoint_dir else None
+    rank, size = world()
+    if size > 1:  # rank r takes global batches r, r + size, …; its resume state is its own
+        batches = list(input_ids.split(options.batch_size))[rank::size]
+        if not batches:
+            raise SecateurError(f"{input_ids.shape[0]} calibration samples in batches of {options.batch_size} "
+                                f"leave rank {rank} of {size} without a batch; use more samples or fewer processes")
+        input_ids = torch.cat(batches)
+        result.settings["processes"] = size
+        if checkpoint is not None:
+            checkpoint = checkpoint / f"rank-{rank}-of-{size}"
     try:
         inputs = Activations(act_dtype, offload_dir)
         calls = capture_inputs(model, blocks[0], input_ids, options.batch_size, inputs, arch.kind)
@@ -471,16 +601,37 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
             h.remove()
     del dense_block
 
-    # 2. compress, module by module, from the group's statistic
+    # 2. compress, module by module, from the group's statistic (over several processes: the
+    #    statistics summed first; a method whose modules are independent splits the input groups
+    #    over the ranks, any other runs everywhere; then every rank takes its owner's result)
+    rank, size = world()
+    if size > 1:
+        for leader, stat in stats.items():
+            if not hasattr(stat, "reduce"):
+                raise SecateurError(f"{type(method).__name__.strip('_')}: the statistic of {leader} ({type(stat).__name__}) cannot be "
+                                    "combined over several processes; run this method in one process")
+            stat.reduce()
+    split = size > 1 and getattr(method, "independent_layers", False)
+    owner = {leader: (i % size if split else 0) for i, leader in enumerate(groups)}
     dense_weights = {n: weight_matrix(targets[n]).detach().clone() for n in names} if options.record_error else {}
     for leader, members in groups.items():
         for name in members:
+            if owner[leader] != rank and split:
+                continue
             start = time.perf_counter()
             info = method.compress(name, targets[name], stats[leader], index) or {}
             info["sparsity"] = round(sparsity_of(targets[name].weight), 6)
             info["seconds"] = round(time.perf_counter() - start, 4)
             result.layers[name] = info
         del stats[leader]
+    if size > 1:
+        if split:
+            for leader, members in groups.items():
+                for name in members:
+                    _broadcast_module(targets[name], owner[leader])
+                    result.layers[name] = _broadcast_json(result.layers.get(name), owner[leader])
+        else:  # the method may have rewritten more than its targets (norms folding scales): the whole block
+            _broadcast_module(block, 0)
 
     # 3. re-run the compressed block: the next inputs, and the errors the method did not measure
     #    itself, on the first ``error_batches`` batches (one extra matmul per module there only)
@@ -517,6 +668,11 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
                                  **_move(call["kwargs"], device, dtype))
     finally:
         stop_measuring()
+    if size > 1 and to_measure:  # every rank measured its own batches: the sums over all of them
+        totals = all_reduce_(torch.tensor([errors[n][:2] for n in to_measure], dtype=torch.float64))
+        counts = all_reduce_(torch.tensor([errors[n][2] for n in to_measure], dtype=torch.int64))
+        for i, n in enumerate(to_measure):
+            errors[n] = [float(totals[i, 0]), float(totals[i, 1]), int(counts[i])]
     for name in to_measure:
         err, ref, tokens = errors[name]
         result.layers[name]["relative_error"] = err / ref if ref > 0 else 0.0

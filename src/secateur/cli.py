@@ -7,6 +7,7 @@ an unexpected failure prints one line and exits with code 1. ``--debug`` shows t
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -186,17 +187,64 @@ def compress_cmd(recipe_path: Path = typer.Argument(..., metavar="RECIPE", help=
                  out_dir: Optional[Path] = typer.Option(None, "--out", help="Write the artifact here."),
                  dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the modules each step touches."),
                  storage: str = typer.Option("dense", "--storage", help=STORAGE_HELP),
+                 nproc: int = typer.Option(1, "--nproc", min=1, max=64,
+                                           help="Split calibration over N processes (torch.distributed: gloo on "
+                                                "CPU, NCCL on GPUs), the threads divided between them."),
                  as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Run a recipe: evaluate, compress, evaluate again, save an artifact with its compression card.
 
     With --out, calibrated steps checkpoint after every block: re-running the same command after a
-    crash continues where it stopped."""
+    crash continues where it stopped. Under torchrun (or with --nproc N), calibration samples are
+    split over the processes and every statistic is summed before a method compresses; rank 0
+    evaluates and saves."""
     from .recipe import Recipe
 
     recipe = Recipe.load(recipe_path)
     if overrides:
         recipe = recipe.with_overrides(overrides)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch(nproc, recipe)
+        return
+    from .calibrate import init_from_env
+
+    rank, size = init_from_env()
+    if size > 1:
+        _check_distributable(recipe)
+    if rank != 0:  # the other ranks calibrate their share and leave the talking and the writing to rank 0
+        from .pipeline import run_recipe
+
+        run_recipe(recipe, out=out_dir, storage=storage, evaluate_before=False, evaluate_after=False, write=False)
+        return
     _run(recipe, out_dir, dry_run, as_json, storage)
+
+
+def _check_distributable(recipe: Any) -> None:
+    from .api import get_method
+
+    trains = [s.method for s in recipe.steps if get_method(s.method).trains]
+    if trains:
+        raise SecateurError(f"--nproc: training steps ({', '.join(trains)}) run in one process only (calibration "
+                            "is what is split); run this recipe without --nproc")
+
+
+_ARGS: list[str] = []  # this invocation's arguments (what _relaunch starts again)
+
+
+def _relaunch(nproc: int, recipe: Any) -> None:
+    """Start ``nproc`` copies of this command under torch.distributed's launcher, the CPU threads
+    divided between them, and wait; exit with the first failure's code."""
+    import subprocess
+
+    import torch
+
+    _check_distributable(recipe)
+    args = [a for i, a in enumerate(_ARGS) if not a.startswith("--nproc") and not (i and _ARGS[i - 1] == "--nproc")]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // nproc))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "secateur.cli", *args]
+    code = subprocess.run(cmd, env=env).returncode
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("prune")
@@ -695,6 +743,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     import click
 
     args = list(sys.argv[1:] if argv is None else argv)
+    _ARGS[:] = args
     debug = "--debug" in args
     if debug:  # accepted in any position, not only before the command
         args = ["--debug"] + [a for a in args if a != "--debug"]

@@ -107,12 +107,16 @@ def check_storage(storage: str) -> None:
 
 
 def run_recipe(recipe: Any, out: str | Path | None = None, loaded: Any = None,
-               evaluate_before: bool = True, storage: str = "dense") -> RunResult:
+               evaluate_before: bool = True, storage: str = "dense", *, evaluate_after: bool = True,
+               write: bool = True) -> RunResult:
     """Run every step of ``recipe`` on its model (or on ``loaded``, a :class:`secateur.Loaded`).
 
     ``evaluate_before=False`` skips the "before" evaluations (when the caller already has them).
     ``storage="sparse"`` writes pruned weights as bitmask + values (``secateur export`` makes a
-    dense copy for stock transformers); ``"dense"`` writes a plain checkpoint.
+    dense copy for stock transformers); ``"dense"`` writes a plain checkpoint. Over several
+    processes (torchrun) every rank compresses its share; ``write=False`` and
+    ``evaluate_after=False`` are for the ranks other than 0, which wait for each other before rank 0
+    evaluates, saves and clears the resume folder.
     """
     check_storage(storage)
     from ..api import compress_
@@ -136,8 +140,16 @@ def run_recipe(recipe: Any, out: str | Path | None = None, loaded: Any = None,
         result.before = evaluate_all(model, tokenizer, recipe.eval)
     resume = _resume_dir(out)
     compress_(model, recipe, data=data, checkpoint_dir=resume, tokenizer=tokenizer)
+    from ..calibrate import world
+
+    if world()[1] > 1:  # every rank's last checkpoint is written before rank 0 clears the folder
+        import torch.distributed as dist
+
+        dist.barrier()
     result.steps = lineage.read(model).history()
-    result.after = evaluate_all(model, tokenizer, recipe.eval)
+    if not write:
+        return result
+    result.after = evaluate_all(model, tokenizer, recipe.eval) if evaluate_after else []
     if out is not None:
         metrics = {"before": result.before, "after": result.after}
         result.artifact = str(save(model, out, tokenizer=tokenizer, recipe=recipe, metrics=metrics,

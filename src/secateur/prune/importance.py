@@ -227,6 +227,12 @@ class _ActivationObserver:
         self.sums += v.double()
         self.tokens += x.shape[0]
 
+    def reduce(self) -> None:
+        from ..calibrate import all_reduce_, reduce_count
+
+        all_reduce_(self.sums)
+        self.tokens = reduce_count(self.tokens)
+
     @property
     def mean(self) -> torch.Tensor:
         return self.sums / max(self.tokens, 1)

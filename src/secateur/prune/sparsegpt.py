@@ -130,6 +130,8 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, patt
 class _SparseGPT:
     """The calibration loop's view of SparseGPT: one Hessian per input group, OBS-updated weights out."""
 
+    independent_layers = True  # each module's compression reads its own statistic and weight only
+
     def __init__(self, config: SparseGPTConfig, sparsities: dict[str, float]):
         self.config, self.sparsities = config, sparsities
 

@@ -68,6 +68,8 @@ def wanda_masks(weight: torch.Tensor, col_sq: torch.Tensor, sparsity: float,
 class _Wanda:
     """The calibration loop's view of Wanda: column norms in, masked weights out."""
 
+    independent_layers = True  # each module's compression reads its own statistic and weight only
+
     def __init__(self, config: WandaConfig, sparsities: dict[str, float]):
         self.config, self.sparsities = config, sparsities
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..api import register
+from ..calibrate import all_reduce_, gather_batches, reduce_count
 from ..config import CalibratedConfig, param
 from ..models.layers import weight_matrix
 from .common import WeightQuantConfig, fold_scales, run_calibrated, scheme_for, smooth_groups, stash
@@ -98,6 +99,19 @@ class _Inputs:
         kept = sum(r.shape[0] for r in self.rows)
         if kept < self.limit:
             self.rows.append(x[: self.limit - kept].clone())
+
+    def reduce(self) -> None:
+        """Over several processes: the sums added, and the kept rows those one process would keep
+        (the first ``tokens`` rows in global batch order)."""
+        all_reduce_(self.abs_sum)
+        self.n = reduce_count(self.n)
+        rows, kept = [], 0
+        for part in gather_batches(self.rows):
+            if kept >= self.limit:
+                break
+            rows.append(part[: self.limit - kept])
+            kept += rows[-1].shape[0]
+        self.rows = rows
 
     @property
     def mean(self) -> torch.Tensor:

@@ -124,6 +124,8 @@ class _GPTQ:
     on the Linear as buffers (so a block checkpoint carries them); the swap to QuantLinear happens
     once the loop is done."""
 
+    independent_layers = True  # each module's compression reads its own statistic and weight only
+
     def __init__(self, config: GPTQConfig):
         self.config = config
 

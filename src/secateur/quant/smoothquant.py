@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from ..api import register
+from ..calibrate import all_reduce_
 from ..config import CalibratedConfig, param
 from ..models.layers import weight_matrix
 from .common import WeightQuantConfig, fold_scales, run_calibrated, scheme_for, smooth_groups, stash
@@ -50,6 +51,9 @@ class _AbsMax:
 
     def update(self, x: torch.Tensor) -> None:
         self.max = torch.maximum(self.max, x.detach().reshape(-1, x.shape[-1]).abs().amax(0).float().cpu())
+
+    def reduce(self) -> None:  # a maximum is exact in any order
+        all_reduce_(self.max, "max")
 
 
 class _SmoothQuant:
