@@ -589,6 +589,14 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
             if after_first is not None and i + 1 == options.error_batches:
                 after_first()
 
+    phases = result.settings.setdefault("phase_seconds", {})  # where a block's time goes, summed over blocks
+
+    def lap(phase: str, since: float) -> float:
+        now = time.perf_counter()
+        phases[phase] = round(phases.get(phase, 0.0) + now - since, 4)
+        return now
+
+    clock = time.perf_counter()
     # 1. observe (the dense outputs are the next inputs when propagating dense)
     dense_block = runner()
     handles = [dense_block.get_submodule(local[leader]).register_forward_pre_hook(
@@ -604,6 +612,7 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
     # 2. compress, module by module, from the group's statistic (over several processes: the
     #    statistics summed first; a method whose modules are independent splits the input groups
     #    over the ranks, any other runs everywhere; then every rank takes its owner's result)
+    clock = lap("observe", clock)
     rank, size = world()
     if size > 1:
         for leader, stat in stats.items():
@@ -611,6 +620,7 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
                 raise SecateurError(f"{type(method).__name__.strip('_')}: the statistic of {leader} ({type(stat).__name__}) cannot be "
                                     "combined over several processes; run this method in one process")
             stat.reduce()
+    clock = lap("combine", clock)
     split = size > 1 and getattr(method, "independent_layers", False)
     owner = {leader: (i % size if split else 0) for i, leader in enumerate(groups)}
     dense_weights = {n: weight_matrix(targets[n]).detach().clone() for n in names} if options.record_error else {}
@@ -624,6 +634,7 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
             info["seconds"] = round(time.perf_counter() - start, 4)
             result.layers[name] = info
         del stats[leader]
+    clock = lap("compress", clock)
     if size > 1:
         if split:
             for leader, members in groups.items():
@@ -633,6 +644,7 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
         else:  # the method may have rewritten more than its targets (norms folding scales): the whole block
             _broadcast_module(block, 0)
 
+    clock = lap("share", clock)
     # 3. re-run the compressed block: the next inputs, and the errors the method did not measure
     #    itself, on the first ``error_batches`` batches (one extra matmul per module there only)
     to_measure = [n for n in names if options.record_error and "relative_error" not in result.layers[n]]
@@ -673,6 +685,7 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
         counts = all_reduce_(torch.tensor([errors[n][2] for n in to_measure], dtype=torch.int64))
         for i, n in enumerate(to_measure):
             errors[n] = [float(totals[i, 0]), float(totals[i, 1]), int(counts[i])]
+    lap("rerun", clock)
     for name in to_measure:
         err, ref, tokens = errors[name]
         result.layers[name]["relative_error"] = err / ref if ref > 0 else 0.0
