@@ -46,7 +46,8 @@ METHODS: dict[str, Method] = {}
 _METHOD_MODULES = ("secateur.prune.magnitude", "secateur.prune.wanda", "secateur.prune.sparsegpt",
                    "secateur.prune.structured", "secateur.quant.rtn", "secateur.quant.gptq", "secateur.quant.awq",
                    "secateur.quant.smoothquant", "secateur.quant.fp8", "secateur.quant.mixed",
-                   "secateur.distill.distill", "secateur.distill.qat", "secateur.distill.gradual")
+                   "secateur.distill.distill", "secateur.distill.qat", "secateur.distill.gradual",
+                   "secateur.distill.early_exit")
 
 
 def register(name: str, config: type[StepConfig], *, kind: str, needs_data: bool = False, paper: str = "",

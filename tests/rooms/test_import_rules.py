@@ -121,7 +121,7 @@ def test_the_method_table_holds_each_apply_itself_and_the_exports_derive_from_it
     from secateur.api import methods
 
     table = methods()
-    assert len(table) == 13
+    assert len(table) == 14
     for name, spec in table.items():
         module = importlib.import_module(spec.apply.__module__)
         assert module.apply is spec.apply and module.__name__.rsplit(".", 1)[-1] == name

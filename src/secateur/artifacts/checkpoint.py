@@ -400,6 +400,29 @@ def materialize_dense(directory: str | os.PathLike) -> dict[str, Any]:
         raise ArtifactError(f"artifact {directory} is damaged: {exc}; re-create it") from None
 
 
+def _attach_exits(model: Any, path: Path) -> None:
+    """Early-exit heads saved with the model (``secateur_exits.heads.<block>.*``: tensors transformers
+    does not know and skips) are rebuilt and put back on it."""
+    from safetensors import safe_open
+
+    from ..runtime.early_exit import ATTRIBUTE, ExitHeads, attach
+
+    prefix = f"{ATTRIBUTE}.heads."
+    tensors: dict[str, Any] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():
+                if key.startswith(prefix):
+                    tensors[key[len(ATTRIBUTE) + 1:]] = fh.get_tensor(key)
+    if not tensors:
+        return
+    blocks = tuple(sorted({int(k.split(".")[1]) for k in tensors}))
+    heads = ExitHeads(next(iter(tensors.values())).shape[-1], blocks)
+    heads.load_state_dict(tensors)
+    heads.requires_grad_(False)
+    attach(model, heads)
+
+
 def load_pretrained(auto: Any, directory: str | os.PathLike, **kwargs: Any) -> Any:
     """``auto.from_pretrained(directory, **kwargs)`` that also reads compressed sparse weights.
 
@@ -547,6 +570,7 @@ def load(name_or_path: str | os.PathLike, *, dtype: Any = None) -> Loaded:
         if bars:
             hf_logging.enable_progress_bar()
     model.eval()
+    _attach_exits(model, path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as exc:

@@ -121,8 +121,10 @@ def _cached_generation(teacher: nn.Module, tokenizer: Any, config: TrainingConfi
     return seqs
 
 
-def run_training(model: nn.Module, config: TrainingConfig, ctx: Any, hooks: tuple = ()) -> dict[str, Any]:
-    """Teacher, data, then the loop; returns what the compression card records."""
+def run_training(model: nn.Module, config: TrainingConfig, ctx: Any, hooks: tuple = (),
+                 objective: Optional[nn.Module] = None) -> dict[str, Any]:
+    """Teacher, data, then the loop; returns what the compression card records. ``objective``: a
+    method's own losses (see :func:`secateur.distill.train.train`)."""
     kind = kind_of(model)
     teacher = resolve_teacher(config, ctx)
     data = training_set(config, ctx, teacher, kind)
@@ -143,7 +145,7 @@ def run_training(model: nn.Module, config: TrainingConfig, ctx: Any, hooks: tupl
                  teacher_fit["temperature"])
     result = train(model, teacher, data, config, kind=kind, checkpoint_dir=ctx.checkpoint_dir,
                    hooks=hooks, evaluate=ctx.evaluate,
-                   teacher_temperature=teacher_fit["temperature"] if teacher_fit else 1.0)
+                   teacher_temperature=teacher_fit["temperature"] if teacher_fit else 1.0, objective=objective)
     out = result.to_dict()
     if teacher_fit is not None:
         out["teacher_calibrated"] = teacher_fit

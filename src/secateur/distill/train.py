@@ -301,18 +301,20 @@ def _holdout_loss(objective: Objective, student: nn.Module, data: TrainingSet, c
 def train(student: nn.Module, teacher: Optional[nn.Module], data: TrainingSet, config: TrainingConfig, *,
           kind: str = "causal", checkpoint_dir: Any = None, hooks: tuple[Any, ...] = (),
           evaluate: Optional[Callable[[nn.Module], dict[str, float]]] = None,
-          teacher_temperature: float = 1.0) -> TrainResult:
+          teacher_temperature: float = 1.0, objective: Optional[nn.Module] = None) -> TrainResult:
     """Train ``student`` in place on ``data`` with ``config``'s objective and schedule.
 
     ``evaluate(student) -> {name: value}`` adds metrics to every evaluation (e.g. STS-B dev);
     early stopping watches the held-out loss. With ``checkpoint_dir``, a re-run of the same call
     resumes from the last checkpoint there. ``teacher_temperature`` divides the teacher's logits
-    before the KL term (its calibration on real text).
+    before the KL term (its calibration on real text). ``objective`` replaces the losses of
+    ``config`` by a method's own (``objective(student, batch) -> (loss, parts)``; its parameters
+    train too: early exit's heads).
     """
     from ..progress import Bar
 
     torch.manual_seed(config.seed)
-    objective = Objective(student, teacher, config, kind, teacher_temperature)
+    objective = objective if objective is not None else Objective(student, teacher, config, kind, teacher_temperature)
     if teacher is not None:
         teacher.eval()
     params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]

@@ -327,6 +327,11 @@ def sync_config(model: nn.Module) -> dict[str, Any]:
     return s
 
 
+# modules secateur adds beside the architecture (early-exit heads): saved with the weights, rebuilt
+# by the artifacts room, never part of the config's shapes
+ADDONS = ("secateur_",)
+
+
 def layout(model: nn.Module) -> dict[str, Any] | None:
     """What differs from the model its config describes: ``{"shapes": {param: shape}, "attrs":
     {module: {attr: value}}}``, or None when the config describes the model exactly."""
@@ -337,7 +342,7 @@ def layout(model: nn.Module) -> dict[str, Any] | None:
         reference = type(model)(model.config)
     ref_shapes = {n: tuple(p.shape) for n, p in reference.named_parameters(remove_duplicate=False)}
     diff = {n: list(p.shape) for n, p in model.named_parameters(remove_duplicate=False)
-            if ref_shapes.get(n) != tuple(p.shape)}
+            if ref_shapes.get(n) != tuple(p.shape) and not n.startswith(ADDONS)}
     have = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     have |= {n for n, _ in model.named_buffers()}
     quantized = {name for name, m in model.named_modules() if hasattr(m, "dequantized_weight")}

@@ -1,0 +1,164 @@
+"""Early exit on all-MiniLM-L6-v2: STS-B dev Spearman against mean blocks computed and measured encode
+throughput, side by side with the same model without exits (issue 27's encoder bar: at least 1.5x
+throughput at batch 1, at most 0.5 below its STS-B dev Spearman).
+
+1. Train exit heads after blocks 2-5 with the ``early_exit`` method (backbone frozen; STS-B *train*
+   sentences; distillation from the model's own last layer).
+2. Calibrate the exit threshold on STS-B **train** pairs (the first ``--calib-pairs``): the lowest
+   threshold of a grid whose Spearman there stays within ``--max-drop`` of the model without exits.
+   The dev split is never used to choose it.
+3. On STS-B dev (P2): Spearman, mean blocks per sentence, and the curve over every threshold of the
+   grid (for the plot and the table); then encode throughput at batch 1 and batch 64 on dev
+   sentences, the model without exits (transformers' forward) and with exits alternating, in one
+   process (ratios).
+
+    python benchmarks/early_exit.py [--steps 300] [--max-drop 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import SHARED, environment, print_table, setup_env, write_json
+
+MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
+GRID = (0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99, 0.995, 2.0)
+
+
+def batches(tokenizer, texts, size):
+    import torch
+
+    for start in range(0, len(texts), size):
+        enc = tokenizer(texts[start:start + size], truncation=True, max_length=128, padding=True, return_tensors="pt")
+        yield enc["input_ids"], enc["attention_mask"].to(torch.long)
+
+
+def exits_of(model, tokenizer, texts, size=64):
+    """Every exit's embedding of every text (one pass; :func:`simulate` then prices each threshold)."""
+    import torch
+
+    from secateur.runtime.early_exit import exit_embeddings
+
+    parts = [exit_embeddings(model, ids, mask) for ids, mask in batches(tokenizer, texts, size)]
+    return {b: torch.cat([p[b] for p in parts]) for b in parts[0]}
+
+
+def spearman(pairs, views, threshold):
+    """(Spearman × 100, mean blocks) at ``threshold`` from the precomputed exits of both sides."""
+    from scipy.stats import spearmanr
+
+    from secateur.runtime.early_exit import simulate
+
+    (a, ba), (b, bb) = simulate(views[0], threshold), simulate(views[1], threshold)
+    cosine = (a * b).sum(-1).double().numpy()
+    return float(spearmanr(cosine, pairs[2])[0]) * 100, float((ba.sum() + bb.sum()) / (len(ba) + len(bb)))
+
+
+def throughput(model, tokenizer, texts, threshold, size, rounds):
+    """Sentences per second without exits and with, alternating round by round (medians)."""
+    import torch
+
+    from secateur.runtime.early_exit import ExitEncoder
+
+    encoder = ExitEncoder(model, threshold)
+    prepared = list(batches(tokenizer, texts, size))
+    plain, exits = [], []
+    with torch.inference_mode():
+        for ids, mask in prepared[:3]:  # warm-up
+            model(input_ids=ids, attention_mask=mask)
+            encoder.encode(ids, mask)
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for ids, mask in prepared:
+                model(input_ids=ids, attention_mask=mask)
+            plain.append(len(texts) / (time.perf_counter() - start))
+            start = time.perf_counter()
+            for ids, mask in prepared:
+                encoder.encode(ids, mask)
+            exits.append(len(texts) / (time.perf_counter() - start))
+    return statistics.median(plain), statistics.median(exits)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300, help="training steps of the exit heads")
+    parser.add_argument("--max-drop", type=float, default=0.5, help="Spearman points allowed on the calibration pairs")
+    parser.add_argument("--calib-pairs", type=int, default=1500)
+    parser.add_argument("--speed-texts", type=int, default=256, help="dev sentences timed per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--artifact", default=None, help="an artifact with exit heads already (skips training)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    setup_env()
+
+    import torch
+
+    from secateur import compress_
+    from secateur.artifacts import load, save
+    from secateur.data import source
+    from secateur.recipe import Recipe
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="secateur-early-exit-") as tmp:
+        if args.artifact is None:
+            loaded = load(MINILM)
+            recipe = Recipe.from_dict({"steps": [{"method": "early_exit", "data": ["stsb:train"], "seq_len": 128,
+                                                  "steps": args.steps, "batch_size": 64, "lr": 1e-3,
+                                                  "eval_every": 0}]})
+            compress_(loaded.model, recipe, tokenizer=loaded.tokenizer)
+            artifact = save(loaded.model, Path(tmp) / "minilm-exits", tokenizer=loaded.tokenizer, recipe=recipe)
+        else:
+            artifact = Path(args.artifact)
+        loaded = load(artifact)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        stsb = source("stsb")
+        train = tuple(x[: args.calib_pairs] for x in stsb.pairs("train"))
+        dev = stsb.pairs("dev")
+        views = {name: (exits_of(model, tokenizer, pairs[0]), exits_of(model, tokenizer, pairs[1]))
+                 for name, pairs in (("train", train), ("dev", dev))}
+        base_calib, _ = spearman(train, views["train"], 2.0)   # a threshold above 1 never exits
+        calibration = []
+        for t in GRID:
+            rho, blocks = spearman(train, views["train"], t)
+            calibration.append({"threshold": t, "spearman": rho, "drop": base_calib - rho, "mean_blocks": blocks})
+        chosen = min((c["threshold"] for c in calibration if c["drop"] <= args.max_drop), default=2.0)
+        base_dev, _ = spearman(dev, views["dev"], 2.0)
+        curve = []
+        for t in GRID:
+            rho, blocks = spearman(dev, views["dev"], t)
+            curve.append({"threshold": t, "spearman": rho, "drop": base_dev - rho, "mean_blocks": blocks})
+        at = next(c for c in curve if c["threshold"] == chosen)
+        texts = dev[0][: args.speed_texts]
+        speed = {}
+        for size in (1, 64):
+            plain, exits = throughput(model, tokenizer, texts, chosen, size, args.rounds)
+            speed[size] = {"plain_per_s": plain, "exits_per_s": exits, "speedup": exits / plain}
+    rows = [[f"{c['threshold']:g}" + (" (chosen)" if c["threshold"] == chosen else ""),
+             f"{k['spearman']:.2f}", f"{k['drop']:+.2f}", f"{c['spearman']:.2f}", f"{c['drop']:+.2f}",
+             f"{c['mean_blocks']:.2f}"] for c, k in zip(curve, calibration)]
+    print_table(f"MiniLM early exit: STS-B Spearman against mean blocks (no exits: dev {base_dev:.2f}, "
+                f"calibration {base_calib:.2f})",
+                ["threshold", "calib ρ", "calib drop", "dev ρ", "dev drop", "dev mean blocks"], rows)
+    print_table("encode throughput at the chosen threshold (sentences/s, medians of alternating rounds)",
+                ["batch", "without exits", "with exits", "speed-up"],
+                [[str(b), f"{s['plain_per_s']:.1f}", f"{s['exits_per_s']:.1f}", f"{s['speedup']:.2f}x"]
+                 for b, s in speed.items()])
+    bar = speed[1]["speedup"] >= 1.5 and at["drop"] <= 0.5
+    print(f"bar (>= 1.5x at batch 1, dev drop <= 0.5): {'met' if bar else 'NOT met'} — {speed[1]['speedup']:.2f}x, "
+          f"dev drop {at['drop']:+.2f} at threshold {chosen:g} (chosen on train pairs), {at['mean_blocks']:.2f} "
+          f"mean blocks of {model.config.num_hidden_layers}")
+    out = write_json("early_exit", {"environment": environment(), "steps": args.steps, "max_drop": args.max_drop,
+                                    "chosen_threshold": chosen, "no_exit_dev": base_dev, "no_exit_calibration": base_calib,
+                                    "calibration": calibration, "dev": curve, "speed": speed, "bar_met": bar,
+                                    "seconds": time.perf_counter() - start, "threads": torch.get_num_threads()},
+                     args.out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Early exit for sentence encoders: exit heads after chosen blocks, trained by distillation from the
+model's own last layer with the one training loop (the backbone frozen).
+
+Each head maps the mean-pooled hidden states after block ``k`` to the final sentence embedding
+(:class:`secateur.runtime.early_exit.ExitHeads`, initialised to the identity). The objective is
+the encoders' embedding loss (relative MSE + cosine distance, as ``distill`` uses) between every
+head's output and the model's own final mean-pooled embedding on the same batch, summed over the
+heads; only the heads' parameters train. The heads ride on the model (``secateur_exits``), are
+saved in the artifact and described in its card; stock ``transformers`` still loads the backbone
+(the heads' tensors are extra keys it ignores). At inference,
+:class:`secateur.runtime.early_exit.ExitEncoder` exits an input when two successive exits agree;
+its threshold is chosen on calibration data (``benchmarks/early_exit.py`` shows how), never on the
+evaluation split.
+
+Papers: DeeBERT (Xin et al. 2020, arXiv:2004.12993), PABEE (Zhou et al. 2020, arXiv:2006.04152).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..api import register
+from ..config import param
+from ..errors import ConfigError, SecateurError
+from .losses import embedding_loss
+from .run import kind_of, run_training
+from .train import TrainingConfig
+
+
+@dataclass(frozen=True)
+class EarlyExitConfig(TrainingConfig):
+    """Add exit heads after chosen blocks and train them to predict the final sentence embedding."""
+
+    exits: tuple[int, ...] = param((), "blocks (1-based) with an exit head; an input leaves at a head whose "
+                                       "embedding agrees with the previous head's, so the first head only "
+                                       "compares; empty: every block but the last")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if any(b < 1 for b in self.exits):
+            raise ConfigError("exits", "block numbers start at 1 (exit after block 1 = the first block)")
+
+
+class ExitObjective(nn.Module):
+    """Σ over heads of the embedding loss between the head's output and the model's final embedding."""
+
+    def __init__(self, heads: nn.Module):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, student: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        from ..runtime.early_exit import mean_pool
+
+        mask = batch["attention_mask"]
+        with torch.no_grad():  # the backbone is frozen: its states are inputs to the heads
+            out = getattr(student, "base_model", student)(**batch, output_hidden_states=True)
+            states = [mean_pool(h.float(), mask) for h in out.hidden_states]
+        target = states[-1]
+        parts = {f"exit{b}": embedding_loss(self.heads(b, states[b]), target) for b in self.heads.blocks}
+        total = torch.stack(list(parts.values())).sum()
+        return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+@register("early_exit", EarlyExitConfig, kind="distill",
+          uses="training text (its data: field) or the recipe's calibration windows",
+          trains=True, paper="DeeBERT arXiv:2004.12993; PABEE arXiv:2006.04152")
+def apply(model: nn.Module, config: EarlyExitConfig, ctx: Any) -> dict[str, Any]:
+    from ..runtime.early_exit import ExitHeads, attach, heads_of
+
+    if kind_of(model) != "encoder":
+        raise SecateurError("early_exit supports sentence encoders (BERT family) for now; causal LMs are not done yet")
+    if heads_of(model) is not None:
+        raise SecateurError("this model already has exit heads")
+    n = model.config.num_hidden_layers
+    exits = config.exits or tuple(range(1, n))
+    if len(exits) < 2 or any(b >= n for b in exits):
+        raise ConfigError("exits", f"the model has {n} blocks: give at least two exits in 1..{n - 1} (an input leaves "
+                                   "when two successive exits agree; the last block always answers)")
+    heads = ExitHeads(model.config.hidden_size, exits)
+    frozen = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        out = run_training(model, config, ctx, objective=ExitObjective(heads))
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(frozen[name])
+    for p in heads.parameters():
+        p.requires_grad_(False)
+    attach(model, heads)
+    out["exits"] = heads.describe()
+    return out

@@ -1,0 +1,176 @@
+"""Early exit for sentence encoders: easy inputs pay for fewer blocks.
+
+After chosen blocks ``k`` the model carries an exit head: a linear map (initialised to the
+identity) from the mean-pooled hidden states after block ``k`` to the final sentence embedding
+(the P2 pooling: mean over real tokens, then L2 normalisation). The heads are trained by the
+``early_exit`` method (distillation from the model's own last layer, backbone frozen) and live on
+the model as ``model.secateur_exits`` (an :class:`ExitHeads`), so they are saved with it.
+
+:class:`ExitEncoder` runs a batch block by block. At each exit it computes every still-running
+input's exit embedding; an input *exits* when its embedding agrees with the one from the previous
+exit (cosine ≥ ``threshold``: two successive views of the sentence no longer move it, DeeBERT's
+idea with PABEE-style agreement instead of a learned classifier). Inputs that continue are
+gathered into a smaller batch, so later blocks run only on them. The last block always answers
+(its embedding is the model's own, no head). ``threshold > 1`` never exits: the output is then
+exactly the model's own embedding (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ATTRIBUTE = "secateur_exits"
+
+
+class ExitHeads(nn.Module):
+    """One linear head per exit block (1-based block numbers: exit ``k`` reads block ``k``'s output)."""
+
+    def __init__(self, hidden: int, blocks: tuple[int, ...]):
+        super().__init__()
+        self.blocks = tuple(sorted(int(b) for b in blocks))
+        self.heads = nn.ModuleDict({str(b): nn.Linear(hidden, hidden) for b in self.blocks})
+        with torch.no_grad():
+            for head in self.heads.values():
+                head.weight.copy_(torch.eye(hidden))
+                head.bias.zero_()
+
+    def forward(self, block: int, pooled: torch.Tensor) -> torch.Tensor:
+        return self.heads[str(block)](pooled)
+
+    def describe(self) -> dict[str, Any]:
+        return {"exits_after_blocks": list(self.blocks), "head": "linear (hidden -> hidden) on the mean-pooled states"}
+
+
+def heads_of(model: nn.Module) -> Optional[ExitHeads]:
+    return getattr(model, ATTRIBUTE, None)
+
+
+def attach(model: nn.Module, heads: ExitHeads) -> None:
+    setattr(model, ATTRIBUTE, heads)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def _encoder(model: nn.Module) -> nn.Module:
+    return getattr(model, "base_model", model)
+
+
+def _extended_mask(encoder: nn.Module, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask a BERT block takes: 0 where attended, the dtype's minimum elsewhere."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    from ..models.arch import arch_of
+
+    return arch_of(model).arch.get_blocks(model)
+
+
+@torch.no_grad()
+def exit_embeddings(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Every exit's (unnormalised) embedding and the final one (key = number of blocks), for a whole
+    batch, without exiting: what training targets and threshold calibration read."""
+    heads = heads_of(model)
+    hidden, mask = _embed(model, input_ids, attention_mask)
+    blocks = _blocks(model)
+    out: dict[int, torch.Tensor] = {}
+    for i, block in enumerate(blocks, start=1):
+        hidden = _run_block(block, hidden, mask)
+        if heads is not None and i in heads.blocks and i < len(blocks):
+            out[i] = heads(i, mean_pool(hidden, attention_mask))
+    out[len(blocks)] = mean_pool(hidden, attention_mask)
+    return out
+
+
+def _embed(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    encoder = _encoder(model)
+    hidden = encoder.embeddings(input_ids=input_ids)
+    return hidden, _extended_mask(encoder, attention_mask, hidden.dtype)
+
+
+def _run_block(block: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    out = block(hidden, attention_mask=mask)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def simulate(exits: dict[int, torch.Tensor], threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :class:`ExitEncoder` would answer at ``threshold``, from every exit's embedding of a
+    batch (:func:`exit_embeddings`): the normalised embeddings and the blocks each input ran. One
+    pass of the model then prices every threshold of a calibration grid (tested against the encoder)."""
+    order = sorted(exits)
+    final = order[-1]
+    views = {b: F.normalize(exits[b].float(), dim=-1) for b in order}
+    result = views[final].clone()
+    blocks = torch.full((result.shape[0],), final, dtype=torch.long)
+    done = torch.zeros(result.shape[0], dtype=torch.bool)
+    for previous, block in zip(order, order[1:-1]):
+        agree = ((views[block] * views[previous]).sum(-1) >= threshold) & ~done
+        result[agree], blocks[agree] = views[block][agree], block
+        done |= agree
+    return result, blocks
+
+
+@dataclass
+class Encoded:
+    embeddings: torch.Tensor                 # [B, D], L2-normalised
+    blocks: torch.Tensor                     # [B]: blocks each input ran through
+    exits: dict[int, int] = field(default_factory=dict)   # exit block -> inputs that left there
+
+    @property
+    def mean_blocks(self) -> float:
+        return float(self.blocks.float().mean())
+
+
+class ExitEncoder:
+    """Encode with per-input early exit (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, threshold: float):
+        heads = heads_of(model)
+        if heads is None:
+            from ..errors import SecateurError
+
+            raise SecateurError("this model has no exit heads; add them with the early_exit method")
+        self.model, self.heads, self.threshold = model.eval(), heads, float(threshold)
+        self.n_blocks = len(_blocks(model))
+
+    @torch.no_grad()
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Encoded:
+        batch = input_ids.shape[0]
+        hidden, mask = _embed(self.model, input_ids, attention_mask)
+        alive = torch.arange(batch)
+        result = torch.zeros(batch, hidden.shape[-1])
+        used = torch.full((batch,), self.n_blocks, dtype=torch.long)
+        exits: dict[int, int] = {}
+        previous: Optional[torch.Tensor] = None
+        valid = attention_mask
+        for i, block in enumerate(_blocks(self.model), start=1):
+            hidden = _run_block(block, hidden, mask)
+            if i == self.n_blocks:
+                result[alive] = F.normalize(mean_pool(hidden, valid).float(), dim=-1)
+                break
+            if i not in self.heads.blocks:
+                continue
+            current = F.normalize(self.heads(i, mean_pool(hidden, valid)).float(), dim=-1)
+            if previous is not None:
+                done = (current * previous).sum(-1) >= self.threshold
+                if bool(done.any()):
+                    result[alive[done]] = current[done]
+                    used[alive[done]] = i
+                    exits[i] = int(done.sum())
+                    keep = ~done
+                    if not bool(keep.any()):
+                        break
+                    alive, hidden, mask, valid, current = alive[keep], hidden[keep], mask[keep], valid[keep], current[keep]
+            previous = current
+        return Encoded(result, used, exits)
+
+
+__all__ = ["ExitHeads", "ExitEncoder", "Encoded", "exit_embeddings", "simulate", "heads_of", "attach", "mean_pool", "ATTRIBUTE"]

@@ -1,0 +1,128 @@
+"""Early exit for encoders: the runtime answers exactly what the model answers when nothing exits,
+the offline simulation of a threshold is what the encoder does, the heads train (backbone frozen),
+and they survive a save and a load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from secateur.errors import SecateurError
+from secateur.runtime.early_exit import ExitEncoder, ExitHeads, attach, exit_embeddings, heads_of, mean_pool, simulate
+from secateur.testing import tiny_model
+
+
+def _batch(vocab: int = 128, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (5, 12), generator=g)
+    mask = torch.ones_like(ids)
+    for row, length in enumerate((12, 3, 7, 12, 5)):  # padded rows of different lengths
+        mask[row, length:] = 0
+        ids[row, length:] = 0
+    return ids, mask
+
+
+def _three_blocks(exits=(1, 2)):
+    import transformers as tf
+
+    config = tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           vocab_size=128, max_position_embeddings=128, pad_token_id=0)
+    torch.manual_seed(0)
+    model = tf.BertModel(config).eval()
+    heads = ExitHeads(32, exits)
+    with torch.no_grad():  # heads away from the identity, so that exits differ from the states
+        for head in heads.heads.values():
+            head.weight.add_(0.3 * torch.randn_like(head.weight))
+    attach(model, heads)
+    return model
+
+
+def test_nothing_exits_above_one_and_the_answer_is_the_models_own(minilm_dir):
+    from secateur.artifacts import load
+
+    loaded = load(minilm_dir)
+    model, tok = loaded.model, loaded.tokenizer
+    attach(model, ExitHeads(model.config.hidden_size, (2, 3, 4, 5)))
+    enc = tok(["a short one", "a much longer sentence with many more words than the first one"], padding=True,
+              return_tensors="pt")
+    with torch.no_grad():  # reference: transformers' own forward, pooled as P2 does
+        ref = F.normalize(mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]), dim=-1)
+    out = ExitEncoder(model, 1.5).encode(enc["input_ids"], enc["attention_mask"])
+    assert torch.equal(out.blocks, torch.tensor([6, 6]))
+    assert torch.allclose(out.embeddings, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.5, 0.9, 0.99, 2.0])
+def test_the_simulation_of_a_threshold_is_what_the_encoder_does(threshold):
+    model = _three_blocks()
+    ids, mask = _batch()
+    encoded = ExitEncoder(model, threshold).encode(ids, mask)
+    simulated, blocks = simulate(exit_embeddings(model, ids, mask), threshold)
+    assert torch.equal(encoded.blocks, blocks)
+    assert torch.allclose(encoded.embeddings, simulated, atol=1e-5)
+    # one input at a time gives the same answers as the batch (the batch shrinks as inputs exit)
+    for row in range(ids.shape[0]):
+        n = int(mask[row].sum())
+        one = ExitEncoder(model, threshold).encode(ids[row:row + 1, :n], mask[row:row + 1, :n])
+        assert torch.allclose(one.embeddings[0], encoded.embeddings[row], atol=1e-5)
+
+
+def test_agreeing_exits_leave_early_and_the_rest_continue():
+    """A reference rule, by hand: with heads after blocks 1 and 2 of a 3-block model, an input
+    leaves after block 2 when its two normalised exit embeddings have cosine >= threshold."""
+    model = _three_blocks()
+    ids, mask = _batch()
+    views = exit_embeddings(model, ids, mask)
+    cos = (F.normalize(views[1], dim=-1) * F.normalize(views[2], dim=-1)).sum(-1)
+    threshold = float(cos.median())
+    out = ExitEncoder(model, threshold).encode(ids, mask)
+    expected = torch.where(cos >= threshold, 2, 3)
+    assert torch.equal(out.blocks, expected) and 0 < int((expected == 2).sum()) < ids.shape[0]
+    assert torch.allclose(out.embeddings[expected == 2], F.normalize(views[2], dim=-1)[expected == 2], atol=1e-6)
+
+
+def test_the_method_trains_the_heads_only_and_they_are_saved(tmp_path):
+    from secateur.api import compress_
+    from secateur.artifacts import load, save
+    from secateur.recipe import Recipe
+    import transformers as tf
+
+    config = tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           vocab_size=128, max_position_embeddings=128, pad_token_id=0)
+    torch.manual_seed(0)
+    model = tf.BertModel(config).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(3, 128, (48, 16), generator=torch.Generator().manual_seed(0))
+    from secateur.data import CalibrationSet
+
+    recipe = Recipe.from_dict({"steps": [{"method": "early_exit", "steps": 40, "batch_size": 8, "lr": 1e-2,
+                                          "seq_len": 16, "eval_every": 0, "holdout": 0.1}]})
+    compress_(model, recipe, data=CalibrationSet(ids, "random"))
+    heads = heads_of(model)
+    assert heads is not None and heads.blocks == (1, 2)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if not n.startswith("secateur_"))
+    from secateur import lineage
+
+    history = lineage.read(model).history()[0]["result"]["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    save(model, tmp_path / "exits")
+    again = heads_of(load(tmp_path / "exits").model)
+    assert again is not None and again.blocks == heads.blocks
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), heads.state_dict().values()))
+    assert type(tf.AutoModel.from_pretrained(tmp_path / "exits")).__name__ == "BertModel"  # stock transformers
+
+
+def test_bad_exits_and_decoders_are_refused():
+    from secateur.api import compress_
+    from secateur.errors import ConfigError
+    from secateur.recipe import Recipe
+
+    with pytest.raises(ConfigError, match="exits"):
+        compress_(tiny_model("bert"), Recipe.from_dict({"steps": [{"method": "early_exit", "exits": [1, 2], "steps": 1}]}),
+                  data=torch.randint(3, 128, (8, 8)))
+    with pytest.raises(SecateurError, match="encoders"):
+        compress_(tiny_model("llama"), Recipe.from_dict({"steps": [{"method": "early_exit", "steps": 1}]}),
+                  data=torch.randint(3, 128, (8, 8)))
+    with pytest.raises(SecateurError, match="no exit heads"):
+        ExitEncoder(tiny_model("bert"), 0.9)
