@@ -499,11 +499,26 @@ def _shapes_table(before: dict[str, Any], after: dict[str, Any]) -> Table:
 
 @app.command("export")
 def export_cmd(artifact: Path = typer.Argument(..., help="A secateur artifact (possibly with sparse storage)."),
-               out_dir: Path = typer.Argument(..., help="Where the plain dense checkpoint goes.")) -> None:
-    """Write a plain dense copy of an artifact that stock transformers loads with from_pretrained."""
-    from .artifacts import export_dense
+               out_dir: Path = typer.Argument(..., help="Where the export goes (a folder; a .gguf file for gguf)."),
+               fmt: str = typer.Option("dense", "--format", help="dense (a checkpoint stock transformers loads) "
+                                                                 "or gguf (llama.cpp)."),
+               gguf_type: str = typer.Option("f16", "--type", help="gguf: f32, f16, q8_0 or q4_0.")) -> None:
+    """Write an artifact for another runtime: a plain dense checkpoint that stock transformers loads
+    with from_pretrained, or a GGUF file for llama.cpp (Llama-family models; our Q8_0/Q4_0-shaped
+    integers carried over, the rest requantized, as the record beside the file says)."""
+    formats = ("dense", "gguf")
+    if fmt == "dense":
+        from .artifacts import export_dense
 
-    out.print(f"wrote {export_dense(artifact, out_dir)}")
+        out.print(f"wrote {export_dense(artifact, out_dir)}")
+    elif fmt == "gguf":
+        from .artifacts.gguf import export_gguf
+
+        out.print(f"wrote {export_gguf(artifact, out_dir, gguf_type)}")
+    else:
+        from .errors import did_you_mean, one_of
+
+        raise SecateurError(f"unknown export format '{fmt}'{did_you_mean(fmt, formats)}; valid formats: {one_of(formats)}")
 
 
 def _run(recipe: Any, out_dir: Optional[Path], dry_run: bool, as_json: bool, storage: str = "dense",
@@ -657,6 +672,21 @@ def report_cmd(family: str = typer.Argument(..., help="A family in the registry 
     with Registry(home) as registry:
         family_data = collect(registry, family)
     out.print(f"wrote {write(family_data, out_path)} ({len(family_data['variants'])} variants of '{family}')")
+
+
+@app.command("serve")
+def serve_cmd(family: str = typer.Argument(..., help="A family in the registry (secateur registry list)."),
+              config: Optional[Path] = typer.Option(None, "--config", "-c", help="serve.yaml: tiers, policy, batching, "
+                                                                                  "limits (see docs/serve.md)."),
+              host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback by default)."),
+              port: int = typer.Option(8000, "--port", help="TCP port."),
+              home: Optional[Path] = typer.Option(None, "--home", help="Registry home (default: SECATEUR_HOME).")) -> None:
+    """Serve a family behind one OpenAI-compatible endpoint (/v1/completions, /v1/chat/completions,
+    /v1/embeddings, /v1/models, /health, /ready, /metrics); a request's model names the family (the
+    routing policy decides), a tier, an alias or a variant. Needs `pip install 'secateur[serve]'`."""
+    from .serve import serve
+
+    serve(family, config, host=host, port=port, home=home)
 
 
 @app.command("demo")
