@@ -12,7 +12,7 @@ MACHINERY = {"api", "targets", "calibrate", "progress", "recipe"}
 METHOD_ROOMS = {"prune", "quant", "distill"}
 # testing.py (tiny models, the in-process CLI runner) serves the tests only: nothing in src imports it,
 # and it may drive the whole package, the CLI included
-PRODUCT = {"pipeline", "planner", "cli", "demo", "__init__", "testing"}
+PRODUCT = {"pipeline", "planner", "cli", "demo", "__init__", "testing", "serve"}
 
 
 def room(module: str) -> str:
@@ -174,3 +174,11 @@ def test_the_planner_stands_below_the_pipelines():
     and the machinery, never a pipeline (the search room will price candidates with it too)."""
     ok = lambda s, d: room(s) != "planner" or room(d) not in {"pipeline", "cli", "demo", "registry", "report"}  # noqa: E731
     assert violations(ok, graph()) == []
+
+
+def test_the_gateway_runs_variants_through_the_runtime_and_nothing_below_imports_it():
+    """serve/ stands on the registry (names, artifacts' paths), artifacts/ (load), the runtime (how a
+    variant runs) and models/; never the pipeline, evaluation or the methods. Only the CLI imports it."""
+    allowed = GROUND | {"serve", "runtime", "artifacts", "registry", "models", "progress"}
+    assert violations(lambda s, d: room(s) != "serve" or room(d) in allowed, graph()) == []
+    assert violations(lambda s, d: room(d) != "serve" or room(s) in {"serve", "cli"}, graph()) == []
