@@ -106,16 +106,8 @@ def _broadcast_module(module: nn.Module, src: int) -> None:
     dtypes travel as JSON bytes, the values as tensors."""
     import torch.distributed as dist
 
-    rank, _ = world()
     state = dict(module.state_dict())
-    header = json.dumps({k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in state.items()})
-    data = torch.tensor(list(header.encode()), dtype=torch.uint8) if rank == src else torch.zeros(0, dtype=torch.uint8)
-    length = torch.tensor([data.numel()], dtype=torch.int64)
-    dist.broadcast(length, src=src)
-    if rank != src:
-        data = torch.zeros(int(length[0]), dtype=torch.uint8)
-    dist.broadcast(data, src=src)
-    spec = json.loads(bytes(data.tolist()).decode())
+    spec = _broadcast_json({k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in state.items()}, src)
     for key, (shape, dtype) in spec.items():
         value = state.get(key)
         if value is None or list(value.shape) != shape or str(value.dtype).removeprefix("torch.") != dtype:
@@ -126,6 +118,7 @@ def _broadcast_module(module: nn.Module, src: int) -> None:
 
 
 def _broadcast_json(obj: Any, src: int) -> Any:
+    """``obj`` as rank ``src`` has it, on every rank: JSON bytes in a uint8 tensor (no pickling)."""
     import torch.distributed as dist
 
     rank, _ = world()
