@@ -500,13 +500,15 @@ def _shapes_table(before: dict[str, Any], after: dict[str, Any]) -> Table:
 @app.command("export")
 def export_cmd(artifact: Path = typer.Argument(..., help="A secateur artifact (possibly with sparse storage)."),
                out_dir: Path = typer.Argument(..., help="Where the export goes (a folder; a .gguf file for gguf)."),
-               fmt: str = typer.Option("dense", "--format", help="dense (a checkpoint stock transformers loads) "
-                                                                 "or gguf (llama.cpp)."),
+               fmt: str = typer.Option("dense", "--format", help="dense (a checkpoint stock transformers loads), "
+                                                                 "gguf (llama.cpp) or onnx (ONNX Runtime)."),
                gguf_type: str = typer.Option("f16", "--type", help="gguf: f32, f16, q8_0 or q4_0.")) -> None:
     """Write an artifact for another runtime: a plain dense checkpoint that stock transformers loads
     with from_pretrained, or a GGUF file for llama.cpp (Llama-family models; our Q8_0/Q4_0-shaped
-    integers carried over, the rest requantized, as the record beside the file says)."""
-    formats = ("dense", "gguf")
+    integers carried over, the rest requantized, as the record beside the file says), or an ONNX
+    folder for ONNX Runtime (encoders with sentence embeddings, causal LMs with a KV cache; our
+    integers and scales kept as QDQ or integer MatMuls, verified against secateur's outputs)."""
+    formats = ("dense", "gguf", "onnx")
     if fmt == "dense":
         from .artifacts import export_dense
 
@@ -515,6 +517,10 @@ def export_cmd(artifact: Path = typer.Argument(..., help="A secateur artifact (p
         from .artifacts.gguf import export_gguf
 
         out.print(f"wrote {export_gguf(artifact, out_dir, gguf_type)}")
+    elif fmt == "onnx":
+        from .artifacts.onnx import export_onnx
+
+        out.print(f"wrote {export_onnx(artifact, out_dir)}")
     else:
         from .errors import did_you_mean, one_of
 

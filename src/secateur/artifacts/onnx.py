@@ -45,9 +45,10 @@ weights hash, the opset, inputs and outputs, each quantized layer's mapping, and
 ONNX Runtime against secateur's own model on a fixed input, the largest difference and the
 tolerance it met) and the tokenizer files. Tolerances (relative to the largest reference value,
 compared with secateur's reference path, :func:`~secateur.runtime.linear.reference_only`):
-``1e-4`` for float and weight-only graphs (the same float math in another order), ``2e-2`` for
+``1e-4`` for float and weight-only graphs (the same float math in another order), ``5e-2`` for
 W8A8 (a value on an int8 rounding boundary may round one step the other way after float
-reordering; the integer products themselves are exact). Causal exports also check that greedy
+reordering and the flip spreads through attention; the integer products themselves are exact, and
+secateur's own int8 kernels differ from its reference path by as much). Causal exports also check that greedy
 tokens through the cache equal secateur's.
 
 The file is written into a hidden sibling folder and renamed into place; an existing earlier
@@ -78,7 +79,7 @@ OPSET = 21
 MODEL_NAME, CARD = "model.onnx", "onnx_export.json"
 ENCODERS = ("bert", "roberta")
 CAUSAL = ("llama", "mistral", "qwen2")
-TOLERANCE = {"float": 1e-4, "w8a8": 2e-2}
+TOLERANCE = {"float": 1e-4, "w8a8": 5e-2}
 EXTERNAL_DATA_BYTES = 3 << 29  # 1.5 GiB: below protobuf's 2 GiB limit with room for the graph
 INSTALL_HINT = "pip install 'secateur[onnx]'"
 _ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
@@ -322,6 +323,8 @@ def _encoder(g: _Graph, model: Any, record: dict[str, Any]) -> tuple[list[Any], 
     pooled = g.op("Div", total, count)
     norm = g.op("Sqrt", g.op("ReduceSum", g.op("Mul", pooled, pooled), g.const([-1], np.int64), keepdims=1))
     g.op("Div", pooled, g.op("Max", norm, g.const(1e-12)), out="sentence_embedding")
+    if getattr(base, "pooler", None) is not None:
+        record["not_exported"] = ["pooler (the sentence embedding is mean-pooled, as secateur's STS evaluation does)"]
     hidden = int(config.hidden_size)
     outputs = [_tensor_info(g, "last_hidden_state", T.FLOAT, ["batch", "sequence", hidden]),
                _tensor_info(g, "sentence_embedding", T.FLOAT, ["batch", hidden])]
