@@ -109,6 +109,8 @@ class Server:
             time.sleep(0.05)
 
     def stop(self) -> None:
+        if self._out.closed:
+            return
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -134,9 +136,25 @@ def start_server(serve_home: Path, tmp_path: Path) -> Iterator[Any]:
         server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
+def launch(serve_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """``launch(family, config_yaml=None) -> Server`` for module-scoped servers; each is stopped at the
+    end of the session at the latest (a module may stop its own earlier with ``server.stop()``)."""
+    servers: list[Server] = []
+
+    def start(family: str, config: Optional[str] = None) -> Server:
+        server = Server(serve_home, family, tmp_path_factory.mktemp(f"{family}-server"), config)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def stories_server(serve_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One stories gateway shared by a module: tiers small (fast) and large (best), static weights."""
+    """One stories gateway shared by the session: tiers small (fast) and large (best), static weights."""
     config = ("tiers: {small: fast, large: best}\n"
               "policy: {kind: static, weights: {small: 1, large: 1}, seed: 0}\n"
               "batching: {window_ms: 5, max_batch: 16}\n"

@@ -13,7 +13,6 @@ from typing import Any
 
 from ..data import TextSource, fingerprint, source, tokenizer_info
 from ..errors import SecateurError
-from ..models.arch import arch_of
 from ..progress import track
 from .results import EvalResult, environment
 
@@ -30,29 +29,13 @@ def sentence_embeddings(model: Any, tokenizer: Any, texts: list[str], batch: int
     runs as it was given (:func:`secateur.runtime.optimize_` gives a W8A8 encoder fused blocks).
     """
     import torch
-    import torch.nn.functional as F
 
-    body = getattr(model, "base_model", model)
-    facts = arch_of(model, strict=False)
-    call = {"use_cache": False} if facts is not None and facts.kind == "causal" else {}
-    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
-    device = next(model.parameters()).device
+    from ..runtime.batching import mean_pooled
+
     out = []
     starts = range(0, len(texts), batch)
-    with torch.inference_mode():
-        for start in track(starts, "embedding", total=len(starts)):
-            encoded = tokenizer(texts[start:start + batch], truncation=True, max_length=max_length)["input_ids"]
-            width = max(len(ids) for ids in encoded)
-            ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(encoded), width), dtype=torch.long)
-            for row, seq in enumerate(encoded):
-                ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-                mask[row, :len(seq)] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            hidden = body(input_ids=ids, attention_mask=mask, **call)[0].float()
-            weights = mask.unsqueeze(-1).float()
-            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-            out.append(F.normalize(pooled, p=2, dim=-1).cpu())
+    for start in track(starts, "embedding", total=len(starts)):
+        out.append(mean_pooled(model, tokenizer, texts[start:start + batch], max_length))
     return torch.cat(out)
 
 

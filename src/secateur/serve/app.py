@@ -321,7 +321,8 @@ def create_app(family: str, config: Optional[ServeConfig] = None, home: Union[st
         if gateway.ready():
             return {"status": "ready", "default": gateway.family.default, "variant": gateway.family.default_variant}
         message = gateway.ready_error or f"loading the default variant {gateway.family.default_variant}"
-        raise APIError(503, message, "server_error", None, "not_ready")
+        # answered directly, not raised: polling a loading server is no error to count
+        return JSONResponse(APIError(503, message, "server_error", None, "not_ready").body(), status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -678,7 +679,7 @@ def _install_errors(app: FastAPI, gateway: Gateway) -> None:
 class _AccessLog:
     """Pure ASGI middleware: one JSON line per request and the request metrics (see the module text)."""
 
-    QUIET = ("/health", "/ready", "/metrics")
+    QUIET = frozenset(("/health", "/ready", "/metrics"))
 
     def __init__(self, app: Any, gateway: Gateway):
         self.app, self.gateway = app, gateway
@@ -700,7 +701,7 @@ class _AccessLog:
         finally:
             seconds = time.perf_counter() - start
             path = scope.get("path", "")
-            if not (path in self.QUIET and status[0] < 400):
+            if path not in self.QUIET:  # probes and scrapes: no access-log line
                 self._record(scope, path, status[0] or 500, seconds, info)
 
     def _record(self, scope: dict[str, Any], path: str, status: int, seconds: float, info: dict[str, Any]) -> None:
