@@ -33,9 +33,10 @@ as they are):
   exactly secateur's dequantized weight.
 * a W8A8 QuantLinear (dynamic per-token symmetric int8 activations): the activation is quantized
   in the graph exactly as :func:`secateur.runtime.kernels.quantize_per_token` does (``scale =
-  max(max|x_row| / 127, 1e-12)``, ``round`` half to even, int8), then ``MatMulInteger`` of those
-  integers with our int8 weight initializer (our zero point as its ``b_zero_point`` when
-  asymmetric), the int32 result rescaled by the token's scale and our per-channel scale, plus
+  max(max|x_row| / 127, 1e-12)``, ``round`` half to even), then ``MatMulInteger`` of those
+  integers (handed over as ``uint8`` ``q + 128`` with activation zero point 128: ONNX Runtime's fast
+  integer GEMM takes unsigned activations, and the products are the same) with our int8 weight
+  initializer (our zero point as its ``b_zero_point`` when asymmetric), the int32 result rescaled by the token's scale and our per-channel scale, plus
   the bias: the same integer products as secateur's kernels, no re-calibration.
 
 Nothing is requantized; an FP8 layer, or a layer type the writer does not know, is a one-line error.
@@ -163,11 +164,14 @@ def _bias(g: _Graph, y: str, module: Any, name: str) -> str:
 
 
 def _per_token_int8(g: _Graph, x: str, name: str) -> tuple[str, str]:
-    """``(int8 x, its per-row scale)`` as :func:`secateur.runtime.kernels.quantize_per_token` computes them."""
+    """``(x's integers + 128 as uint8, the per-row scale)``: the integers and scales of
+    :func:`secateur.runtime.kernels.quantize_per_token`, offset by 128 (given back to
+    ``MatMulInteger`` as the activation zero point) because ONNX Runtime's fast integer GEMM takes
+    unsigned activations; the products are the same integers."""
     peak = g.op("ReduceMax", g.op("Abs", x), g.const([-1], np.int64), keepdims=1)
     scale = g.op("Max", g.op("Div", peak, g.const(127.0)), g.const(1e-12), hint=f"{name}.x_scale")
-    q = g.op("Cast", g.op("Round", g.op("Div", x, scale)), to=g.onnx.TensorProto.INT8, hint=f"{name}.x_q")
-    return q, scale
+    shifted = g.op("Add", g.op("Round", g.op("Div", x, scale)), g.const(128.0))
+    return g.op("Cast", shifted, to=g.onnx.TensorProto.UINT8, hint=f"{name}.x_q"), scale
 
 
 def linear(g: _Graph, x: str, module: Any, name: str, record: dict[str, Any]) -> str:
@@ -194,12 +198,14 @@ def linear(g: _Graph, x: str, module: Any, name: str, record: dict[str, Any]) ->
     if getattr(module, "activation", None) == "int8":
         weight = g.init(f"{name}.weight_q", q.astype(np.int8))
         xq, xs = _per_token_int8(g, x, name)
-        inputs = [xq, weight] + ([] if symmetric else ["", g.init(f"{name}.weight_zero_point", zero.reshape(-1))])
+        inputs = [xq, weight, g.const(128, np.uint8)]
+        if not symmetric:
+            inputs.append(g.init(f"{name}.weight_zero_point", zero.reshape(-1)))
         acc = g.op("MatMulInteger", *inputs, hint=f"{name}.acc")
         y = g.op("Mul", g.op("Cast", acc, to=g.onnx.TensorProto.FLOAT), xs)
         y = g.op("Mul", y, g.init(f"{name}.weight_scale", scale.reshape(-1)), hint=f"{name}.mm")
-        entry["onnx"] = ("per-token int8 activations (QuantizeLinear-equivalent: max|x|/127, round half to even) "
-                         "x int8 weight_q by MatMulInteger, rescaled by both scales")
+        entry["onnx"] = ("per-token int8 activations (max|x|/127, round half to even; passed as uint8 + 128 with "
+                         "zero point 128) x int8 weight_q by MatMulInteger, rescaled by both scales")
         entry["initializers"] = {"weight_q": f"{name}.weight_q"}
     else:
         store = "INT4" if bits <= 4 else "INT8"
