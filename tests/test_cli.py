@@ -241,7 +241,10 @@ def test_ctrl_c_on_a_real_process_exits_130(tmp_path, tiny_dir):
     script = ("import time, secateur.cli as c\n"
               "def slow(*a, **k):\n    print('started', flush=True); time.sleep(60)\n"
               "c._machine_info = slow\nc.main(['info', '--machine'])\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a process started from a shell gets SIGINT at its default; an ignored SIGINT would be inherited
+    # from this pytest process if an earlier test (or a library it loaded) left it ignored
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "started"
     time.sleep(0.2)
     os.kill(proc.pid, signal.SIGINT)
