@@ -203,16 +203,12 @@ def test_stories_dense_logits_and_greedy_decoding_through_the_kv_cache(stories_d
     assert ort_session.greedy_decode(sess, prompt, 12) == _secateur_greedy(model, prompt, 12)
 
 
-def test_stories_rtn_w8_keeps_our_integers_as_qdq(stories_rtn8, tmp_path):
-    from secateur.artifacts import load
-    from secateur.artifacts.onnx import export_onnx
+def _runs_like_secateur(out, model, tokenizer):
+    """The export's logits on the prompt within FLOAT_TOL of secateur's reference path, and the same
+    8 greedy tokens through the KV cache."""
     from secateur.runtime import ort_session
     from secateur.runtime.linear import reference_only
 
-    out = export_onnx(stories_rtn8, tmp_path / "onnx")
-    model, tokenizer, _ = load(stories_rtn8)
-    proto, card = _assert_our_integers(out, model)
-    assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == len(card["quantization"])
     prompt = tokenizer(PROMPT_TEXT)["input_ids"]
     sess = ort_session.session(out)
     logits, _ = ort_session.step(sess, np.asarray([prompt]), ort_session.empty_cache(sess))
@@ -223,11 +219,20 @@ def test_stories_rtn_w8_keeps_our_integers_as_qdq(stories_rtn8, tmp_path):
     assert ort_session.greedy_decode(sess, prompt, 8) == tokens
 
 
+def test_stories_rtn_w8_keeps_our_integers_as_qdq(stories_rtn8, tmp_path):
+    from secateur.artifacts import load
+    from secateur.artifacts.onnx import export_onnx
+
+    out = export_onnx(stories_rtn8, tmp_path / "onnx")
+    model, tokenizer, _ = load(stories_rtn8)
+    proto, card = _assert_our_integers(out, model)
+    assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == len(card["quantization"])
+    _runs_like_secateur(out, model, tokenizer)
+
+
 def test_stories_gptq_w4_keeps_our_int4_integers_in_blocks(stories_gptq4, tmp_path):
     from secateur.artifacts import load
     from secateur.artifacts.onnx import export_onnx
-    from secateur.runtime import ort_session
-    from secateur.runtime.linear import reference_only
 
     out = export_onnx(stories_gptq4, tmp_path / "onnx")
     model, tokenizer, _ = load(stories_gptq4)
@@ -235,14 +240,7 @@ def test_stories_gptq_w4_keeps_our_int4_integers_in_blocks(stories_gptq4, tmp_pa
     dq = {n.input[0]: {a.name: a.i for a in n.attribute} for n in proto.graph.node if n.op_type == "DequantizeLinear"}
     assert dq["model.layers.0.self_attn.q_proj.weight_q"] == {"axis": 0, "block_size": 32}
     assert dq["model.layers.0.mlp.down_proj.weight_q"] == {"axis": 1}  # 172 columns: per channel
-    prompt = tokenizer(PROMPT_TEXT)["input_ids"]
-    sess = ort_session.session(out)
-    logits, _ = ort_session.step(sess, np.asarray([prompt]), ort_session.empty_cache(sess))
-    with torch.no_grad(), reference_only():
-        ref = model(input_ids=torch.tensor([prompt]), use_cache=False).logits
-        tokens = _secateur_greedy(model, prompt, 8)
-    assert _rel(logits, ref) < FLOAT_TOL
-    assert ort_session.greedy_decode(sess, prompt, 8) == tokens
+    _runs_like_secateur(out, model, tokenizer)
 
 
 def test_tiny_causal_families_with_gqa_biases_and_sliding_window(tmp_path):

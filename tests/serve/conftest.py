@@ -124,28 +124,24 @@ class Server:
 @pytest.fixture
 def start_server(serve_home: Path, tmp_path: Path) -> Iterator[Any]:
     """``start_server(family, config_yaml=None, ready=True) -> Server``; all stopped at test end."""
-    servers: list[Server] = []
-
-    def start(family: str, config: Optional[str] = None, ready: bool = True) -> Server:
-        server = Server(serve_home, family, tmp_path, config, ready)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+    yield from _serving(lambda family, config=None, ready=True: Server(serve_home, family, tmp_path, config, ready))
 
 
 @pytest.fixture(scope="session")
 def launch(serve_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """``launch(family, config_yaml=None) -> Server`` for module-scoped servers; each is stopped at the
     end of the session at the latest (a module may stop its own earlier with ``server.stop()``)."""
+    yield from _serving(lambda family, config=None: Server(serve_home, family,
+                                                           tmp_path_factory.mktemp(f"{family}-server"), config))
+
+
+def _serving(make: Any) -> Iterator[Any]:
+    """Yield a ``start(...)`` that makes servers with ``make``; stop every one it made afterwards."""
     servers: list[Server] = []
 
-    def start(family: str, config: Optional[str] = None) -> Server:
-        server = Server(serve_home, family, tmp_path_factory.mktemp(f"{family}-server"), config)
-        servers.append(server)
-        return server
+    def start(*args: Any, **kwargs: Any) -> Server:
+        servers.append(make(*args, **kwargs))
+        return servers[-1]
 
     yield start
     for server in servers:
