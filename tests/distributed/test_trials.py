@@ -1,0 +1,211 @@
+"""run_trials on its three backends: in process, a spawned process pool, and a real local Ray
+instance (2 CPUs, started once for the module). Each backend runs the same trial functions
+(trial_fns.py, imported by name in the workers) and is checked against calling them directly."""
+
+from __future__ import annotations
+
+import ast
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray  # the dev extra installs it (secateur[ray]): these tests run Ray for real
+import trial_fns
+
+from secateur.distributed import ray_session, run_trials
+from secateur.errors import SecateurError
+
+ITEMS = [{"id": f"t{i}", "x": i} for i in range(4)]
+BACKENDS = {"sequential": ("local", 1), "pool": ("local", 2), "ray": ("ray", 2)}
+
+
+def pid_of(record: dict) -> int:
+    return int(record["worker"].rsplit(":", 1)[1])
+
+
+def test_ray_started_by_run_trials_is_stopped_after_it():
+    """The default Ray path: no connection yet, so run_trials starts a local instance, uses it and
+    shuts it down, leaving this process's SIGTERM handler as it was. (First in the file: the
+    module's shared instance below is not running yet.)"""
+    assert not ray.is_initialized()
+    before = signal.getsignal(signal.SIGTERM)
+    records = run_trials(trial_fns.square, ITEMS[:2], backend="ray", workers=2)
+    assert {r["id"]: r["result"] for r in records} == {i["id"]: trial_fns.square(i) for i in ITEMS[:2]}
+    assert not ray.is_initialized()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    with ray_session(num_cpus=2):
+        yield
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request) -> dict:
+    name, workers = BACKENDS[request.param]
+    if name == "ray":
+        request.getfixturevalue("ray_cluster")
+    return {"backend": name, "workers": workers}
+
+
+def test_each_backend_returns_what_calling_fn_directly_returns(backend):
+    seen = []
+    records = run_trials(trial_fns.square, ITEMS, on_result=lambda r: seen.append((r, os.getpid(), threading.current_thread())),
+                         **backend)
+    assert {r["id"]: r["result"] for r in records} == {i["id"]: trial_fns.square(i) for i in ITEMS}
+    assert all(r["ok"] and r["error"] is None and r["seconds"] >= 0 for r in records)
+    assert set(records[0]) == {"id", "ok", "result", "error", "seconds", "worker"}
+    # on_result: once per finished trial, in completion order (the order returned), in this very process and thread
+    assert [r for r, _, _ in seen] == records
+    assert {(pid, t) for _, pid, t in seen} == {(os.getpid(), threading.main_thread())}
+    pids = {pid_of(r) for r in records}
+    if backend["workers"] == 1:
+        assert pids == {os.getpid()} and [r["id"] for r in records] == [i["id"] for i in ITEMS]
+    else:
+        assert os.getpid() not in pids and 1 <= len(pids) <= 2
+
+
+def test_a_failing_trial_is_a_one_line_record_and_the_others_still_run(backend):
+    records = {r["id"]: r for r in run_trials(trial_fns.fail_on_odd, ITEMS, **backend)}
+    assert set(records) == {i["id"] for i in ITEMS}
+    for item in ITEMS:
+        r = records[item["id"]]
+        if item["x"] % 2:
+            assert not r["ok"] and r["result"] is None
+            assert r["error"] == f"ValueError: odd x={item['x']} second line of the message"
+        else:
+            assert r["ok"] and r["result"] == trial_fns.fail_on_odd(item) and r["error"] is None
+
+
+def test_a_deadline_already_passed_starts_nothing(backend):
+    called = []
+    assert run_trials(trial_fns.square, ITEMS, deadline=time.monotonic() - 0.01, on_result=called.append, **backend) == []
+    assert called == []
+
+
+def test_a_short_deadline_lets_the_trials_in_flight_finish_and_starts_no_more(backend):
+    """Trials of 3 s, deadline in 2 s: the first `workers` trials start at once and finish
+    after the deadline; the rest are never started and not returned."""
+    items = [{"id": f"n{i}", "s": 3.0} for i in range(4)]
+    records = run_trials(trial_fns.nap, items, deadline=time.monotonic() + 2.0, **backend)
+    assert sorted(r["id"] for r in records) == [i["id"] for i in items[: backend["workers"]]]
+    assert all(r["ok"] and r["result"] == {"slept": 3.0} and r["seconds"] >= 3.0 for r in records)
+
+
+def test_workers_get_cpus_per_trial_torch_threads():
+    for name, workers in (BACKENDS["pool"], BACKENDS["ray"]):
+        if name == "ray":
+            assert ray.is_initialized()  # the module's instance, started by an earlier test
+        for cpus in (1, 2):
+            [record] = run_trials(trial_fns.threads, [{"id": "a"}], backend=name, workers=workers, cpus_per_trial=cpus)
+            assert record["result"] == {"threads": cpus}, (name, cpus, record)
+
+
+def test_a_result_that_is_not_a_dict_is_that_trials_error():
+    [record] = run_trials(trial_fns.not_a_dict, [{"id": "a"}])
+    assert not record["ok"] and record["error"] == "TypeError: trial returned list, expected a dict"
+
+
+@pytest.mark.parametrize("name", ["pool", "ray"])
+def test_an_interrupted_driver_stops_the_trials_in_flight_and_re_raises(name, tmp_path, request):
+    """A KeyboardInterrupt in the driver (raised here from on_result, after the fast trial) cancels
+    the slow trial still running: the pool's worker is terminated, Ray's task is cancelled and its
+    CPU freed."""
+    backend, workers = BACKENDS[name]
+    if backend == "ray":
+        request.getfixturevalue("ray_cluster")
+    pid_file = tmp_path / "slow.pid"
+    items = [{"id": "slow", "s": 60, "pid_file": str(pid_file)}, {"id": "fast", "s": 0}]
+
+    def interrupt(record):
+        while not pid_file.exists():  # the slow trial is surely running
+            time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_trials(trial_fns.nap, items, backend=backend, workers=workers, on_result=interrupt)
+    assert time.monotonic() - start < 30
+    slow = int(pid_file.read_text())
+    for _ in range(100):
+        if not _alive(slow):
+            break
+        time.sleep(0.1)
+    assert not _alive(slow), "the slow trial's worker still runs"
+    if backend == "ray":
+        for _ in range(100):
+            if ray.available_resources().get("CPU") == 2:
+                break
+            time.sleep(0.1)
+        assert ray.available_resources().get("CPU") == 2
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def not_module_level():
+    def inner(item):
+        return item
+
+    return inner
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_a_lambda_or_a_closure_is_refused_in_one_line(backend):
+    with pytest.raises(SecateurError, match=r"lambda or a nested function.*top level of a module") as err:
+        run_trials(lambda item: item, ITEMS, backend=backend)
+    assert "\n" not in str(err.value)
+    with pytest.raises(SecateurError, match="lambda or a nested function"):
+        run_trials(not_module_level(), ITEMS, backend=backend)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"backend": "rya"}, "did you mean 'ray'"),
+    ({"workers": 0}, "workers must be an integer >= 1"),
+    ({"cpus_per_trial": 1.5}, "cpus_per_trial must be an integer >= 1"),
+    ({"address": "ray://x:1"}, "needs backend='ray'"),
+])
+def test_bad_arguments_are_one_line_errors(kwargs, message):
+    with pytest.raises(SecateurError, match=message):
+        run_trials(trial_fns.square, ITEMS, **kwargs)
+
+
+@pytest.mark.parametrize("items, message", [
+    ([{"x": 1}], r"items\[0\] must be a dict with a string 'id'"),
+    ([{"id": "a"}, {"id": "a"}], "appears twice"),
+    ([{"id": "a", "x": object()}], "not JSON-able"),
+])
+def test_bad_items_are_one_line_errors(items, message):
+    with pytest.raises(SecateurError, match=message):
+        run_trials(trial_fns.square, items)
+
+
+def test_without_ray_the_error_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(SecateurError, match=r"pip install 'secateur\[ray\]'"):
+        run_trials(trial_fns.square, ITEMS, backend="ray")
+
+
+def test_import_secateur_never_imports_ray_and_only_distributed_names_it():
+    code = "import sys, secateur, secateur.distributed; assert 'ray' not in sys.modules, 'ray imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    src = Path(__file__).resolve().parents[2] / "src" / "secateur"
+    importers = set()
+    for path in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                importers.add(str(path.relative_to(src)))
+    assert importers == {"distributed/ray_trials.py"}
