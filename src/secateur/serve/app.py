@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import one_of
+from ..errors import ConfigError, SecateurError, one_of
 from ..runtime.batching import Sampling
 from .config import ServeConfig
 from .engine import EmbedJob, Engine, Event, GenerateJob
@@ -76,8 +76,10 @@ class Gateway:
     def __init__(self, family: str, config: ServeConfig, home: Union[str, Path, None] = None):
         self.config, self.limits = config, config.limits
         self.metrics = Metrics()
+        self.admin_token = config.admin.secret() if config.admin.enabled else None  # refuses to start without
         self.family = Family(family, config, home, observe=self.metrics.observe)
         self.policy = build_policy(config.policy, self.family.tiers)
+        self.policy_changed = time.time()
         self.in_flight = 0
         self.ready_error: Optional[str] = None
         self.tasks: list[asyncio.Task[Any]] = []
@@ -106,13 +108,52 @@ class Gateway:
     async def _refresh(self) -> None:
         while True:
             await asyncio.sleep(self.config.refresh_s)
-            try:
-                await asyncio.to_thread(self.family.refresh)
-            except Exception as exc:  # noqa: BLE001 - keep serving the names last read
-                log.warning("registry refresh failed (serving the names read before): %s", exc)
-            else:  # a newly aliased default variant is loaded before it is needed
-                if self.family.engine(self.family.default_variant) is None:
-                    self.tasks.append(asyncio.create_task(self._warm()))
+            await self.refresh()
+
+    async def refresh(self, force: bool = False) -> Optional[str]:
+        """Re-read the registry (when it changed, or ``force``), load a newly aliased default, and
+        unload variants nothing points at any more. The error text when the reading failed (the
+        names read before stay in use)."""
+        try:
+            await asyncio.to_thread(self.family.refresh, force)
+        except Exception as exc:  # noqa: BLE001 - keep serving the names last read
+            log.warning("registry refresh failed (serving the names read before): %s", exc)
+            return str(exc)
+        finally:
+            self.family.sweep(self.config.unload_idle_s)
+        if self.family.engine(self.family.default_variant) is None and not any(
+                not t.done() and t.get_name() == "warm" for t in self.tasks):
+            self.tasks = [t for t in self.tasks if not t.done()]
+            self.tasks.append(asyncio.create_task(self._warm(), name="warm"))
+        return None
+
+    def set_policy(self, spec: Any) -> dict[str, Any]:
+        """Replace the routing policy for new requests (requests already running keep the one they
+        started with); ``spec`` is serve.yaml's ``policy`` mapping. A bad spec is a 400."""
+        if not isinstance(spec, dict):
+            raise invalid(f"the body must be a policy mapping like serve.yaml's `policy`, got {type(spec).__name__}",
+                          code="invalid_policy")
+        spec = {"kind": "static", **spec}
+        try:
+            policy = build_policy(spec, self.family.tiers)
+        except ConfigError as exc:
+            raise APIError(400, str(exc), "invalid_request_error", exc.path or "policy", "invalid_policy") from None
+        except SecateurError as exc:
+            raise APIError(400, str(exc), "invalid_request_error", "policy", "invalid_policy") from None
+        previous, self.policy, self.policy_changed = self.policy, policy, time.time()
+        log.info("policy changed through the admin API: %s -> %s", previous.describe(), policy.describe())
+        return {"policy": policy.describe(), "previous": previous.describe()}
+
+    def state(self) -> dict[str, Any]:
+        """What ``GET /admin/state`` answers."""
+        family = self.family
+        engines = {vid: {"loaded": vid in family.engines, "in_flight": family.active.get(vid, 0),
+                         "ref": family.variants[vid].ref if vid in family.variants else None}
+                   for vid in sorted(set(family.engines) | set(family.active))}
+        return {"family": family.name, "policy": self.policy.describe(), "policy_changed": self.policy_changed,
+                "default": family.default, "default_variant": family.default_variant, "tiers": family.tiers,
+                "aliases": family.aliases, "names_version": family.version, "in_flight": self.in_flight,
+                "refreshed_s_ago": round(time.monotonic() - family.refreshed, 3), "variants": engines}
 
     def ready(self) -> bool:
         return self.family.engine(self.family.default_variant) is not None
@@ -126,9 +167,12 @@ class Gateway:
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
 
-    def release(self) -> None:
+    def release(self, request: Request) -> None:
+        """The request is over: its concurrency slot and the variants it held are given back."""
         self.in_flight -= 1
         self.metrics.in_flight.set(self.in_flight)
+        for variant in _info(request).pop("held", []):
+            self.family.let_go(variant)
 
     async def body(self, request: Request, kind: type[BaseModel]) -> Any:
         """The request body as ``kind``, within the byte budget; every failure a 4xx."""
@@ -173,10 +217,13 @@ class Gateway:
             raise APIError(404, f"the model '{route.model[:200]}' does not exist in family '{self.family.name}'; "
                                 f"valid: {one_of(names)}", "invalid_request_error", "model", "model_not_found") from None
         if tier == ROUTED:
-            return self.policy.decide(route, self.family.view())
+            return (route.policy or self.policy).decide(route, self.family.view())
         return Decision(tier, variant, "pinned")
 
-    async def engine(self, decision: Decision, deadline: float, kind: str) -> Engine:
+    async def engine(self, request: Request, decision: Decision, deadline: float, kind: str) -> Engine:
+        """The engine of the decided variant (loaded if needed), held by the request until it ends."""
+        self.family.hold(decision.variant)  # before any await: a sweep cannot unload it from here on
+        _info(request).setdefault("held", []).append(decision.variant)
         try:
             engine = await asyncio.wait_for(self.family.aload(decision.variant), _left(deadline))
         except asyncio.TimeoutError:
@@ -195,9 +242,10 @@ class Gateway:
         """Run ``attempt`` on the decided tier, asking the policy what to do after a failure
         (``on_error``) or a finished non-streamed answer (``after``)."""
         deadline = time.monotonic() + self.limits.timeout_s
+        route.policy = policy = self.policy  # the policy this request started with, to its end
         decision = self.decide(route)
         info = _info(request)
-        per_attempt = getattr(self.policy, "attempt_timeout_s", None)
+        per_attempt = getattr(policy, "attempt_timeout_s", None)
         while True:
             info.update(tier=decision.tier, variant=decision.variant, decision=decision.label)
             stop = min(deadline, time.monotonic() + per_attempt) if per_attempt else deadline
@@ -205,7 +253,7 @@ class Gateway:
             try:
                 result = await attempt(decision, stop)
             except _Failed as failure:
-                nxt = self.policy.on_error(route, decision, Outcome(seconds=time.monotonic() - started,
+                nxt = policy.on_error(route, decision, Outcome(seconds=time.monotonic() - started,
                                                                     error=failure.kind), self.family.view())
                 if nxt is None or time.monotonic() >= deadline:
                     raise failure.error from None
@@ -213,7 +261,7 @@ class Gateway:
                 if route.stream:
                     return decision, result
                 outcome = Outcome(logprobs=getattr(result, "logprobs_flat", []), seconds=time.monotonic() - started)
-                nxt = self.policy.after(route, decision, outcome, self.family.view())
+                nxt = policy.after(route, decision, outcome, self.family.view())
                 if nxt is None:
                     return decision, result
             self.metrics.escalations.labels(decision.tier, nxt.tier, nxt.label).inc()
@@ -391,7 +439,7 @@ def create_app(family: str, config: Optional[ServeConfig] = None, home: Union[st
             counts: list[int] = []
 
             async def attempt(decision: Decision, deadline: float) -> Any:
-                engine = await gateway.engine(decision, deadline, "encoder")
+                engine = await gateway.engine(request, decision, deadline, "encoder")
                 limit = min(engine.context, gateway.limits.max_embedding_length)
                 counts[:] = [len(ids) for ids in engine.tokenizer(texts)["input_ids"]]
                 for i, n in enumerate(counts):
@@ -419,14 +467,65 @@ def create_app(family: str, config: Optional[ServeConfig] = None, home: Union[st
             return JSONResponse({"object": "list", "data": data, "model": req.model,
                                  "usage": {"prompt_tokens": total, "total_tokens": total}}, headers=_headers(decision))
         finally:
-            gateway.release()
+            gateway.release(request)
 
+    _admin_routes(app, gateway)
     return app
+
+
+LOOPBACK = frozenset(("127.0.0.1", "::1", "localhost"))
+
+
+def _admin_routes(app: FastAPI, gateway: Gateway) -> None:
+    """``/admin/state`` (GET), ``/admin/policy`` (POST: a policy mapping; new requests use it) and
+    ``/admin/refresh`` (POST: re-read the registry now). Off unless ``admin.enabled``; each call
+    needs the bearer token and, unless ``admin.allow_remote``, must come from the loopback."""
+    if gateway.admin_token is None:
+        return
+    import hmac
+
+    token = gateway.admin_token.encode()
+
+    def check(request: Request) -> None:
+        host = request.client.host if request.client is not None else ""
+        if not gateway.config.admin.allow_remote and host not in LOOPBACK and not host.startswith("127."):
+            raise APIError(403, "the admin API answers the loopback only (admin.allow_remote is off)",
+                           "permission_error", None, "forbidden")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+            raise APIError(401, "the admin API needs `Authorization: Bearer <token>` with the server's admin token",
+                           "authentication_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+
+    @app.get("/admin/state")
+    async def admin_state(request: Request) -> dict[str, Any]:
+        check(request)
+        return gateway.state()
+
+    @app.post("/admin/policy")
+    async def admin_policy(request: Request) -> dict[str, Any]:
+        check(request)
+        body = await gateway.body(request, _AnyJSON)
+        return gateway.set_policy(body.model_dump())
+
+    @app.post("/admin/refresh")
+    async def admin_refresh(request: Request) -> Any:
+        check(request)
+        error = await gateway.refresh(force=True)
+        if error is not None:
+            raise APIError(503, f"the registry could not be read again (the names read before stay): {error}",
+                           "server_error", None, "refresh_failed")
+        return gateway.state()
+
+
+class _AnyJSON(BaseModel):
+    """A JSON object of any keys (the admin policy body: checked by :func:`build_policy`)."""
+
+    model_config = {"extra": "allow"}
 
 
 def _release_unless_streaming(gateway: Gateway, request: Request) -> None:
     if not _info(request).get("streaming"):
-        gateway.release()
+        gateway.release(request)
 
 
 def _sampling(temperature: Optional[float], top_p: Optional[float], seed: Optional[int], top: int) -> Sampling:
@@ -457,7 +556,7 @@ async def _generate(gateway: Gateway, request: Request, req: Any, kind: str,
 
     async def attempt(decision: Decision, deadline: float) -> _Generation:
         started = time.perf_counter()
-        engine = await gateway.engine(decision, deadline, "causal")
+        engine = await gateway.engine(request, decision, deadline, "causal")
         prompts = encode(engine)
         route.prompt = prompts
         longest = max(len(p) for p in prompts)
@@ -495,7 +594,7 @@ async def _generate(gateway: Gateway, request: Request, req: Any, kind: str,
                 closed.append(True)
                 gen.job.cancel()
                 _account(gateway, info, decision, gen, prompt_tokens)
-                gateway.release()
+                gateway.release(request)
 
         return _Stream(_stream(gateway, request, req, kind, decision, gen, prompt_tokens), close,
                        media_type="text/event-stream", headers={**_headers(decision), "Cache-Control": "no-cache"})

@@ -16,7 +16,10 @@ Every key is optional; a file holds only what it changes::
     limits: {max_body_bytes: 1048576, max_tokens: 512, default_max_tokens: 16, timeout_s: 60,
              max_concurrency: 64, retry_after_s: 1}
     preload: [large]               # tiers loaded at start beside the default (others on first use)
-    refresh_s: 2                   # how often alias moves in the registry are picked up
+    refresh_s: 1                   # how often alias moves in the registry are picked up
+    unload_idle_s: 10              # a variant nothing points at any more is unloaded once idle this long
+    admin: {enabled: true}         # /admin/state, /admin/policy, /admin/refresh (bearer token:
+                                   #   SECATEUR_ADMIN_TOKEN or admin.token; loopback only by default)
     access_log: serve-access.jsonl # one JSON line per request (default: standard error)
 
 An unknown key is a one-line error naming the key, a did-you-mean and the valid keys, as recipes
@@ -74,6 +77,42 @@ class Limits:
         _integer("limits.max_embedding_length", self.max_embedding_length, 2, 1 << 16)
 
 
+ADMIN_TOKEN_ENV = "SECATEUR_ADMIN_TOKEN"
+MIN_TOKEN_CHARS = 16
+
+
+@dataclass(frozen=True)
+class Admin:
+    """The admin API (``/admin/...``): off unless ``enabled``; every call needs ``Authorization:
+    Bearer <token>``, the token read from the environment variable ``token_env`` or given as
+    ``token``; calls from another host than the loopback get 403 unless ``allow_remote``."""
+
+    enabled: bool = False
+    token: Optional[str] = None
+    token_env: str = ADMIN_TOKEN_ENV
+    allow_remote: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("enabled", "allow_remote"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"admin.{key}", f"expected true or false, got {getattr(self, key)!r}")
+        if self.token is not None and not isinstance(self.token, str):
+            raise ConfigError("admin.token", "expected a string")
+        if not isinstance(self.token_env, str) or not self.token_env:
+            raise ConfigError("admin.token_env", f"expected the name of an environment variable, got {self.token_env!r}")
+
+    def secret(self) -> str:
+        """The bearer token; a one-line error when the admin API is on without a usable one."""
+        token = self.token if self.token is not None else os.environ.get(self.token_env)
+        if not token:
+            raise SecateurError(f"the admin API (admin.enabled) needs a bearer token: set {self.token_env} or "
+                                "admin.token in serve.yaml (or turn admin.enabled off)")
+        if len(token) < MIN_TOKEN_CHARS:
+            raise SecateurError(f"the admin token is {len(token)} characters; use at least {MIN_TOKEN_CHARS} "
+                                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)")
+        return token
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     default: Optional[str] = None
@@ -82,7 +121,9 @@ class ServeConfig:
     batching: Batching = field(default_factory=Batching)
     limits: Limits = field(default_factory=Limits)
     preload: tuple[str, ...] = ()
-    refresh_s: float = 2.0
+    refresh_s: float = 1.0
+    unload_idle_s: float = 10.0
+    admin: Admin = field(default_factory=Admin)
     access_log: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -103,6 +144,7 @@ class ServeConfig:
                 raise ConfigError("preload", f"unknown tier '{name}'{did_you_mean(str(name), self.tiers)}; "
                                              f"tiers: {', '.join(self.tiers) or 'none'}")
         _number("refresh_s", self.refresh_s, 0.0, 86400)
+        _number("unload_idle_s", self.unload_idle_s, 0.0, 86400 * 365)
 
     @classmethod
     def from_dict(cls, raw: Any) -> "ServeConfig":
@@ -112,7 +154,7 @@ class ServeConfig:
             raise ConfigError("", f"a serve config is a mapping of keys, got {type(raw).__name__}")
         _reject_unknown(raw, [f.name for f in fields(cls)], "")
         kwargs = dict(raw)
-        for key, kind in (("batching", Batching), ("limits", Limits)):
+        for key, kind in (("batching", Batching), ("limits", Limits), ("admin", Admin)):
             if key in kwargs:
                 value = kwargs[key] if kwargs[key] is not None else {}
                 if not isinstance(value, Mapping):
