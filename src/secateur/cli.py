@@ -695,6 +695,57 @@ def serve_cmd(family: str = typer.Argument(..., help="A family in the registry (
     serve(family, config, host=host, port=port, home=home)
 
 
+@app.command("route-calibrate")
+def route_calibrate_cmd(family: str = typer.Argument(..., help="A family in the registry."),
+                        config: Optional[Path] = typer.Option(None, "--config", "-c", help="serve.yaml (its tiers, "
+                                                                                            "cheapest first)."),
+                        target_rate: float = typer.Option(0.3, "--target-rate", help="Share of requests to escalate."),
+                        quantile: float = typer.Option(0.1, "--quantile", help="Quantile of the token log-probabilities."),
+                        prompts: int = typer.Option(200, "--prompts", help="Calibration-split prompts."),
+                        max_tokens: int = typer.Option(32, "--max-tokens", help="Tokens each answer generates."),
+                        out_path: Path = typer.Option(Path("cascade.json"), "--out", "-o", help="JSON for serve.yaml's "
+                                                                                               "policy.calibration."),
+                        home: Optional[Path] = typer.Option(None, "--home", help="Registry home.")) -> None:
+    """Fit a confidence cascade's thresholds to a target escalation rate on TinyStories
+    calibration-split prompts; serve.yaml reads the file: policy: {kind: cascade, calibration: FILE}."""
+    from .serve.routing import calibrate_cascade
+
+    result = calibrate_cascade(family, config, target_rate=target_rate, quantile=quantile, prompts=prompts,
+                               max_tokens=max_tokens, home=home, out=out_path)
+    for tier in result["tiers"]:
+        out.print(f"{tier['tier']}: threshold {tier['threshold']:.4f} ({tier['escalated']}/{tier['prompts']} "
+                  f"calibration prompts escalate)")
+    out.print(f"wrote {out_path}")
+
+
+@app.command("bench-serve")
+def bench_serve_cmd(url: str = typer.Argument("http://127.0.0.1:8000", help="A gateway on this machine."),
+                    model: str = typer.Option(..., "--model", "-m", help="The request's model (family, tier, alias)."),
+                    requests: int = typer.Option(200, "--requests", "-n", help="Requests to send at most."),
+                    concurrency: int = typer.Option(8, "--concurrency", "-c", help="Clients at once."),
+                    duration: float = typer.Option(60.0, "--duration", help="Seconds after which no request starts."),
+                    max_tokens: int = typer.Option(32, "--max-tokens", help="Tokens per completion."),
+                    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the summary as JSON.")) -> None:
+    """A bounded loopback load: latency and first-token percentiles, tokens/s, errors, the share each
+    variant served, the server's RSS at start and end. Stops by itself."""
+    from .serve.bench import run_load, table
+
+    result = run_load(url, model=model, requests=requests, concurrency=concurrency, duration_s=duration,
+                      max_tokens=max_tokens)
+    grid = Table(title=f"bench-serve {url} model={model}")
+    grid.add_column("what")
+    grid.add_column("value")
+    for what, value in table(result):
+        grid.add_row(str(what), str(value))
+    out.print(grid)
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        out.print(f"wrote {out_path}")
+    if result["errors"]:
+        raise typer.Exit(1)
+
+
 @app.command("demo")
 def demo_cmd(models: Path = typer.Option(..., "--models", help="Folder holding stories260K/hf and all-MiniLM-L6-v2."),
              out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Where artifacts and demo.json go."),
