@@ -102,7 +102,7 @@ async def _load(url: str, model: str, requests: int, concurrency: int, duration_
     limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
     async with httpx.AsyncClient(limits=limits, timeout=timeout_s) as client:
         rss["start"] = await _rss(client, url)
-        began = time.perf_counter()
+        started_at, began = time.time(), time.perf_counter()
         stop_sending = began + duration_s
 
         async def worker() -> None:
@@ -113,8 +113,9 @@ async def _load(url: str, model: str, requests: int, concurrency: int, duration_
                 body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
                         "temperature": temperature, "seed": i, "stream": True,
                         "stream_options": {"include_usage": True}}
+                sent_at = time.perf_counter() - began
                 row = await _one(client, url, body, timeout_s)
-                row["sent"], row["done"] = i, len(rows)
+                row["sent"], row["done"], row["sent_s"] = i, len(rows), sent_at
                 rows.append(row)
                 n = len(rows)
                 if n == window:
@@ -135,7 +136,8 @@ async def _load(url: str, model: str, requests: int, concurrency: int, duration_
     return _summary(rows, rss, wall, window, {"url": url, "model": model, "requests": requests,
                                                "concurrency": concurrency, "duration_s": duration_s,
                                                "max_tokens": max_tokens, "temperature": temperature,
-                                               "abandoned": len(pending), "sent": sent})
+                                               "abandoned": len(pending), "sent": sent,
+                                               "started_at": started_at})
 
 
 def _summary(rows: list[dict[str, Any]], rss: dict[str, Optional[float]], wall: float, window: int,
@@ -165,7 +167,8 @@ def _summary(rows: list[dict[str, Any]], rss: dict[str, Optional[float]], wall: 
         "ttft_ms": {f"p{p}": ms(_percentile(ttft, p)) for p in (50, 95, 99)},
         "share": {k: round(v / len(ok), 4) for k, v in sorted(share.items())} if ok else {},
         "rss_bytes": rss, "rss_growth": None if growth is None else round(growth, 4),
-        "variants_in_order": [r["variant"] for r in sorted(rows, key=lambda r: r["done"])],
+        # [seconds after the start when it was sent, who answered], in sending order
+        "timeline": [[round(r["sent_s"], 4), r["variant"]] for r in sorted(rows, key=lambda r: r["sent"])],
     }
 
 
