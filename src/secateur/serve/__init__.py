@@ -12,12 +12,15 @@ Files, top to bottom of a request:
 - ``app.py``       routes, limits, error objects, streaming, access log (FastAPI);
 - ``protocol.py``  the OpenAI request types (pydantic) and error object;
 - ``policy.py``    the routing policy interface (decide / on_error / after) and its
-                   ``static`` and ``fallback`` policies;
-- ``family.py``    names → variant ids from the registry (re-read every ``refresh_s``), and the
-                   loaded variants;
+                   ``static``, ``fallback``, ``sticky``, ``canary`` and ``cascade`` policies;
+- ``family.py``    names → variant ids from the registry (polled every ``refresh_s``), the
+                   loaded variants, which requests hold them, unloading the unreferenced;
 - ``engine.py``    one worker thread per variant: continuous batching of decoding
                    (:class:`secateur.runtime.batching.DecodeBatch`) and batched embeddings;
-- ``metrics.py``   the Prometheus metrics, in a registry per app.
+- ``metrics.py``   the Prometheus metrics, in a registry per app;
+- ``routing.py``   offline: the cascade's thresholds calibrated on calibration-split prompts
+                   (``secateur route-calibrate``);
+- ``bench.py``     ``secateur bench-serve``: a bounded loopback load.
 
 The room imports the registry, artifacts and the runtime (never the pipeline or evaluation); the
 web stack (fastapi, uvicorn, prometheus-client: ``pip install secateur[serve]``) is imported only
