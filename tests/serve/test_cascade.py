@@ -93,3 +93,29 @@ def test_cascade_routes_held_out_prompts_over_http(calibration, launch, stories_
             list(r.iter_lines())
     finally:
         server.stop()
+
+
+def test_route_eval_curve_at_a_tiny_size(capsys, serve_home, tmp_path):
+    """The curve's ends are the two tiers (nothing escalated: the small one's perplexity and cost;
+    everything: the large one's perplexity at both costs); APGR is an area in [0, 1]."""
+    from secateur.testing import run_cli
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("tiers: {small: fast, large: best}\n", encoding="utf-8")
+    out = tmp_path / "curve.json"
+    code, stdout, err = run_cli(capsys, "route-eval", "stories", "--config", str(config), "--home", str(serve_home),
+                                "--calibration-prompts", "12", "--eval-prompts", "12", "--max-tokens", "4",
+                                "--batch", "4", "--out", str(out))
+    assert code == 0, err
+    assert "APGR" in stdout
+    data = json.loads(out.read_text())
+    first, last = data["curve"][0], data["curve"][-1]
+    assert (first["target_rate"], first["escalated"], last["target_rate"], last["escalated"]) == (0.0, 0.0, 1.0, 1.0)
+    assert first["perplexity"] == pytest.approx(data["small"]["perplexity"])
+    assert last["perplexity"] == pytest.approx(data["large"]["perplexity"])
+    assert first["cost_s"] == pytest.approx(data["small"]["cost_s"])
+    assert last["cost_s"] == pytest.approx(data["small"]["cost_s"] + data["large"]["cost_s"])
+    assert data["prompts"] == {"calibration": 12, "evaluation": 12}
+    assert 0.0 <= data["apgr"] <= 1.0
+    thresholds = [c["threshold"] for c in data["curve"]]
+    assert thresholds == sorted(thresholds)

@@ -1,4 +1,5 @@
-"""Offline routing: calibrating a confidence cascade's thresholds on calibration-split prompts.
+"""Offline routing: calibrating a confidence cascade's thresholds on calibration-split prompts, and
+measuring its cost-quality curve on evaluation-split prompts (:func:`route_eval`).
 
 A cascade (:class:`~secateur.serve.policy.CascadePolicy`) lets the cheapest tier answer and
 escalates when the answer's *confidence* — a quantile of its generated tokens' log-probabilities
@@ -152,4 +153,118 @@ def calibrate_cascade(family: str, config: Union[ServeConfig, str, Path, None] =
     return result
 
 
-__all__ = ["StoryPrompt", "story_prompts", "greedy_answers", "threshold_for_rate", "calibrate_cascade"]
+def continuation_nll(model: Any, items: list[StoryPrompt], batch: int = 64) -> list[float]:
+    """Each item's mean negative log-likelihood (nats per token) of its true continuation given its
+    prompt (teacher forcing; every item has the same lengths, so no padding)."""
+    import torch
+
+    out: list[float] = []
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        ids = torch.tensor([it.prompt + it.continuation for it in chunk], dtype=torch.long)
+        n = len(chunk[0].prompt)
+        with torch.inference_mode():
+            logits = model(input_ids=ids).logits[:, n - 1:-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, n:], reduction="none")
+        out += nll.mean(dim=1).tolist()
+    return out
+
+
+def _area(xs: list[float], ys: list[float]) -> float:
+    """Trapezoid area under (xs, ys) over [0, 1], the curve held flat outside the measured xs."""
+    points = sorted(zip(xs, ys))
+    points = [(0.0, points[0][1])] + points + [(1.0, points[-1][1])]
+    return sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(points, points[1:]))
+
+
+def route_eval(family: str, config: Union[ServeConfig, str, Path, None] = None, *, quantile: float = 0.1,
+               calibration_prompts: int = 200, eval_prompts: int = 500, max_tokens: int = 32, prompt_tokens: int = 16,
+               continuation_tokens: int = 32, rates: Optional[list[float]] = None, batch: int = 1,
+               home: Union[str, Path, None] = None) -> dict[str, Any]:
+    """The cost-quality curve of the two-tier confidence cascade (serve.yaml's first and last tier)
+    as its target escalation rate moves, on held-out prompts (issue 24's protocol):
+
+    * prompts are the first ``prompt_tokens`` tokens of TinyStories paragraphs; thresholds are
+      fitted on the calibration split only (:func:`threshold_for_rate`), measured on the
+      evaluation split;
+    * quality is the perplexity of the true next ``continuation_tokens`` tokens under the variant
+      that answers (exp of the mean per-prompt NLL); the gap recovered is
+      (ppl_small - ppl_policy) / (ppl_small - ppl_large);
+    * cost is the measured time of every variant invoked: the small tier's greedy answer for every
+      prompt, plus the large tier's for the escalated ones (``batch`` prompts at a time; 1 = as
+      single requests);
+    * random routing at the same escalation share recovers that share of the gap on average; APGR
+      is the area under the gap-recovered curve over the escalation share (random: 0.5).
+    """
+    import math
+
+    from .family import Family, load_model
+
+    cfg = config if isinstance(config, ServeConfig) else (ServeConfig.load(config) if config else ServeConfig())
+    rates = rates if rates is not None else [round(0.05 * i, 2) for i in range(21)]
+    fam = Family(family, cfg, home)
+    try:
+        tiers = list(fam.tiers)
+        if len(tiers) < 2:
+            raise SecateurError("route-eval needs two tiers in serve.yaml (cheapest first, e.g. tiers: {small: w4, "
+                                "large: base})")
+        small_tier, large_tier = tiers[0], tiers[-1]
+        measured: dict[str, Any] = {}
+        for tier in (small_tier, large_tier):
+            model, tokenizer, kind = load_model(fam.variants[fam.tiers[tier]])
+            if kind != "causal":
+                raise SecateurError(f"tier '{tier}' is an {kind}; route-eval measures causal LMs")
+            held = story_prompts(tokenizer, "evaluation", eval_prompts, prompt_tokens, continuation_tokens)
+            greedy_answers(model, tokenizer, [p.prompt for p in held[:batch]], 2, batch=batch)  # warm-up, not timed
+            answers = greedy_answers(model, tokenizer, [p.prompt for p in held], max_tokens, batch=batch)
+            measured[tier] = {"variant": fam.tiers[tier], "nll": continuation_nll(model, held),
+                              "seconds": [a[2] for a in answers],
+                              "scores": [confidence(a[1], quantile) for a in answers]}
+            if tier == small_tier:
+                calib = story_prompts(tokenizer, "calibration", calibration_prompts, prompt_tokens, continuation_tokens)
+                calib_answers = greedy_answers(model, tokenizer, [p.prompt for p in calib], max_tokens, batch=32)
+                measured["calibration_scores"] = [confidence(a[1], quantile) for a in calib_answers]
+            del model
+    finally:
+        fam.close()
+    small, large = measured[small_tier], measured[large_tier]
+    n = len(small["nll"])
+    ppl = lambda nlls: math.exp(sum(nlls) / len(nlls))  # noqa: E731
+    ppl_small, ppl_large = ppl(small["nll"]), ppl(large["nll"])
+    gap = ppl_small - ppl_large
+    cost_small, cost_large = sum(small["seconds"]), sum(large["seconds"])
+    curve = []
+    for rate in rates:
+        t = threshold_for_rate(measured["calibration_scores"], rate)
+        up = [s < t for s in small["scores"]]
+        nll = [large["nll"][i] if up[i] else small["nll"][i] for i in range(n)]
+        cost = cost_small + sum(large["seconds"][i] for i in range(n) if up[i])
+        share = sum(up) / n
+        p = ppl(nll)
+        curve.append({"target_rate": rate, "threshold": t, "escalated": share, "perplexity": p,
+                      "gap_recovered": (ppl_small - p) / gap if gap else None, "cost_s": cost,
+                      "cost_vs_large": cost / cost_large if cost_large else None})
+    valid = [c for c in curve if c["gap_recovered"] is not None]
+    apgr = _area([c["escalated"] for c in valid], [c["gap_recovered"] for c in valid]) if valid else None
+    cost80 = None
+    ordered = sorted(valid, key=lambda c: c["cost_s"])
+    for a, b in zip(ordered, ordered[1:]):
+        if a["gap_recovered"] < 0.8 <= b["gap_recovered"]:
+            f = (0.8 - a["gap_recovered"]) / (b["gap_recovered"] - a["gap_recovered"])
+            cost80 = a["cost_s"] + f * (b["cost_s"] - a["cost_s"])
+            break
+    if cost80 is None and ordered and ordered[0]["gap_recovered"] >= 0.8:
+        cost80 = ordered[0]["cost_s"]
+    beats = [c for c in valid if 0.1 <= c["target_rate"] <= 0.9]
+    return {"family": family, "small": {"tier": small_tier, "variant": small["variant"], "perplexity": ppl_small,
+                                        "cost_s": cost_small},
+            "large": {"tier": large_tier, "variant": large["variant"], "perplexity": ppl_large, "cost_s": cost_large},
+            "quantile": quantile, "prompts": {"calibration": len(measured["calibration_scores"]), "evaluation": n},
+            "max_tokens": max_tokens, "prompt_tokens": prompt_tokens, "continuation_tokens": continuation_tokens,
+            "batch": batch, "curve": curve, "apgr": apgr, "random_apgr": 0.5,
+            "cost_at_80pct_s": cost80, "cost_at_80pct_vs_large": cost80 / cost_large if cost80 and cost_large else None,
+            "beats_random_10_to_90": bool(beats) and all(c["gap_recovered"] > c["escalated"] for c in beats)}
+
+
+__all__ = ["StoryPrompt", "story_prompts", "greedy_answers", "threshold_for_rate", "calibrate_cascade",
+           "continuation_nll", "route_eval"]
