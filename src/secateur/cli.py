@@ -718,6 +718,44 @@ def route_calibrate_cmd(family: str = typer.Argument(..., help="A family in the 
     out.print(f"wrote {out_path}")
 
 
+@app.command("route-eval")
+def route_eval_cmd(family: str = typer.Argument(..., help="A family in the registry."),
+                   config: Optional[Path] = typer.Option(None, "--config", "-c", help="serve.yaml: its first tier is "
+                                                                                       "the cheap one, its last the large."),
+                   policy: str = typer.Option("cascade", "--policy", help="The policy to evaluate (cascade)."),
+                   quantile: float = typer.Option(0.1, "--quantile", help="Quantile of the token log-probabilities."),
+                   calibration_prompts: int = typer.Option(200, "--calibration-prompts"),
+                   eval_prompts: int = typer.Option(500, "--eval-prompts"),
+                   max_tokens: int = typer.Option(32, "--max-tokens", help="Tokens each answer generates."),
+                   batch: int = typer.Option(1, "--batch", help="Prompts answered together when timing (1: single)."),
+                   out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the curve as JSON."),
+                   home: Optional[Path] = typer.Option(None, "--home", help="Registry home.")) -> None:
+    """The cost-quality curve of a routing policy as its threshold moves, on held-out TinyStories
+    prompts (thresholds fitted on the calibration split): APGR and the cost at 80% of the gap recovered."""
+    from .serve.routing import route_eval
+
+    if policy != "cascade":
+        raise SecateurError(f"route-eval evaluates --policy cascade; got '{policy}'")
+    result = route_eval(family, config, quantile=quantile, calibration_prompts=calibration_prompts,
+                        eval_prompts=eval_prompts, max_tokens=max_tokens, batch=batch, home=home)
+    grid = Table(title=f"route-eval {family}: cascade {result['small']['tier']} -> {result['large']['tier']}")
+    for col in ("target rate", "escalated", "perplexity", "gap recovered", "cost (s)", "cost / large"):
+        grid.add_column(col, justify="right")
+    for c in result["curve"]:
+        grid.add_row(f"{c['target_rate']:.2f}", f"{c['escalated']:.3f}", f"{c['perplexity']:.4f}",
+                     "-" if c["gap_recovered"] is None else f"{c['gap_recovered']:.3f}", f"{c['cost_s']:.3f}",
+                     "-" if c["cost_vs_large"] is None else f"{c['cost_vs_large']:.3f}")
+    out.print(grid)
+    apgr = "-" if result["apgr"] is None else f"{result['apgr']:.3f}"
+    cost80 = "-" if result["cost_at_80pct_vs_large"] is None else f"{result['cost_at_80pct_vs_large']:.3f}x the large tier's"
+    out.print(f"APGR {apgr} (random routing: 0.5); cost at 80% of the gap recovered: {cost80}; beats random at "
+              f"every target rate from 0.1 to 0.9: {result['beats_random_10_to_90']}")
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        out.print(f"wrote {out_path}")
+
+
 @app.command("bench-serve")
 def bench_serve_cmd(url: str = typer.Argument("http://127.0.0.1:8000", help="A gateway on this machine."),
                     model: str = typer.Option(..., "--model", "-m", help="The request's model (family, tier, alias)."),
