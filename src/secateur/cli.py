@@ -631,6 +631,87 @@ def run_cmd(pipeline_path: Path = typer.Argument(..., metavar="PIPELINE", help="
             raise typer.Exit(1)
 
 
+@app.command("search")
+def search_cmd(model: str = typer.Argument(..., metavar="MODEL", help="Model directory, artifact, registry ref or hub id."),
+               space_path: Optional[Path] = typer.Option(None, "--space", metavar="SPACE.yaml",
+                                                         help="The search space (default: the model kind's)."),
+               budget: str = typer.Option("30m", "--budget", help="Time budget (90s, 30m, 1.5h): no trial starts "
+                                                                  "after it; the one in flight finishes."),
+               backend: str = typer.Option("local", "--backend", help="local (a process pool with --workers) or ray."),
+               workers: int = typer.Option(1, "--workers", help="Trials run at once."),
+               trials: Optional[int] = typer.Option(None, "--trials", help="Measured trials at most (the space's "
+                                                                           "'trials' otherwise)."),
+               alias: list[str] = typer.Option([], "--alias", metavar="NAME=CONSTRAINTS",
+                                               help="An alias for the best front member meeting the constraints, "
+                                                    "e.g. fast='latency<=0.4x' (repeatable)."),
+               family: Optional[str] = typer.Option(None, "--family", help="Registry family (default: the space's name)."),
+               workdir: Path = typer.Option(Path("secateur-runs"), "--workdir", "-w",
+                                            help="Where trials, stages and caches are kept (a re-run resumes)."),
+               register: bool = typer.Option(True, "--register/--no-register",
+                                             help="Record the front, every trial and every point in the registry."),
+               confirm: bool = typer.Option(True, "--confirm/--no-confirm",
+                                            help="Time the front again together with the dense model."),
+               as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Search the space of compressed variants of MODEL: price every candidate with cheap proxies,
+    measure the most promising (quality by the protocol, speed against the dense model), keep the
+    measured Pareto front as a registry family with aliases (best, fastest, smallest, yours).
+    Resumable: the same command again re-runs no finished trial."""
+    import dataclasses as _dc
+
+    from .models import resolve
+    from .registry import resolve_model
+    from .search import SearchSpace, parse_alias, parse_budget, search
+    from .search.space import kind_of
+
+    parse_budget(budget)
+    aliases = dict(parse_alias(a) for a in alias)
+    base = str(resolve(str(resolve_model(model))))
+    kind = kind_of(base)
+    default_name = f"{Path(base).name}-search"
+    space = SearchSpace.load(space_path, kind, default_name) if space_path else SearchSpace.default(kind, default_name)
+    if trials is not None:
+        if trials < 1:
+            raise SecateurError(f"--trials {trials}: expected a whole number >= 1")
+        space = _dc.replace(space, trials=trials)
+    registry = None
+    if register:
+        from .registry import Registry
+
+        registry = Registry()
+    try:
+        result = search(base, space, budget=budget, backend=backend, workers=workers, workdir=workdir,
+                        registry=registry, aliases=aliases, family=family, confirm=confirm)
+    finally:
+        if registry is not None:
+            registry.close()
+    table = Table("candidate", "proxy Δloss", "proxy speed-up", "proxy bytes", "quality", "drop", "speed-up",
+                  "bytes", "front", title=f"search {result.name}: {result.coverage['measured']} of "
+                                          f"{result.candidates} candidates measured ({result.seconds:.0f} s)")
+    for p in sorted((p for p in result.points if p["measured"] or p["error"]),
+                    key=lambda p: (not p["front"], -(p["measured"] or {}).get("speedup", 0))):
+        m, x = p["measured"] or {}, p["proxies"] or {}
+        names = [a for a, c in result.aliases.items() if c == p["id"]]
+        table.add_row(p["label"], f"{x.get('loss_delta', float('nan')):.3g}", f"{x.get('speedup', 0):.2f}x",
+                      f"{x.get('bytes', 0):.2f}x", f"{m['quality']:.4g}" if m else "failed",
+                      f"{m['quality_drop']:+.3g}" if m else (p["error"] or "")[:60],
+                      f"{(p['confirmed'] or m).get('speedup', 0):.2f}x" if m else "—",
+                      f"{m['bytes']:.2f}x" if m else "—", ("yes " + " ".join("@" + n for n in names)) if p["front"] else "")
+    _emit(result.to_dict(), as_json, table)
+    if not as_json:
+        c, corr = result.coverage, result.correlation
+        out.print(f"coverage: {c['measured']} measured of {c['chosen']} chosen, {c['eligible']} predicted to meet the "
+                  f"constraints, {c['candidates']} in the space" + (" (stopped by the budget)" if c["stopped_by_budget"] else ""))
+        out.print("proxy rank correlation with the measurements (Spearman): " + ", ".join(
+            f"{k} {v:.2f}" if isinstance(v, float) else f"{k} —" for k, v in corr.items() if k != "points"))
+        out.print(f"results: {result.folder}/result.json")
+        if result.registered:
+            out.print(f"registered family '{result.family}': " + ", ".join(f"@{a}" for a in result.aliases))
+    if not result.front:
+        err.print("no measured variant meets the constraints" if result.coverage["measured"] else
+                  "no trial finished within the budget")
+        raise typer.Exit(1)
+
+
 @app.command("plan")
 def plan_cmd(pipeline_path: Path = typer.Argument(..., metavar="PIPELINE", help="Pipeline file (.yaml or .json)."),
              workdir: Path = typer.Option(Path("secateur-runs"), "--workdir", "-w",

@@ -75,9 +75,9 @@ def test_the_database_is_wal_with_foreign_keys_and_a_schema_version(reg: Registr
     assert reg.home == home and (home / "registry.db").is_file()
     conn = sqlite3.connect(home / "registry.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"families", "variants", "edges", "evaluations", "runs", "aliases", "alias_history"} <= tables
+    assert {"families", "variants", "edges", "evaluations", "runs", "aliases", "alias_history", "search_points"} <= tables
     conn.close()
     assert reg.db.read(lambda c: c.execute("PRAGMA foreign_keys").fetchone()[0]) == 1
     assert reg.integrity() == "ok"
@@ -88,7 +88,7 @@ def test_a_newer_schema_is_refused_in_one_line(home: Path) -> None:
     conn = sqlite3.connect(home / "registry.db")
     conn.execute("PRAGMA user_version = 99")
     conn.close()
-    with pytest.raises(RegistryError, match=r"schema version 99, newer than this secateur reads \(1\); upgrade"):
+    with pytest.raises(RegistryError, match=r"schema version 99, newer than this secateur reads \(2\); upgrade"):
         Registry(home)
 
 

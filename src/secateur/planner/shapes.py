@@ -85,7 +85,9 @@ class ModelShape:
         return cls.from_config(config.to_dict(), disk_bytes=disk or None)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], disk_bytes: int | None = None) -> "ModelShape":
+    def from_config(cls, config: Any, disk_bytes: int | None = None) -> "ModelShape":
+        """From a config mapping, or a transformers config object (used as it is: a pruned model's
+        widths, 6 heads of 8 on a hidden size of 64, say, need not pass the config's own checks)."""
         import torch
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -93,12 +95,12 @@ class ModelShape:
         from ..models.arch import arch_for
         from ..models.layers import weight_matrix
 
-        cfg = dict(config)
+        cfg = dict(config) if isinstance(config, dict) else config.to_dict()
         model_type = cfg.get("model_type")
         if not model_type:
             raise SecateurError("cannot plan: the model's config has no model_type")
         arch = arch_for(model_type)
-        hf_config = AutoConfig.for_model(**cfg)
+        hf_config = AutoConfig.for_model(**cfg) if isinstance(config, dict) else config
         auto = AutoModelForCausalLM if arch.kind == "causal" else AutoModel
         with torch.device("meta"):
             model = auto.from_config(hf_config)
@@ -171,7 +173,7 @@ class ModelShape:
                 hf.num_key_value_heads = int(after["kv_heads"][0])
         if after.get("hidden") and after["hidden"] != self.hidden:
             hf.hidden_size = int(after["hidden"])
-        shape = ModelShape.from_config(hf.to_dict())
+        shape = ModelShape.from_config(hf)
         return dataclasses.replace(shape, disk_bytes=int(self.disk_bytes * shape.params / max(self.params, 1)))
 
 

@@ -35,7 +35,7 @@ T = TypeVar("T")
 DB_NAME = "registry.db"
 BUSY_TIMEOUT_MS = 5_000  # SQLite's own wait for the write lock, per attempt
 PATIENCE = 120.0  # seconds of retrying before a busy registry is reported
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class RegistryError(SecateurError):
@@ -118,6 +118,22 @@ MIGRATIONS: dict[int, list[str]] = {
              undone INTEGER NOT NULL DEFAULT 0,         -- a 'set' a rollback took back
              at TEXT NOT NULL)""",
         "CREATE INDEX alias_history_alias ON alias_history(family_id, alias)",
+    ],
+    2: [  # the search room: every candidate a search priced, measured or not
+        """CREATE TABLE search_points (
+             id INTEGER PRIMARY KEY,
+             run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+             family_id INTEGER NOT NULL REFERENCES families(id) ON DELETE CASCADE,
+             candidate TEXT NOT NULL,                   -- digest of its choices
+             label TEXT NOT NULL,
+             choices TEXT NOT NULL,                     -- JSON: one choice per axis
+             proxies TEXT NOT NULL DEFAULT '{}',        -- JSON: predicted loss increase, latency, bytes
+             measured TEXT,                             -- JSON: quality, speed-up, bytes (NULL: not measured)
+             confirmed TEXT,                            -- JSON: the front's re-timing (NULL: none)
+             front INTEGER NOT NULL DEFAULT 0,
+             variant_id TEXT REFERENCES variants(id) ON DELETE SET NULL,
+             UNIQUE (run_id, candidate))""",
+        "CREATE INDEX search_points_family ON search_points(family_id)",
     ],
 }
 

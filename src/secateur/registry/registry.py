@@ -700,6 +700,50 @@ class Registry:
 
         return self.db.read(body)
 
+    # --- search points ---------------------------------------------------------------------------
+
+    def record_search_points(self, run: Union[str, Run], family: str, points: Iterable[dict[str, Any]]) -> int:
+        """Keep every candidate a search priced (``secateur.search``): its choices, proxies,
+        measurements (or none), whether it is on the front and its variant; one transaction."""
+        rid = run.id if isinstance(run, Run) else str(run)
+        rows = list(points)
+
+        def body(conn: sqlite3.Connection) -> int:
+            fid = self._family_id(conn, family, create=True)
+            for p in rows:
+                conn.execute("INSERT OR REPLACE INTO search_points (run_id, family_id, candidate, label, choices, "
+                             "proxies, measured, confirmed, front, variant_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (rid, fid, str(p["id"]), str(p["label"]), _dumps(p.get("choices") or {}),
+                              _dumps(p.get("proxies") or {}),
+                              None if p.get("measured") is None else _dumps(p["measured"]),
+                              None if p.get("confirmed") is None else _dumps(p["confirmed"]),
+                              1 if p.get("front") else 0, p.get("variant_id")))
+            return len(rows)
+
+        return self.db.write(body)
+
+    def search_points(self, family: Optional[str] = None, run: Union[str, Run, None] = None) -> list[dict[str, Any]]:
+        """The search points of ``family`` (or of one search ``run``), in the order they were kept."""
+        rid = run.id if isinstance(run, Run) else run
+
+        def body(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            sql = ("SELECT s.run_id, f.name, s.candidate, s.label, s.choices, s.proxies, s.measured, s.confirmed, "
+                   "s.front, s.variant_id FROM search_points s JOIN families f ON f.id = s.family_id")
+            where, args = [], []
+            if family is not None:
+                where.append("s.family_id = ?")
+                args.append(self._family_id(conn, family))
+            if rid is not None:
+                where.append("s.run_id = ?")
+                args.append(rid)
+            rows = conn.execute(sql + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY s.id",
+                                args).fetchall()
+            return [{"run_id": r[0], "family": r[1], "id": r[2], "label": r[3], "choices": _loads(r[4], {}),
+                     "proxies": _loads(r[5], {}), "measured": _loads(r[6]), "confirmed": _loads(r[7]),
+                     "front": bool(r[8]), "variant_id": r[9]} for r in rows]
+
+        return self.db.read(body)
+
     # --- health ---------------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:

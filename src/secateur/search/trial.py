@@ -1,0 +1,118 @@
+"""One trial: build a candidate through a pipeline (its stages cached and shared with the other
+candidates in the same work folder), measure its quality by the protocol and its speed against the
+dense model in one alternating run, and return plain data. Module-level and JSON in, JSON out, so a
+process pool or a Ray task can run it (:mod:`secateur.distributed`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from .space import AXES, Candidate, SearchSpace
+
+
+def stage_name(candidate: Candidate, upto: int) -> str:
+    """A stage named by the content of the chain up to it, so two candidates that share a prefix
+    share the stage (the pipeline's cache is keyed by name and content)."""
+    from .space import _digest
+
+    chain = candidate.prefixes()[: upto + 1]
+    return "s-" + _digest([[axis, choice] for axis, choice in chain])[:12]
+
+
+def pipeline_dict(space: SearchSpace, base: str, candidate: Candidate) -> tuple[dict[str, Any], str]:
+    """The pipeline that builds ``candidate`` (one variant per applied axis) and its last variant's name."""
+    variants: dict[str, Any] = {}
+    parent = "base"
+    for i, (axis, choice) in enumerate(candidate.prefixes()):
+        name = stage_name(candidate, i)
+        variants[name] = {"parent": parent, "steps": space.steps_for(axis, choice, base)}
+        parent = name
+    return ({"name": space.name, "family": space.name, "base": base, "data": space.data, "eval": [space.eval],
+             "speed": False, "variants": variants}, parent)
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` across processes (timings never overlap one another)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def speed_options(space: SearchSpace) -> dict[str, Any]:
+    s = space.speed
+    options = {k: s[k] for k in ("batch", "prompt_len", "new_tokens", "runs") if s.get(k) is not None}
+    return options
+
+
+def speed_value(space: SearchSpace, timed: dict[str, Any]) -> float:
+    """Seconds per unit of work: per decoded token, per prefill, per encoder batch."""
+    metric = space.speed["metric"]
+    if metric == "decode":
+        return 1.0 / float(timed["decode_tokens_per_s"])
+    return float(timed["prefill_ms_median" if metric == "prefill" else "latency_ms_median"]) / 1000.0
+
+
+def measure_pair(space: SearchSpace, base: str, variant: str, rounds: int = 3) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The dense model and the variant timed together (alternating, P4) in their fastest eager form."""
+    from ..artifacts import load
+    from ..pipeline.gates import measure_speed
+    from ..runtime import optimize_
+
+    models = [optimize_(load(base).model), optimize_(load(variant).model)]
+    timed = measure_speed(models, rounds=rounds, options=speed_options(space))
+    return timed[0], timed[1]
+
+
+def run_trial(item: dict[str, Any]) -> dict[str, Any]:
+    """Build, evaluate and time one candidate; see the module docstring."""
+    import torch
+
+    from ..artifacts import verify
+    from ..pipeline import Pipeline, run_pipeline
+
+    start = time.perf_counter()
+    threads = item.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    space = SearchSpace.from_dict(item["space"], item["kind"])
+    candidate = Candidate(**item["choices"])
+    spec, last = pipeline_dict(space, item["base"], candidate)
+    result = run_pipeline(Pipeline.from_dict(spec), item["workdir"], keep_going=False, check_plan=item.get("plan", True))
+    stage = result.stages[last]
+    if stage.artifact is None:
+        raise RuntimeError(stage.error or f"stage {last} was not built")
+    base_eval, variant_eval = result.base_evaluations[0], stage.evaluations[0]
+    with exclusive(Path(item["workdir"]) / space.name / "timing.lock"):
+        base_t, variant_t = measure_pair(space, item["base_path"], stage.artifact)
+    card = verify(stage.artifact)
+    variant_bytes = sum(e["bytes"] for n, e in card["files"].items() if n.endswith(".safetensors"))
+    base_bytes = item["base_bytes"]
+    higher = space.eval["task"] == "sts"
+    quality, reference = float(variant_eval["value"]), float(base_eval["value"])
+    drop = (reference - quality) if higher else (quality - reference)
+    base_s, variant_s = speed_value(space, base_t), speed_value(space, variant_t)
+    return {"candidate": candidate.id, "label": candidate.label(), "artifact": stage.artifact,
+            "weights_sha256": stage.weights_sha256,
+            "stages": [{"name": n, "artifact": result.stages[n].artifact, "parent": result.stages[n].parent,
+                        "cached": result.stages[n].cached, "seconds": result.stages[n].seconds}
+                       for n in Pipeline.from_dict(spec).order()],
+            "quality": quality, "quality_reference": reference, "metric": variant_eval.get("metric"),
+            "protocol": variant_eval.get("protocol"), "evaluation": variant_eval,
+            "quality_drop": drop, "quality_drop_pct": 100.0 * drop / abs(reference) if reference else 0.0,
+            "latency": variant_s / base_s, "speedup": base_s / variant_s, "bytes": variant_bytes / base_bytes,
+            "variant_bytes": variant_bytes, "speed": variant_t, "base_speed": base_t,
+            "seconds": round(time.perf_counter() - start, 3), "pid": os.getpid()}
+
+
+__all__ = ["run_trial", "pipeline_dict", "stage_name", "measure_pair", "exclusive", "speed_value", "AXES"]
