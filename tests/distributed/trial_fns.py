@@ -19,8 +19,10 @@ def fail_on_odd(item: dict) -> dict:
 
 def nap(item: dict) -> dict:
     """Sleeps item["s"] seconds; writes its pid to item["pid_file"] first when given."""
-    if item.get("pid_file"):
-        Path(item["pid_file"]).write_text(str(os.getpid()))
+    if item.get("pid_file"):  # written whole, then renamed: a reader never sees it half written
+        tmp = Path(item["pid_file"] + ".tmp")
+        tmp.write_text(str(os.getpid()))
+        tmp.replace(item["pid_file"])
     time.sleep(item["s"])
     return {"slept": item["s"]}
 

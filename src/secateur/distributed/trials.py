@@ -108,9 +108,7 @@ def run_one(target: str, item_json: str, threads: int | None = None, not_after: 
     ok, result, error = False, None, None
     try:
         if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
+            _set_threads(threads)
         if root and root not in sys.path:
             sys.path.append(root)
         out = _resolve(target)(item)
@@ -122,6 +120,15 @@ def run_one(target: str, item_json: str, threads: int | None = None, not_after: 
         error = one_line(exc)
     return json.dumps({"id": item["id"], "ok": ok, "result": result, "error": error,
                        "seconds": round(time.perf_counter() - start, 6), "worker": worker_name()})
+
+
+def _set_threads(threads: int) -> None:
+    """``threads`` CPU threads for this worker's trials: ``torch.set_num_threads`` if torch is loaded,
+    else ``OMP_NUM_THREADS``, which torch (and BLAS) read when the trial first imports them; a trial
+    that needs no torch then costs no torch import."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 # --- the driver -----------------------------------------------------------------------------------------
@@ -209,10 +216,12 @@ def _run_in_pool(target, payloads, workers, cpus_per_trial, deadline, on_result)
     """At most ``workers`` trials in flight, so a trial is submitted only when it can start at once
     (the deadline is checked at submission and again in the worker)."""
     results: list[dict] = []
+    if not payloads or past(deadline):
+        return results
     pending = list(reversed(payloads))
     running: dict[Future, str] = {}
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(payloads)) or 1, mp_context=context)
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(payloads)), mp_context=context)
     try:
         while pending or running:
             while pending and len(running) < workers and not past(deadline):
