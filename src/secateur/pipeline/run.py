@@ -14,6 +14,7 @@ re-runs in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from .._version import __version__
 from ..errors import SecateurError
@@ -125,10 +126,26 @@ class _Cache:
         return self.data.get(_digest(key_obj))
 
     def put(self, key_obj: Any, value: Any) -> Any:
-        self.data[_digest(key_obj)] = value
+        """Under a lock, merged with what other processes wrote since (trials of a search share it)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(self.path, self.data)
+        with _locked(self.path.with_name(self.path.name + ".lock")):
+            self.data = {**self.data, **_read_json(self.path), _digest(key_obj): value}
+            _write_json(self.path, self.data)
         return value
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` held across processes (flock: released if the holder dies)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _machine_key() -> str:
@@ -185,14 +202,20 @@ class _Runner:
 
     # building
     def build(self, name: str) -> None:
-        from ..api import compress_
-        from ..artifacts import load, save, verify
-
         stage, variant = self.stages[name], self.p.variants[name]
         start = time.perf_counter()
         data = self.data_for(name)
         stage.key = stage_key(self.p, name, self.sha_of(variant.parent), getattr(data, "fingerprint", None))
         folder = self.stage_dir(name, stage.key)
+        # one builder per stage across processes: a second (a search trial sharing this prefix) waits,
+        # then finds it cached
+        with _locked(folder.parent / f".{folder.name}.lock"):
+            self._build_locked(name, stage, variant, data, folder, start)
+
+    def _build_locked(self, name: str, stage: Stage, variant: Any, data: Any, folder: Path, start: float) -> None:
+        from ..api import compress_
+        from ..artifacts import load, save, verify
+
         artifact = folder / "artifact"
         if (artifact / "compression.json").is_file():
             try:

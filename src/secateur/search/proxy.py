@@ -18,7 +18,8 @@ with the kernel it picks on this machine), plus the rest of each block (attentio
 activations) from the dense model's measured time minus its projections, scaled by the blocks
 kept. Sparsity buys no time: secateur has no sparse CPU kernel, and the model says so.
 
-**Bytes**: from the shapes: float32, bitmask-stored sparse weights, or packed integers and scales.
+**Bytes**: from the shapes: float32 (sparse weights too: pipelines store the plain format), or
+packed integers and scales.
 """
 
 from __future__ import annotations
@@ -155,23 +156,13 @@ def head_s(costs: OpCosts, shape: Any, rows: int) -> float:
 
 
 def predict_bytes(shape: Any, dense_shape: Any, sparsity: Optional[dict[str, Any]], quant: Optional[dict[str, Any]]) -> float:
-    """Weights on disk: what the projections take in their storage plus everything else in float32."""
+    """Weights on disk: the projections in their storage plus everything else in float32. A
+    pipeline stores its artifacts in the plain format (``save(sparse="none")``: any transformers
+    release loads them), so sparsity saves no bytes here; quantization packs integers and scales."""
     proj = sum(p.numel for p in shape.projections)
     other = max(shape.params - proj, 0) * 4
-    density = 1.0
-    if sparsity:
-        pattern = sparsity.get("pattern")
-        if pattern:
-            n, m = (int(x) for x in str(pattern).split(":"))
-            density = n / m
-        else:
-            density = 1.0 - float(sparsity.get("sparsity", 0.5))
     if not quant:
-        from ..artifacts.bitmask import MIN_ZEROS
-
-        # the artifact stores a weight as a bitmask only with enough zeros (the "auto" storage)
-        per = density * 4 + 1 / 8 if sparsity and 1 - density > MIN_ZEROS + 0.02 else 4.0
-        return other + proj * per
+        return other + proj * 4.0
     scheme = scheme_of(quant)
     if scheme in ("w8a8", "fp8"):
         return other + proj * 1.0 + sum(p.d_out * 4 for p in shape.projections)

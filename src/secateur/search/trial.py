@@ -5,11 +5,10 @@ process pool or a Ray task can run it (:mod:`secateur.distributed`)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .space import AXES, Candidate, SearchSpace
 
@@ -33,20 +32,6 @@ def pipeline_dict(space: SearchSpace, base: str, candidate: Candidate) -> tuple[
         parent = name
     return ({"name": space.name, "family": space.name, "base": base, "data": space.data, "eval": [space.eval],
              "speed": False, "variants": variants}, parent)
-
-
-@contextlib.contextmanager
-def exclusive(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` across processes (timings never overlap one another)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def speed_options(space: SearchSpace) -> dict[str, Any]:
@@ -80,6 +65,7 @@ def run_trial(item: dict[str, Any]) -> dict[str, Any]:
 
     from ..artifacts import verify
     from ..pipeline import Pipeline, run_pipeline
+    from ..pipeline.run import _locked
 
     start = time.perf_counter()
     threads = item.get("threads")
@@ -93,7 +79,7 @@ def run_trial(item: dict[str, Any]) -> dict[str, Any]:
     if stage.artifact is None:
         raise RuntimeError(stage.error or f"stage {last} was not built")
     base_eval, variant_eval = result.base_evaluations[0], stage.evaluations[0]
-    with exclusive(Path(item["workdir"]) / space.name / "timing.lock"):
+    with _locked(Path(item["workdir"]) / space.name / "timing.lock"):  # timings never overlap
         base_t, variant_t = measure_pair(space, item["base_path"], stage.artifact)
     card = verify(stage.artifact)
     variant_bytes = sum(e["bytes"] for n, e in card["files"].items() if n.endswith(".safetensors"))
@@ -115,4 +101,4 @@ def run_trial(item: dict[str, Any]) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - start, 3), "pid": os.getpid()}
 
 
-__all__ = ["run_trial", "pipeline_dict", "stage_name", "measure_pair", "exclusive", "speed_value", "AXES"]
+__all__ = ["run_trial", "pipeline_dict", "stage_name", "measure_pair", "speed_value", "AXES"]
