@@ -346,3 +346,32 @@ def test_an_encoder_family_with_many_variants(family):
     for plot, attrs in page.plots.items():
         assert len(marks(attrs, "variant")) == 24 and len(marks(attrs, "base")) == 1, plot
     assert "forward latency, median (ms) — lower is better" in text and "<th>forward p50</th>" in text
+
+
+def test_a_searched_family_draws_predicted_and_confirmed_points(family):
+    """The search section: every candidate on the predicted plot, the measured ones on the
+    confirmed plot at their confirmed speed-up, the front joined; absent without search points."""
+    from secateur.report import render
+
+    assert 'id="search"' not in render(family)
+    points = [
+        {"id": "a1", "label": "rtn-w8", "run_id": "r-old", "front": True,
+         "proxies": {"speedup": 9.0, "loss_delta": 0.5}, "measured": {"quality_drop": 0.1, "speedup": 9.0}},
+        {"id": "c1", "label": "gptq-w4", "run_id": "r-1", "front": True,
+         "proxies": {"speedup": 1.2, "loss_delta": 0.01},
+         "measured": {"quality": 5.6, "quality_drop": 0.1, "speedup": 1.1}, "confirmed": {"speedup": 1.3}},
+        {"id": "c2", "label": "drop1", "run_id": "r-1", "front": False,
+         "proxies": {"speedup": 1.25, "loss_delta": 0.6}, "measured": {"quality": 9.0, "quality_drop": 3.5, "speedup": 1.2}},
+        {"id": "c3", "label": "drop1+gptq-w4", "run_id": "r-1", "front": False,
+         "proxies": {"speedup": 1.5, "loss_delta": 0.61}, "measured": None},
+    ]
+    html = render({**family, "search": points})
+    section = html[html.index('<section id="search">'):html.index("</section>", html.index('<section id="search">'))]
+    predicted = section[section.index('data-plot="search-predicted"'):section.index('data-plot="search-confirmed"')]
+    confirmed = section[section.index('data-plot="search-confirmed"'):]
+    # only the latest search (r-1): three priced, two measured, one on the front
+    assert predicted.count('class="search-point') == 3 and 'data-candidate="a1"' not in section
+    assert confirmed.count('class="search-point') == 2 and 'data-candidate="c3"' not in confirmed
+    assert predicted.count('class="search-point unmeasured"') == 1
+    assert confirmed.count('class="search-point front"') == 1 and "3 candidates priced by the proxies, 2 built" in section
+    assert "speed-up 1.3x" in confirmed  # the confirmed speed-up, not the trial's 1.1

@@ -78,6 +78,12 @@ def test_a_search_measures_its_candidates_and_registers_the_front(searched):
     assert result.correlation["points"] == 3
     saved = json.loads((Path(result.folder) / "result.json").read_text())
     assert saved["front"] == result.front
+    # the report, read from the registry, draws the three points predicted and measured
+    from secateur.report import collect, render
+
+    html = render(collect(registry, result.family))
+    section = html[html.index('<section id="search">'):]
+    assert section[:section.index("</section>")].count('class="search-point') == 6
 
 
 def result_space() -> SearchSpace:

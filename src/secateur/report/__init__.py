@@ -6,7 +6,8 @@
 
 The page (see ``docs/report.md``) holds a header (family, base, machine), a summary table, the
 Pareto plots (quality vs measured latency, quality vs bytes; the front of admitted models drawn
-through), the lineage graph, per-layer sparsity and bit-width heatmaps, the latency distributions
+through), the search's predicted and confirmed points (when the family came from ``secateur search``),
+the lineage graph, per-layer sparsity and bit-width heatmaps, the latency distributions
 (p50/p95/p99), the gate verdicts and the compression cards side by side. It is inline CSS and
 inline SVG drawn by this room's own code: no script, no CDN, no font, nothing fetched (a
 Content-Security-Policy of ``default-src 'none'`` says so to the browser). Every string from the
@@ -37,7 +38,11 @@ every other piece may be missing (its section then says "no data")::
                       "passed": bool, "value": number, "limit": number, "unit": str, ...}],
         "bytes": int,                                 # weights on disk (default: the card's safetensors)
         "layers": {"sparsity": {layer: float}, "bits": {layer: int}},   # layer_stats(artifact_dir)
-     }, ...]}
+     }, ...],
+     "search": [{"id": str, "label": str, "run_id": str, "front": bool,     # optional: a search's points
+                 "proxies": {"speedup": float, "loss_delta": float, ...},
+                 "measured": {"quality_drop": float, "speedup": float, ...} | None,
+                 "confirmed": {"speedup": float, ...} | None}]}
 
 A quality number is an evaluation whose task is not ``speed``; evaluations with the same task,
 metric, protocol and data (``settings.data``, else ``spec.data``) are one quality axis. Perplexity

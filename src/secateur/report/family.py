@@ -1,6 +1,6 @@
 """A family as the report draws it, read from the registry: every variant of ``family`` with its
 parent, status, aliases, card, evaluations (the latest of each kind), its P4 speed, its gate
-verdicts and its per-layer sparsity and bit widths."""
+verdicts and its per-layer sparsity and bit widths; and the points of its searches, if any."""
 
 from __future__ import annotations
 
@@ -39,8 +39,9 @@ def collect(registry: Any, family: str) -> dict[str, Any]:
         if v.info.get("weights_bytes") is not None:
             row["bytes"] = v.info["weights_bytes"]
         rows.append(row)
+    search = registry.search_points(family) if hasattr(registry, "search_points") else []
     return {"family": family, "base": next((r for r in rows if r["status"] == "base"), None), "machine": machine,
-            "variants": [r for r in rows if r["status"] != "base"]}
+            "variants": [r for r in rows if r["status"] != "base"], "search": search}
 
 
 __all__ = ["collect"]

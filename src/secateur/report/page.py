@@ -173,6 +173,8 @@ class Family:
                 v.parent = self.base.name
         self.entries = [self.base, *self.variants]
         self.by_name = {e.name: e for e in self.entries}
+        search = family.get("search")
+        self.search = [p for p in search if isinstance(p, dict)] if isinstance(search, list) else []
         keys: list[QualityKey] = []
         for e in self.entries:
             for ev in e.evaluations:
@@ -447,6 +449,79 @@ def _pareto_section(fam: Family) -> str:
         out.append("</div>")
     out.append("</section>")
     return "".join(out)
+
+
+# --- the search: predicted and confirmed ----------------------------------------------------------
+
+def _point_scatter(plot_id: str, title: str, points: list[tuple[dict[str, Any], float, float, str]], x_label: str,
+                   y_label: str, front: list[tuple[float, float]]) -> str:
+    """A plain scatter of search points: ``(point, x, y, css class)``; ``front`` is drawn through
+    (x higher is better, y lower is better)."""
+    if not points:
+        return _figure_empty(title, "no point has both numbers")
+    width, height, left, right, top, bottom = 600, 400, 74, 24, 18, 52
+    xlo, xhi, xlog = domain([p[1] for p in points], include_zero=True)
+    ylo, yhi, ylog = domain([p[2] for p in points], allow_log=False)
+    x, y = Scale(xlo, xhi, left, width - right, xlog), Scale(ylo, yhi, height - bottom, top, ylog)
+    parts = [f'<svg class="chart" role="img" aria-label="{esc(title)}" viewBox="0 0 {width} {height}" '
+             f'width="{width}" height="{height}">',
+             axes(x, y, x_label=x_label, y_label=y_label, x_kind="ratio", width=width, height=height)]
+    if len(front) > 1:
+        pts = sorted(front)
+        d = "M" + "L".join(f"{x(a):.1f},{y(b):.1f}" for a, b in pts)
+        parts.append(f'<path class="front" d="{d}"/>')
+    for point, px, py, cls in sorted(points, key=lambda p: {"unmeasured": 0, "measured": 1, "front": 2}[p[3]]):
+        m = point.get("measured") or {}
+        tip = f"{point.get('label')}: x {fmt(px, 3)}, y {fmt(py, 3)}"
+        if m:
+            tip += f"; measured quality {fmt(m.get('quality'), 4)}, speed-up {fmt((point.get('confirmed') or m).get('speedup'), 3)}x"
+        parts.append(f'<g class="search-point {cls}" data-candidate="{esc(point.get("id"))}" tabindex="0">'
+                     f'<title>{esc(tip)}</title><circle class="shape {cls}" cx="{x(px):.1f}" cy="{y(py):.1f}" '
+                     f'r="{6 if cls != "unmeasured" else 4}"/></g>')
+        if cls == "front":
+            parts.append(f'<text class="point-label" x="{x(px) + 9:.1f}" y="{y(py) + 4:.1f}">'
+                         f'{esc(shorten_name(str(point.get("label")), 28))}</text>')
+    parts.append("</svg>")
+    return _figure(plot_id, title, "".join(parts))
+
+
+def _search_section(fam: Family) -> str:
+    """The last search of this family: every candidate as the proxies predicted it, and the measured
+    ones as confirmed (quality drop against the dense model vs the speed-up timed beside it)."""
+    if not fam.search:
+        return ""
+    run = fam.search[-1].get("run_id")
+    points = [p for p in fam.search if p.get("run_id") == run]
+    predicted, confirmed, front = [], [], []
+    for p in points:
+        x = p.get("proxies") or {}
+        m = p.get("measured")
+        cls = "front" if p.get("front") else "measured" if m else "unmeasured"
+        sx, dl = number(x.get("speedup")), number(x.get("loss_delta"))
+        if sx is not None and dl is not None and sx > 0:
+            predicted.append((p, sx, dl, cls))
+        if m:
+            speed = number((p.get("confirmed") or {}).get("speedup")) or number(m.get("speedup"))
+            drop = number(m.get("quality_drop"))
+            if speed is not None and drop is not None and speed > 0:
+                confirmed.append((p, speed, drop, cls))
+                if p.get("front"):
+                    front.append((speed, drop))
+    measured = sum(1 for p in points if p.get("measured"))
+    return ('<section id="search"><h2>Search</h2>'
+            f'<p class="lede">{len(points)} candidates priced by the proxies, {measured} built and measured, '
+            f'{len(front)} on the measured front. Left: what the proxies predicted (the loss increase on the '
+            'calibration windows against the predicted speed-up); right: what was measured (the quality drop '
+            'against the dense model by the protocol, against the speed-up timed beside it).</p>'
+            '<p class="legend"><svg width="14" height="14" viewBox="-7 -7 14 14"><circle class="shape unmeasured" r="4"/>'
+            '</svg> priced only <svg width="14" height="14" viewBox="-7 -7 14 14"><circle class="shape measured" r="5"/>'
+            '</svg> measured <svg width="14" height="14" viewBox="-7 -7 14 14"><circle class="shape front" r="5"/>'
+            '</svg> on the front</p><div class="grid2">'
+            + _point_scatter("search-predicted", "predicted by the proxies", predicted, "predicted speed-up",
+                             "predicted loss increase", [(a, b) for q, a, b, c in predicted if c == "front"])
+            + _point_scatter("search-confirmed", "measured and confirmed", confirmed, "speed-up, timed beside the dense model",
+                             "quality drop vs dense", front)
+            + "</div></section>")
 
 
 # --- lineage ------------------------------------------------------------------------------------
@@ -896,6 +971,9 @@ svg text{font-family:inherit}
 .shape.admitted{fill:#8fb3f6;stroke:#fff;stroke-width:1.5}
 .shape.admitted.front{fill:var(--admitted);stroke:#1e3a8a;stroke-width:2}
 .shape.rejected{fill:#fff;stroke:var(--rejected);stroke-width:1.8}
+.shape.unmeasured{fill:#fff;stroke:#9ca3af;stroke-width:1.2}
+.shape.measured{fill:#8fb3f6;stroke:#fff;stroke-width:1.5}
+.shape.front{fill:var(--admitted);stroke:#1e3a8a;stroke-width:2}
 .cross{stroke:var(--rejected);stroke-width:1.8;fill:none}
 .shape.base{fill:var(--base);stroke:#fff;stroke-width:1.5}
 .front{fill:none;stroke:var(--front);stroke-width:2;stroke-dasharray:5 3;opacity:.75}
@@ -987,7 +1065,8 @@ def render(family: dict[str, Any]) -> str:
     from .._version import __version__
 
     fam = Family(family)
-    body = "".join([_summary_section(fam), _pareto_section(fam), _lineage_section(fam), _layers_section(fam),
+    body = "".join([_summary_section(fam), _pareto_section(fam), _search_section(fam), _lineage_section(fam),
+                    _layers_section(fam),
                     _latency_section(fam), _gates_section(fam), _cards_section(fam)])
     return ("<!DOCTYPE html>\n"
             '<html lang="en"><head><meta charset="utf-8">'
