@@ -101,7 +101,12 @@ def main() -> None:
     write_json("search_resume", {"environment": environment(), "kills": killed_at, "journal_ids": ids,
                                  "rerun": rerun, "same_quality": same_quality, "same_front": same_front,
                                  "front_whole": reference["front"], "front_resumed": resumed["front"],
-                                 "whole_seconds": whole_seconds})
+                                 "whole_seconds": whole_seconds,
+                                 "points": {name: [{"label": p["label"], "quality": (p["measured"] or {}).get("quality"),
+                                                    "latency": (p["confirmed"] or p["measured"] or {}).get("latency"),
+                                                    "rounds": (p["confirmed"] or {}).get("round_latencies"),
+                                                    "front": p["front"]} for p in run["points"]]
+                                            for name, run in (("whole", reference), ("resumed", resumed))}})
 
 
 if __name__ == "__main__":

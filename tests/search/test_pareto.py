@@ -11,15 +11,18 @@ from secateur.search.run import Journal, dominates, pareto_front, pareto_layers,
 from secateur.errors import SecateurError
 
 
-def brute_front(points):
+def brute_front(points, tol=0.0):
     out = []
     for k, p in points.items():
         beaten = False
         for j, q in points.items():
             if j == k:
                 continue
-            if q["quality_drop"] <= p["quality_drop"] and q["latency"] <= p["latency"] and q["bytes"] <= p["bytes"] \
-                    and (q["quality_drop"], q["latency"], q["bytes"]) != (p["quality_drop"], p["latency"], p["bytes"]):
+            same_speed = abs(q["latency"] - p["latency"]) <= tol * p["latency"]
+            faster_or_same = q["latency"] <= p["latency"] or same_speed
+            strictly = q["quality_drop"] < p["quality_drop"] or q["bytes"] < p["bytes"] or \
+                (q["latency"] < p["latency"] and not same_speed)
+            if q["quality_drop"] <= p["quality_drop"] and q["bytes"] <= p["bytes"] and faster_or_same and strictly:
                 beaten = True
         if not beaten:
             out.append(k)
@@ -27,11 +30,12 @@ def brute_front(points):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_the_front_matches_a_brute_force_reference(seed):
+@pytest.mark.parametrize("tol", [0.0, 0.05])
+def test_the_front_matches_a_brute_force_reference(seed, tol):
     rng = random.Random(seed)
-    points = {f"p{i}": {"quality_drop": rng.choice([0.1, 0.2, 0.5, 1.0]), "latency": rng.random(),
+    points = {f"p{i}": {"quality_drop": rng.choice([0.1, 0.2, 0.5, 1.0]), "latency": rng.uniform(0.5, 1.0),
                         "bytes": rng.choice([0.3, 0.6, 1.0])} for i in range(40)}
-    assert sorted(pareto_front(points)) == sorted(brute_front(points))
+    assert sorted(pareto_front(points, tol)) == sorted(brute_front(points, tol))
     layers = pareto_layers(points)
     assert sorted(itertools.chain(*layers)) == sorted(points)
     for earlier, later in zip(layers, layers[1:]):
@@ -77,3 +81,21 @@ def test_the_journal_ignores_a_torn_last_line(tmp_path):
     with open(journal.path, "a") as fh:
         fh.write('{"id": "c", "ok": tr')  # killed mid-write
     assert sorted(journal.read()) == ["a", "b"]
+
+
+def test_a_speed_within_the_tolerance_is_a_tie():
+    good = {"quality_drop": 1.0, "latency": 0.80, "bytes": 1.0}
+    lucky = {"quality_drop": 4.0, "latency": 0.78, "bytes": 1.0}   # worse quality, 2.5% faster by chance
+    assert sorted(pareto_front({"good": good, "lucky": lucky})) == ["good", "lucky"]
+    assert pareto_front({"good": good, "lucky": lucky}, 0.05) == ["good"]
+    fast = {"quality_drop": 4.0, "latency": 0.5, "bytes": 1.0}      # really faster: stays
+    assert sorted(pareto_front({"good": good, "fast": fast}, 0.05)) == ["fast", "good"]
+
+
+def test_latencies_within_twice_their_standard_error_are_a_tie():
+    good = {"quality_drop": 1.0, "latency": 0.82, "bytes": 0.8, "latency_se": 0.04}
+    lucky = {"quality_drop": 4.0, "latency": 0.75, "bytes": 0.8, "latency_se": 0.04}  # 8.5% faster, within 2 SE
+    assert pareto_front({"good": good, "lucky": lucky}, 0.05) == ["good"]
+    sure = {**lucky, "latency_se": 0.01}
+    good_sure = {**good, "latency_se": 0.01}
+    assert sorted(pareto_front({"good": good_sure, "lucky": sure}, 0.05)) == ["good", "lucky"]

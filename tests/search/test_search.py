@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from secateur.search import SearchSpace, search
-from secateur.search.run import _meets, dominates, parse_alias
+from secateur.search.run import SPEED_TOLERANCE, _meets, dominates, parse_alias
 
 SPACE = {"name": "tiny", "data": {"source": "tinystories", "samples": 16, "seq_len": 128}, "proxy_samples": 4,
          "eval": {"task": "perplexity", "data": "tinystories", "options": {"max_windows": 40}},  # quick, not P1
@@ -47,7 +47,7 @@ def test_a_search_measures_its_candidates_and_registers_the_front(searched):
     # the front: meets the constraints and no other measured point beats it (speeds from the confirming run)
     final = {cid: {**p["measured"], **(p["confirmed"] or {})} for cid, p in measured.items()}
     ok = {cid for cid, v in final.items() if not _meets(result_space().constraints, v)}
-    expected = {c for c in ok if not any(dominates(final[d], final[c]) for d in ok if d != c)}
+    expected = {c for c in ok if not any(dominates(final[d], final[c], SPEED_TOLERANCE) for d in ok if d != c)}
     assert set(result.front) == expected and expected
     # every point meeting the quality and size constraints was re-timed beside the dense model
     assert {cid for cid, p in measured.items() if p["confirmed"]} == {

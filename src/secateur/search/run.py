@@ -10,7 +10,8 @@
 3. Each finished trial is appended to ``trials.jsonl`` (one fsynced line), the record a resumed
    search reads: a finished trial is never run again.
 4. The front: the measured trials that meet every constraint and that no other such trial beats on
-   quality, speed and bytes at once. With ``confirm`` (the default) the trials that meet the quality
+   quality, speed and bytes at once (latencies within ``SPEED_TOLERANCE`` of each other are ties:
+   a worse variant is not kept for timing a few percent faster by chance). With ``confirm`` (the default) the trials that meet the quality
    and size constraints are first timed again, together with the dense model in one alternating run,
    and their speed is taken from that run. With a registry, every built stage is recorded (front
    members admitted; the rest rejected with the reason), every candidate is kept as a search point
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 BUILTIN_ALIASES = ("best", "fastest", "smallest")
 CONFIRM_AT_MOST = 24          # trials re-timed together at the end (the fastest first)
+SPEED_TOLERANCE = 0.05        # measured latencies closer than this (or than twice the standard error of
+                              # their difference, from the rounds) are ties on the front: a killed and
+                              # resumed search otherwise kept a worse variant that timed 5% faster by chance
 
 
 @dataclass
@@ -95,21 +99,28 @@ def parse_alias(text: str) -> tuple[str, list[Constraint]]:
     return name, [Constraint.parse(part, f"--alias {name}") for part in rule.split(",")]
 
 
-def dominates(a: dict[str, float], b: dict[str, float]) -> bool:
+def dominates(a: dict[str, float], b: dict[str, float], tolerance: float = 0.0) -> bool:
     """``a`` at least as good as ``b`` on every objective (quality drop, latency, bytes: lower is
-    better) and strictly better on one."""
-    keys = ("quality_drop", "latency", "bytes")
-    return all(a[k] <= b[k] for k in keys) and any(a[k] < b[k] for k in keys)
+    better) and strictly better on one. A measured latency is only known to the noise of its rounds:
+    two latencies closer than ``tolerance`` (a fraction of ``b``'s) or than twice the standard error
+    of their difference (``latency_se``, when the points carry it) count as equal."""
+    margin = max(tolerance * b["latency"], 2.0 * math.hypot(a.get("latency_se") or 0.0, b.get("latency_se") or 0.0))
+    no_worse = (a["quality_drop"] <= b["quality_drop"] and a["bytes"] <= b["bytes"]
+                and a["latency"] <= b["latency"] + margin)
+    better = (a["quality_drop"] < b["quality_drop"] or a["bytes"] < b["bytes"]
+              or a["latency"] < b["latency"] - margin)
+    return no_worse and better
 
 
-def pareto_front(points: dict[str, dict[str, float]]) -> list[str]:
-    return [k for k, p in points.items() if not any(dominates(q, p) for j, q in points.items() if j != k)]
+def pareto_front(points: dict[str, dict[str, float]], tolerance: float = 0.0) -> list[str]:
+    return [k for k, p in points.items()
+            if not any(dominates(q, p, tolerance) for j, q in points.items() if j != k)]
 
 
-def pareto_layers(points: dict[str, dict[str, float]]) -> list[list[str]]:
+def pareto_layers(points: dict[str, dict[str, float]], tolerance: float = 0.0) -> list[list[str]]:
     left, layers = dict(points), []
     while left:
-        layer = pareto_front(left)
+        layer = pareto_front(left, tolerance)
         layers.append(layer)
         for k in layer:
             left.pop(k)
@@ -295,7 +306,8 @@ def search(model: str, space: Optional[SearchSpace] = None, *, budget: Any = "30
             confirmed = _confirm(space, base_path, {cid: measured[cid]["artifact"] for cid in worth})
     final = {cid: {**r, **confirmed.get(cid, {})} for cid, r in measured.items()}
     meeting = {cid: r for cid, r in final.items() if not _meets(space.constraints, r)}
-    front = pareto_front({cid: {k: r[k] for k in ("quality_drop", "latency", "bytes")} for cid, r in meeting.items()})
+    front = pareto_front({cid: {k: r.get(k) for k in ("quality_drop", "latency", "bytes", "latency_se")}
+                          for cid, r in meeting.items()}, SPEED_TOLERANCE)
     front.sort(key=lambda cid: final[cid]["latency"])
     alias_map = _choose_aliases(front, final, confirmed, aliases or {})
 
@@ -305,7 +317,7 @@ def search(model: str, space: Optional[SearchSpace] = None, *, budget: Any = "30
         points.append({"id": c.id, "label": c.label(), "choices": c.choices(), "proxies": proxies.get(c.id),
                        "eligible": c.id in eligible, "rank": order.index(c.id) if c.id in order else None,
                        "measured": None if m is None else {k: m[k] for k in (
-                           "quality", "quality_reference", "quality_drop", "quality_drop_pct", "latency", "speedup",
+                           "quality", "quality_reference", "quality_drop", "quality_drop_pct", "latency", "latency_se", "speedup",
                            "bytes", "variant_bytes", "metric", "protocol", "seconds")},
                        "confirmed": confirmed.get(c.id), "error": failed.get(c.id),
                        "broken": _meets(space.constraints, final[c.id]) if m else None, "front": c.id in front})
@@ -343,19 +355,24 @@ def _read(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _confirm(space: SearchSpace, base_path: str, artifacts: dict[str, str], rounds: int = 5) -> dict[str, Any]:
+def _confirm(space: SearchSpace, base_path: str, artifacts: dict[str, str], rounds: int = 7) -> dict[str, Any]:
     """The front and the dense model timed together, alternating round by round (one run, ratios)."""
     from ..artifacts import load
     from ..pipeline.gates import measure_speed
     from ..runtime import optimize_
-    from .trial import speed_options, speed_value
+    from .trial import ratio_stats, speed_options, speed_value
 
     names = list(artifacts)
     models = [optimize_(load(base_path).model)] + [optimize_(load(artifacts[n]).model) for n in names]
     timed = measure_speed(models, rounds=rounds, options=speed_options(space))
-    dense = speed_value(space, timed[0])
-    return {n: {"speedup": dense / speed_value(space, t), "latency": speed_value(space, t) / dense,
-                "rounds": rounds, "settings": t.get("settings")} for n, t in zip(names, timed[1:])}
+    out = {}
+    for n, t in zip(names, timed[1:]):
+        latency, se = ratio_stats(t["rounds"], timed[0]["rounds"], space)
+        out[n] = {"speedup": 1.0 / latency, "latency": latency, "latency_se": se, "rounds": rounds,
+                  "round_latencies": [round(speed_value(space, r) / speed_value(space, d), 4)
+                                      for r, d in zip(t["rounds"], timed[0]["rounds"])],
+                  "settings": t.get("settings")}
+    return out
 
 
 def _choose_aliases(front: list[str], measured: dict[str, dict[str, Any]], confirmed: dict[str, Any],

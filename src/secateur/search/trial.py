@@ -48,6 +48,19 @@ def speed_value(space: SearchSpace, timed: dict[str, Any]) -> float:
     return float(timed["prefill_ms_median" if metric == "prefill" else "latency_ms_median"]) / 1000.0
 
 
+def ratio_stats(variant_rounds: list[dict[str, Any]], dense_rounds: list[dict[str, Any]], space: SearchSpace
+                ) -> tuple[float, float]:
+    """The variant's latency as a fraction of the dense model's: the median of the per-round ratios
+    (each round times both back to back, so a drift of the machine between rounds cancels), and its
+    standard error from the rounds' spread (1.4826 MAD / sqrt(n): robust to one disturbed round)."""
+    import statistics
+
+    ratios = [speed_value(space, v) / speed_value(space, d) for v, d in zip(variant_rounds, dense_rounds)]
+    median = statistics.median(ratios)
+    mad = statistics.median(abs(r - median) for r in ratios)
+    return median, 1.4826 * mad / max(len(ratios), 1) ** 0.5
+
+
 def measure_pair(space: SearchSpace, base: str, variant: str, rounds: int = 3) -> tuple[dict[str, Any], dict[str, Any]]:
     """The dense model and the variant timed together (alternating, P4) in their fastest eager form."""
     from ..artifacts import load
@@ -87,7 +100,7 @@ def run_trial(item: dict[str, Any]) -> dict[str, Any]:
     higher = space.eval["task"] == "sts"
     quality, reference = float(variant_eval["value"]), float(base_eval["value"])
     drop = (reference - quality) if higher else (quality - reference)
-    base_s, variant_s = speed_value(space, base_t), speed_value(space, variant_t)
+    latency, latency_se = ratio_stats(variant_t["rounds"], base_t["rounds"], space)
     return {"candidate": candidate.id, "label": candidate.label(), "artifact": stage.artifact,
             "weights_sha256": stage.weights_sha256,
             "stages": [{"name": n, "artifact": result.stages[n].artifact, "parent": result.stages[n].parent,
@@ -96,9 +109,9 @@ def run_trial(item: dict[str, Any]) -> dict[str, Any]:
             "quality": quality, "quality_reference": reference, "metric": variant_eval.get("metric"),
             "protocol": variant_eval.get("protocol"), "evaluation": variant_eval,
             "quality_drop": drop, "quality_drop_pct": 100.0 * drop / abs(reference) if reference else 0.0,
-            "latency": variant_s / base_s, "speedup": base_s / variant_s, "bytes": variant_bytes / base_bytes,
+            "latency": latency, "latency_se": latency_se, "speedup": 1.0 / latency, "bytes": variant_bytes / base_bytes,
             "variant_bytes": variant_bytes, "speed": variant_t, "base_speed": base_t,
             "seconds": round(time.perf_counter() - start, 3), "pid": os.getpid()}
 
 
-__all__ = ["run_trial", "pipeline_dict", "stage_name", "measure_pair", "speed_value", "AXES"]
+__all__ = ["run_trial", "pipeline_dict", "stage_name", "measure_pair", "ratio_stats", "speed_value", "AXES"]
