@@ -316,7 +316,7 @@ def search(model: str, space: Optional[SearchSpace] = None, *, budget: Any = "30
         m = measured.get(c.id)
         points.append({"id": c.id, "label": c.label(), "choices": c.choices(), "proxies": proxies.get(c.id),
                        "eligible": c.id in eligible, "rank": order.index(c.id) if c.id in order else None,
-                       "measured": None if m is None else {k: m[k] for k in (
+                       "measured": None if m is None else {k: m.get(k) for k in (
                            "quality", "quality_reference", "quality_drop", "quality_drop_pct", "latency", "latency_se", "speedup",
                            "bytes", "variant_bytes", "metric", "protocol", "seconds")},
                        "confirmed": confirmed.get(c.id), "error": failed.get(c.id),
