@@ -253,7 +253,7 @@ def test_ctrl_c_on_a_real_process_exits_130(tmp_path, tiny_dir):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["bogus"], "No such command 'bogus'. (commands: compress"),
+    (["bogus"], "No such command 'bogus'. (commands: bench-serve, compress, demo"),
     (["prun"], "Did you mean 'prune', 'run'?"),
     (["prune"], "Missing argument 'model'"),
     (["prune", "x", "--sparsty", "0.5"], "No such option: --sparsty (Possible options: --sparsity)"),
