@@ -1,6 +1,6 @@
 """A real search on stories260K: a tiny space (3 candidates), trials built as pipelines and measured
 by perplexity on the first 40 P1 windows and the P4 speed protocol (3 runs a round here), the front registered; resumed without
-re-running a finished trial, after a SIGKILL too; the budget; the Ray backend on a local instance."""
+re-running a finished trial, after a SIGKILL too; the budget; the Ray backend (a Ray Tune experiment) on a local instance."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def test_a_killed_search_resumes_without_re_running_a_finished_trial(stories_dir
     assert ids[: len(before)] == before and len(ids) == len(set(ids)) == 3  # nothing finished ran twice
 
 
-def test_the_ray_backend_runs_trials_in_ray_workers(stories_dir, data_dir, tmp_path):
+def test_the_ray_backend_runs_trials_as_a_ray_tune_experiment(stories_dir, data_dir, tmp_path):
     pytest.importorskip("ray")  # the dev extra installs it; the test runs Ray for real
     seen = []
     space = SearchSpace.from_dict({**SPACE, "name": "on-ray", "trials": 2}, "causal")

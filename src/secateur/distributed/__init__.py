@@ -1,5 +1,6 @@
 """Running work across processes and machines: independent trials on one interface (in process, a
-spawned process pool, or Ray core tasks), for the search room and anything else that fans out.
+spawned process pool, Ray core tasks, or the trials of a Ray Tune experiment), for the search room
+and anything else that fans out.
 
 Ray is optional (``pip install 'secateur[ray]'``) and imported only when the Ray backend runs;
 nothing below this room knows Ray.

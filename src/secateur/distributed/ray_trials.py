@@ -1,4 +1,6 @@
-"""The Ray backend of :func:`secateur.distributed.run_trials`: one Ray core task per trial.
+"""The Ray backends of :func:`secateur.distributed.run_trials`: one Ray core task per trial
+(``"ray"``), or the trials of one Ray Tune experiment (``"tune"``, :func:`run_tune_trials`: a grid
+over the items of a function trainable with its CPUs declared; ``secateur search --backend ray``).
 
 At most ``workers`` tasks are in flight; ``ray.wait`` streams them back as they finish, so the
 caller's ``on_result`` sees each record in completion order. A task is
@@ -112,3 +114,81 @@ def _lost(trial_id: str, exc: BaseException) -> str:
     first = (str(exc).strip().splitlines() or [""])[0]
     message = f"{type(exc).__name__}: {' '.join(first.split())}" if first else one_line(exc)
     return json.dumps({"id": trial_id, "ok": False, "result": None, "error": message, "seconds": 0.0, "worker": "lost"})
+
+
+# --- Ray Tune: the same trials as a Tune experiment -------------------------------------------------------
+
+def _mark(folder: str, item_json: str) -> str:
+    import hashlib
+
+    return os.path.join(folder, hashlib.sha256(json.loads(item_json)["id"].encode()).hexdigest()[:32])
+
+
+def _tune_trainable(config: dict) -> None:
+    """A Tune function trainable: one trial through :func:`run_one`, its record reported once. A
+    trial Tune started before the deadline (the driver marked it, in the experiment's folder) runs
+    even if its actor came up after it; any other is skipped once the deadline has passed."""
+    from ray import tune
+
+    started_in_time = os.path.exists(_mark(config["marks"], config["item"]))
+    record = run_one(config["target"], config["item"], config["threads"],
+                     None if started_in_time else config["not_after"], config["root"])
+    tune.report({"record": record})
+
+
+def run_tune_trials(target: str, payloads: list[tuple[str, str]], *, workers: int, cpus_per_trial: int,
+                    deadline: float | None, on_result: Callable[[dict], None] | None,
+                    address: str | None) -> list[dict]:
+    """Run each ``(id, item JSON)`` as a trial of a Ray Tune experiment: a grid over the items of a
+    function trainable with ``{"cpu": cpus_per_trial}`` declared (``tune.with_resources``), at most
+    ``workers`` at once (``max_concurrent_trials``), no retry. Each record reaches ``on_result`` from a
+    Tune callback as its trial reports, in completion order. Tune's experiment folder is a temporary
+    one: resuming is the caller's journal's job (a restored Tune experiment would be unpickled)."""
+    import tempfile
+
+    if target.startswith("__main__:"):
+        raise SecateurError(f"fn {target} is defined in the script being run; Ray workers cannot import a "
+                            f"script's __main__: move fn into a module")
+    results: list[dict] = []
+    if not payloads or past(deadline):
+        return results
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    try:
+        from ray import tune
+    except ImportError as exc:
+        raise SecateurError("backend='tune' needs Ray Tune: pip install 'secateur[ray]'") from exc
+    root = import_root(target)
+    delivered: set[str] = set()
+
+    class Deliver(tune.Callback):
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            if not past(deadline):
+                with open(_mark(marks, trial.config["item"]), "w"):
+                    pass
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            record = result.get("record")
+            if isinstance(record, str) and record:
+                delivered.add(json.loads(record)["id"])
+                deliver(record, results, on_result)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            trial_id = json.loads(trial.config["item"])["id"]
+            if trial_id not in delivered:
+                delivered.add(trial_id)
+                deliver(_lost(trial_id, RuntimeError(f"the Tune trial {trial.trial_id} failed")), results, on_result)
+
+    with ray_session(address, num_cpus=max(os.cpu_count() or 1, cpus_per_trial)), \
+            tempfile.TemporaryDirectory(prefix="secateur-tune-") as storage:
+        marks = os.path.join(storage, "started-in-time")
+        os.makedirs(marks)
+        trainable = tune.with_resources(_tune_trainable, {"cpu": cpus_per_trial})
+        space = {"target": target, "threads": cpus_per_trial, "not_after": not_after(deadline), "root": root,
+                 "marks": marks, "item": tune.grid_search([item_json for _, item_json in payloads])}
+        tuner = tune.Tuner(trainable, param_space=space,
+                           tune_config=tune.TuneConfig(max_concurrent_trials=workers, reuse_actors=False),
+                           run_config=tune.RunConfig(name="trials", storage_path=os.path.join(storage, "tune"),
+                                                     verbose=0, callbacks=[Deliver()],
+                                                     failure_config=tune.FailureConfig(max_failures=0)))
+        tuner.fit()
+    return results

@@ -43,7 +43,7 @@ from ..errors import SecateurError, did_you_mean, one_of
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("local", "ray")
+BACKENDS = ("local", "ray", "tune")
 
 
 # --- the trial itself: the same wrapper runs in process, in a spawned worker and in a Ray task ---------
@@ -139,9 +139,10 @@ def run_trials(fn: Callable[[dict], dict], items: Sequence[dict], *, backend: st
                on_result: Callable[[dict], None] | None = None, address: str | None = None) -> list[dict]:
     """Run ``fn`` on each item; return the finished trials' records in completion order.
 
-    ``backend`` is ``"local"`` (in process when ``workers == 1``, else a spawned process pool) or
-    ``"ray"`` (``address`` names a cluster; by default a local Ray instance is started and stopped,
-    or the one this process is already connected to is used). ``cpus_per_trial`` is each trial's
+    ``backend`` is ``"local"`` (in process when ``workers == 1``, else a spawned process pool),
+    ``"ray"`` (Ray core tasks) or ``"tune"`` (the trials of a Ray Tune experiment); for both Ray
+    backends ``address`` names a cluster, and by default a local Ray instance is started and
+    stopped, or the one this process is already connected to is used. ``cpus_per_trial`` is each trial's
     CPU share (Ray's ``num_cpus``, and ``torch.set_num_threads`` in a worker). ``deadline`` is a
     ``time.monotonic()`` value after which no trial starts. ``on_result`` gets each record as it
     arrives, in this process. A KeyboardInterrupt cancels what is outstanding and is re-raised.
@@ -151,10 +152,15 @@ def run_trials(fn: Callable[[dict], dict], items: Sequence[dict], *, backend: st
     for name, value in (("workers", workers), ("cpus_per_trial", cpus_per_trial)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SecateurError(f"{name} must be an integer >= 1, got {value!r}")
-    if address is not None and backend != "ray":
-        raise SecateurError(f"address={address!r} names a Ray cluster; it needs backend='ray'")
+    if address is not None and backend not in ("ray", "tune"):
+        raise SecateurError(f"address={address!r} names a Ray cluster; it needs backend='ray' or 'tune'")
     target = qualified_name(fn)
     payloads = _payloads(items)
+    if backend == "tune":
+        from .ray_trials import run_tune_trials
+
+        return run_tune_trials(target, payloads, workers=workers, cpus_per_trial=cpus_per_trial,
+                               deadline=deadline, on_result=on_result, address=address)
     if backend == "ray":
         from .ray_trials import run_ray_trials
 

@@ -4,7 +4,7 @@ A search space (``space.py``: choices per axis — structured pruning, sparsity,
 training, quantization — and constraints) is priced by cheap proxies (``proxy.py``: per-block
 sensitivity for quality, a per-operation cost model measured once per machine for latency, shapes
 for bytes); the most promising candidates are built as pipelines and measured (``trial.py``), on
-the local machine or on Ray (:mod:`secateur.distributed`), within a time budget, resumably
+the local machine or as a Ray Tune experiment (:mod:`secateur.distributed`), within a time budget, resumably
 (``run.py``); the measured front is registered as a family with aliases.
 
     from secateur.search import SearchSpace, search

@@ -289,8 +289,10 @@ def search(model: str, space: Optional[SearchSpace] = None, *, budget: Any = "30
             on_trial(record)
 
     if items and time.monotonic() < deadline:
-        run_trials(_trial_fn(), items, backend=backend, workers=workers, cpus_per_trial=items[0]["threads"] or 1,
-                   deadline=deadline, on_result=finished)
+        # --backend ray runs the trials as a Ray Tune experiment (resources declared per trial); the
+        # journal, not Tune's experiment state, is what a resumed search reads
+        run_trials(_trial_fn(), items, backend="tune" if backend == "ray" else "local", workers=workers,
+                   cpus_per_trial=items[0]["threads"] or 1, deadline=deadline, on_result=finished)
     measured = {cid: r["result"] for cid, r in done.items() if r.get("ok") and cid in by_id}
     failed = {cid: r["error"] for cid, r in done.items() if not r.get("ok") and cid in by_id and cid not in measured}
 
