@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -111,12 +113,36 @@ def test_a_spent_budget_starts_no_trial(stories_dir, data_dir, tmp_path):
     assert result.coverage["stopped_by_budget"] and result.front == []
 
 
-def test_a_killed_search_resumes_without_re_running_a_finished_trial(stories_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_a_killed_search_resumes_without_re_running_a_finished_trial(stories_dir, data_dir, tmp_path, backend):
+    if backend == "ray":
+        pytest.importorskip("ray.tune")  # the dev extra installs it; Ray Tune runs for real
     space = tmp_path / "space.yaml"
     space.write_text(json.dumps({**SPACE, "name": "killed", "constraints": []}))
     cmd = [sys.executable, "-m", "secateur.cli", "search", str(stories_dir), "--space", str(space), "--budget", "20m",
-           "-w", str(tmp_path / "work"), "--no-register", "--no-confirm"]
+           "-w", str(tmp_path / "work"), "--no-register", "--no-confirm", "--backend", backend]
     env = {**os.environ, "SECATEUR_PROGRESS": "0"}
+    ray_dir = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    env["RAY_TMPDIR"] = ray_dir  # the killed driver's Ray processes are found by it and stopped afterwards
+    try:
+        _kill_and_resume(cmd, env, tmp_path)
+    finally:
+        _kill_matching(ray_dir)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def _kill_matching(text: str) -> None:
+    """SIGKILL every process whose command line mentions ``text`` (what a SIGKILLed Ray driver left)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
+
+def _kill_and_resume(cmd: list[str], env: dict, tmp_path: Path) -> None:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     journal = None
     deadline = time.time() + 300
