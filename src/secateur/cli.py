@@ -813,24 +813,14 @@ def route_eval_cmd(family: str = typer.Argument(..., help="A family in the regis
                    home: Optional[Path] = typer.Option(None, "--home", help="Registry home.")) -> None:
     """The cost-quality curve of a routing policy as its threshold moves, on held-out TinyStories
     prompts (thresholds fitted on the calibration split): APGR and the cost at 80% of the gap recovered."""
-    from .serve.routing import route_eval
+    from .serve.routing import route_eval, route_eval_summary, route_eval_table
 
     if policy != "cascade":
         raise SecateurError(f"route-eval evaluates --policy cascade; got '{policy}'")
     result = route_eval(family, config, quantile=quantile, calibration_prompts=calibration_prompts,
                         eval_prompts=eval_prompts, max_tokens=max_tokens, batch=batch, home=home)
-    grid = Table(title=f"route-eval {family}: cascade {result['small']['tier']} -> {result['large']['tier']}")
-    for col in ("target rate", "escalated", "perplexity", "gap recovered", "cost (s)", "cost / large"):
-        grid.add_column(col, justify="right")
-    for c in result["curve"]:
-        grid.add_row(f"{c['target_rate']:.2f}", f"{c['escalated']:.3f}", f"{c['perplexity']:.4f}",
-                     "-" if c["gap_recovered"] is None else f"{c['gap_recovered']:.3f}", f"{c['cost_s']:.3f}",
-                     "-" if c["cost_vs_large"] is None else f"{c['cost_vs_large']:.3f}")
-    out.print(grid)
-    apgr = "-" if result["apgr"] is None else f"{result['apgr']:.3f}"
-    cost80 = "-" if result["cost_at_80pct_vs_large"] is None else f"{result['cost_at_80pct_vs_large']:.3f}x the large tier's"
-    out.print(f"APGR {apgr} (random routing: 0.5); cost at 80% of the gap recovered: {cost80}; beats random at "
-              f"every target rate from 0.1 to 0.9: {result['beats_random_10_to_90']}")
+    out.print(route_eval_table(result))
+    out.print(route_eval_summary(result))
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

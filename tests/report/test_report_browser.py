@@ -127,3 +127,27 @@ def test_the_watch_sees_a_blocked_load(family, tmp_path):
         with pytest.raises(AssertionError):
             watch.check(path.as_uri())
         assert any("Content Security Policy" in m[1] for m in watch.console if m[0] == "error"), watch.console
+
+
+def test_the_routing_curves_are_drawn_in_the_browser(family, tmp_path):
+    """A family with a routing evaluation: both routing plots are on the page, their lines have a
+    size, the cascade's points sit inside the plot area, and the page raises nothing."""
+    curve = [{"target_rate": r / 10, "escalated": r / 10, "gap_recovered": min(1.0, (r / 10) ** 0.7),
+              "cost_vs_large": 0.5 + r / 10, "perplexity": 5.0 - r / 10} for r in range(11)]
+    routing = {"small": {"tier": "small", "perplexity": 5.3}, "large": {"tier": "large", "perplexity": 4.5},
+               "prompts": {"evaluation": 500}, "curve": curve, "apgr": 0.61, "hindsight_apgr": 0.72,
+               "hindsight": [[0.0, 0.0], [0.5, 0.9], [1.0, 1.0]], "cost_at_80pct_vs_large": 1.1}
+    path = report.write({**family, "routing": [routing]}, tmp_path / "report.html")
+    with opened(path, viewport={"width": 1400, "height": 900}) as (page, watch):
+        drawn = page.evaluate("""() => Array.from(document.querySelectorAll('#routing figure.plot')).map(f => {
+            const svg = f.querySelector('svg').getBoundingClientRect();
+            const inside = Array.from(f.querySelectorAll('circle')).filter(c => {
+                const b = c.getBoundingClientRect();
+                return b.left >= svg.left && b.right <= svg.right && b.top >= svg.top && b.bottom <= svg.bottom; });
+            return {plot: f.dataset.plot, lines: Array.from(f.querySelectorAll('path.line')).filter(p => {
+                const b = p.getBoundingClientRect(); return b.width > 0 && b.height > 0; }).length,
+                points: f.querySelectorAll('circle').length, inside: inside.length}; })""")
+        watch.check(path.as_uri())
+    assert [d["plot"] for d in drawn] == ["routing-share", "routing-cost"]
+    assert drawn[0]["lines"] == 3 and drawn[1]["lines"] == 1
+    assert all(d["points"] == 11 and d["inside"] == 11 for d in drawn)

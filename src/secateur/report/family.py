@@ -1,6 +1,7 @@
 """A family as the report draws it, read from the registry: every variant of ``family`` with its
 parent, status, aliases, card, evaluations (the latest of each kind), its P4 speed, its gate
-verdicts and its per-layer sparsity and bit widths; and the points of its searches, if any."""
+verdicts and its per-layer sparsity and bit widths; the points of its searches and its routing
+evaluations (``secateur route-eval``), if any."""
 
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ def collect(registry: Any, family: str) -> dict[str, Any]:
             row["bytes"] = v.info["weights_bytes"]
         rows.append(row)
     search = registry.search_points(family) if hasattr(registry, "search_points") else []
+    routing = [r.info for r in registry.runs(f"route-eval:{family}") if r.status == "succeeded"]
     return {"family": family, "base": next((r for r in rows if r["status"] == "base"), None), "machine": machine,
-            "variants": [r for r in rows if r["status"] != "base"], "search": search}
+            "variants": [r for r in rows if r["status"] != "base"], "search": search, "routing": routing}
 
 
 __all__ = ["collect"]

@@ -175,6 +175,9 @@ class Family:
         self.by_name = {e.name: e for e in self.entries}
         search = family.get("search")
         self.search = [p for p in search if isinstance(p, dict)] if isinstance(search, list) else []
+        routing = family.get("routing")
+        self.routing = [r for r in routing if isinstance(r, dict) and isinstance(r.get("curve"), list)] \
+            if isinstance(routing, list) else []
         keys: list[QualityKey] = []
         for e in self.entries:
             for ev in e.evaluations:
@@ -521,6 +524,70 @@ def _search_section(fam: Family) -> str:
                              "predicted loss increase", [(a, b) for q, a, b, c in predicted if c == "front"])
             + _point_scatter("search-confirmed", "measured and confirmed", confirmed, "speed-up, timed beside the dense model",
                              "quality drop vs dense", front)
+            + "</div></section>")
+
+
+def _line_plot(plot_id: str, title: str, series: list[tuple[str, str, list[tuple[float, float]]]], x_label: str,
+               y_label: str, x_kind: str = "", y_range: Optional[tuple[float, float]] = None) -> str:
+    """Lines through points: ``(css class, legend name, [(x, y), ...])`` each, drawn in order."""
+    xs = [x for _, _, pts in series for x, _ in pts]
+    ys = [y for _, _, pts in series for _, y in pts]
+    if not xs:
+        return _figure_empty(title, "no point to draw")
+    width, height, left, right, top, bottom = 600, 400, 74, 24, 18, 52
+    xlo, xhi, _ = domain(xs, include_zero=True, allow_log=False)
+    ylo, yhi = y_range if y_range else domain(ys, allow_log=False)[:2]
+    x, y = Scale(xlo, xhi, left, width - right), Scale(ylo, yhi, height - bottom, top)
+    parts = [f'<svg class="chart" role="img" aria-label="{esc(title)}" viewBox="0 0 {width} {height}" '
+             f'width="{width}" height="{height}">',
+             axes(x, y, x_label=x_label, y_label=y_label, x_kind=x_kind, width=width, height=height)]
+    for i, (cls, name, pts) in enumerate(series):
+        if not pts:
+            continue
+        d = "M" + "L".join(f"{x(a):.1f},{y(b):.1f}" for a, b in pts)
+        parts.append(f'<g class="route-line {cls}"><title>{esc(name)}</title><path class="line {cls}" d="{d}"/>')
+        if cls == "policy":
+            parts += [f'<circle class="shape measured" cx="{x(a):.1f}" cy="{y(b):.1f}" r="3.5">'
+                      f'<title>{esc(f"{name}: x {fmt(a, 3)}, y {fmt(b, 3)}")}</title></circle>' for a, b in pts]
+        parts.append("</g>")
+        parts.append(f'<text class="point-label" x="{left + 10:.1f}" y="{top + 14 + 15 * i:.1f}">'
+                     f'<tspan class="key {cls}">—</tspan> {esc(name)}</text>')
+    parts.append("</svg>")
+    return _figure(plot_id, title, "".join(parts))
+
+
+def _routing_section(fam: Family) -> str:
+    """The family's last routing evaluation (``secateur route-eval``): the gap recovered against the
+    share escalated (beside random routing and the hindsight bound), and against the cost."""
+    if not fam.routing:
+        return ""
+    r = fam.routing[-1]
+    curve = [c for c in r["curve"] if isinstance(c, dict) and number(c.get("escalated")) is not None
+             and number(c.get("gap_recovered")) is not None]
+    small, large = _dict(r.get("small")), _dict(r.get("large"))
+    by_share = sorted((number(c["escalated"]), number(c["gap_recovered"])) for c in curve)
+    hindsight = [(number(p[0]), number(p[1])) for p in _list(r.get("hindsight"))
+                 if isinstance(p, list) and len(p) == 2 and number(p[0]) is not None and number(p[1]) is not None]
+    by_cost = sorted((number(c.get("cost_vs_large")), number(c["gap_recovered"])) for c in curve
+                     if number(c.get("cost_vs_large")) is not None)
+    lo = min([0.0] + [b for _, b in by_share + hindsight])
+    hi = max([1.0] + [b for _, b in by_share + hindsight])
+    return ('<section id="routing"><h2>Routing</h2>'
+            f'<p class="lede">The confidence cascade {esc(small.get("tier"))} → {esc(large.get("tier"))} on '
+            f'{esc((_dict(r.get("prompts"))).get("evaluation"))} held-out prompts (thresholds fitted on the calibration '
+            f'split): APGR {fmt(r.get("apgr"), 3)} on log-perplexity, where random routing gives 0.5 and the '
+            f'hindsight order (no router can know it) {fmt(r.get("hindsight_apgr"), 3)}. Perplexity '
+            f'{fmt(small.get("perplexity"), 4)} ({esc(small.get("tier"))}) against {fmt(large.get("perplexity"), 4)} '
+            f'({esc(large.get("tier"))}); cost at 80% of the gap recovered: '
+            f'{fmt_ratio(r.get("cost_at_80pct_vs_large")) if r.get("cost_at_80pct_vs_large") is not None else "not reached"}'
+            ' of the large tier\'s.</p><div class="grid2">'
+            + _line_plot("routing-share", "gap recovered vs share escalated",
+                         [("policy", "cascade", by_share), ("random", "random routing", [(0.0, 0.0), (1.0, 1.0)]),
+                          ("hindsight", "in hindsight", hindsight)],
+                         "share of requests escalated", "gap recovered (log-perplexity)", y_range=(lo, hi))
+            + _line_plot("routing-cost", "gap recovered vs cost",
+                         [("policy", "cascade", by_cost)], "measured cost / the large tier's", "gap recovered",
+                         x_kind="ratio", y_range=(lo, hi))
             + "</div></section>")
 
 
@@ -977,6 +1044,13 @@ svg text{font-family:inherit}
 .cross{stroke:var(--rejected);stroke-width:1.8;fill:none}
 .shape.base{fill:var(--base);stroke:#fff;stroke-width:1.5}
 .front{fill:none;stroke:var(--front);stroke-width:2;stroke-dasharray:5 3;opacity:.75}
+.line{fill:none;stroke-width:2}
+.line.policy,.key.policy{stroke:var(--admitted);fill:var(--admitted)}
+.line.policy{fill:none}
+.line.random,.key.random{stroke:#9aa3b5;fill:#9aa3b5}
+.line.random{fill:none;stroke-dasharray:4 4}
+.line.hindsight,.key.hindsight{stroke:#f59e0b;fill:#f59e0b}
+.line.hindsight{fill:none;stroke-dasharray:2 3}
 .mark{cursor:default;outline:none}
 .mark:hover .shape,.mark:focus .shape{stroke:#f59e0b;stroke-width:3}
 .mark:hover .cell{stroke:#11182755}
@@ -1065,7 +1139,8 @@ def render(family: dict[str, Any]) -> str:
     from .._version import __version__
 
     fam = Family(family)
-    body = "".join([_summary_section(fam), _pareto_section(fam), _search_section(fam), _lineage_section(fam),
+    body = "".join([_summary_section(fam), _pareto_section(fam), _search_section(fam), _routing_section(fam),
+                    _lineage_section(fam),
                     _layers_section(fam),
                     _latency_section(fam), _gates_section(fam), _cards_section(fam)])
     return ("<!DOCTYPE html>\n"

@@ -180,7 +180,7 @@ def _area(xs: list[float], ys: list[float]) -> float:
 def route_eval(family: str, config: Union[ServeConfig, str, Path, None] = None, *, quantile: float = 0.1,
                calibration_prompts: int = 200, eval_prompts: int = 500, max_tokens: int = 32, prompt_tokens: int = 16,
                continuation_tokens: int = 32, rates: Optional[list[float]] = None, batch: int = 1,
-               home: Union[str, Path, None] = None) -> dict[str, Any]:
+               home: Union[str, Path, None] = None, record: bool = True) -> dict[str, Any]:
     """The cost-quality curve of the two-tier confidence cascade (serve.yaml's first and last tier)
     as its target escalation rate moves, on held-out prompts (issue 24's protocol):
 
@@ -188,13 +188,22 @@ def route_eval(family: str, config: Union[ServeConfig, str, Path, None] = None, 
       fitted on the calibration split only (:func:`threshold_for_rate`), measured on the
       evaluation split;
     * quality is the perplexity of the true next ``continuation_tokens`` tokens under the variant
-      that answers (exp of the mean per-prompt NLL); the gap recovered is
-      (ppl_small - ppl_policy) / (ppl_small - ppl_large);
+      that answers (exp of the mean per-prompt NLL); the gap recovered is measured on its log, the
+      mean NLL: (nll_small - nll_policy) / (nll_small - nll_large). On that scale random routing
+      recovers exactly the share it escalates; on perplexity itself it would recover more (exp is
+      convex: (ppl_small - exp(nll_small - share x gap)) / (ppl_small - ppl_large)), so a wide gap
+      would flatter any router. Both are returned (``gap_recovered``, ``gap_recovered_ppl`` beside
+      ``random_ppl``), with both areas;
     * cost is the measured time of every variant invoked: the small tier's greedy answer for every
       prompt, plus the large tier's for the escalated ones (``batch`` prompts at a time; 1 = as
       single requests);
     * random routing at the same escalation share recovers that share of the gap on average; APGR
-      is the area under the gap-recovered curve over the escalation share (random: 0.5).
+      is the area under the gap-recovered curve over the escalation share (random: 0.5);
+    * ``hindsight`` escalates the prompts in the order of their true gain (known only after the
+      fact): no router does better on these prompts, so its area bounds any policy's APGR.
+
+    The result is kept in the registry as a finished run ``route-eval:FAMILY`` unless ``record`` is
+    false; ``secateur report`` draws the family's last one.
     """
     import math
 
@@ -228,24 +237,67 @@ def route_eval(family: str, config: Union[ServeConfig, str, Path, None] = None, 
     finally:
         fam.close()
     small, large = measured[small_tier], measured[large_tier]
-    n = len(small["nll"])
-    ppl = lambda nlls: math.exp(sum(nlls) / len(nlls))  # noqa: E731
-    ppl_small, ppl_large = ppl(small["nll"]), ppl(large["nll"])
-    gap = ppl_small - ppl_large
-    cost_small, cost_large = sum(small["seconds"]), sum(large["seconds"])
+    result = _curve(small["nll"], large["nll"], small["seconds"], large["seconds"], small["scores"],
+                    measured["calibration_scores"], rates)
+    result = {"family": family,
+              "small": {"tier": small_tier, "variant": small["variant"], "perplexity": result.pop("ppl_small"),
+                        "cost_s": sum(small["seconds"])},
+              "large": {"tier": large_tier, "variant": large["variant"], "perplexity": result.pop("ppl_large"),
+                        "cost_s": sum(large["seconds"])},
+              "policy": "cascade", "quantile": quantile,
+              "prompts": {"calibration": len(measured["calibration_scores"]), "evaluation": len(small["nll"])},
+              "max_tokens": max_tokens, "prompt_tokens": prompt_tokens, "continuation_tokens": continuation_tokens,
+              "batch": batch, **result}
+    if record:
+        _record(family, result, home)
+    return result
+
+
+def _curve(nll_small: list[float], nll_large: list[float], sec_small: list[float], sec_large: list[float],
+           scores: list[float], calibration_scores: list[float], rates: list[float]) -> dict[str, Any]:
+    """The curve from per-prompt numbers (see :func:`route_eval`): each target rate's threshold from
+    the calibration scores, the evaluation prompts under it escalated."""
+    import math
+
+    n = len(nll_small)
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    ms, ml = mean(nll_small), mean(nll_large)
+    ppl_small, ppl_large = math.exp(ms), math.exp(ml)
+    gap, ppl_gap = ms - ml, ppl_small - ppl_large
+    cost_small, cost_large = sum(sec_small), sum(sec_large)
+
+    def random_ppl_recovered(share: float) -> Optional[float]:
+        # random routing at this share: the mean NLL moves linearly, so perplexity moves as exp of it
+        return (ppl_small - math.exp(ms - share * gap)) / ppl_gap if ppl_gap else None
+
     curve = []
     for rate in rates:
-        t = threshold_for_rate(measured["calibration_scores"], rate)
-        up = [s < t for s in small["scores"]]
-        nll = [large["nll"][i] if up[i] else small["nll"][i] for i in range(n)]
-        cost = cost_small + sum(large["seconds"][i] for i in range(n) if up[i])
+        t = threshold_for_rate(calibration_scores, rate)
+        up = [s < t for s in scores]
+        nll = [nll_large[i] if up[i] else nll_small[i] for i in range(n)]
+        cost = cost_small + sum(sec_large[i] for i in range(n) if up[i])
         share = sum(up) / n
-        p = ppl(nll)
+        p = math.exp(mean(nll))
         curve.append({"target_rate": rate, "threshold": t, "escalated": share, "perplexity": p,
-                      "gap_recovered": (ppl_small - p) / gap if gap else None, "cost_s": cost,
+                      "gap_recovered": (ms - mean(nll)) / gap if gap else None,
+                      "gap_recovered_ppl": (ppl_small - p) / ppl_gap if ppl_gap else None,
+                      "random_ppl": random_ppl_recovered(share), "cost_s": cost,
                       "cost_vs_large": cost / cost_large if cost_large else None})
+    # in hindsight: escalating the prompts in the order of their true gain, which no router can know;
+    # the best any router could do on these prompts (an upper bound, not a policy)
+    order = sorted(range(n), key=lambda i: nll_large[i] - nll_small[i])
+    hindsight, total = [(0.0, 0.0)], sum(nll_small)
+    for k, i in enumerate(order, 1):
+        total += nll_large[i] - nll_small[i]
+        hindsight.append((k / n, (sum(nll_small) - total) / (n * gap) if gap else 0.0))
+    step = max(1, n // 50)
     valid = [c for c in curve if c["gap_recovered"] is not None]
     apgr = _area([c["escalated"] for c in valid], [c["gap_recovered"] for c in valid]) if valid else None
+    apgr_ppl = _area([c["escalated"] for c in valid], [c["gap_recovered_ppl"] for c in valid]) if valid else None
+    random_apgr_ppl = None
+    if ppl_gap and gap:
+        # the integral over the share r of (ppl_small - exp(ms - r gap)) / ppl_gap
+        random_apgr_ppl = (ppl_small - (ppl_small - ppl_large) / gap) / ppl_gap
     cost80 = None
     ordered = sorted(valid, key=lambda c: c["cost_s"])
     for a, b in zip(ordered, ordered[1:]):
@@ -256,15 +308,66 @@ def route_eval(family: str, config: Union[ServeConfig, str, Path, None] = None, 
     if cost80 is None and ordered and ordered[0]["gap_recovered"] >= 0.8:
         cost80 = ordered[0]["cost_s"]
     beats = [c for c in valid if 0.1 <= c["target_rate"] <= 0.9]
-    return {"family": family, "small": {"tier": small_tier, "variant": small["variant"], "perplexity": ppl_small,
-                                        "cost_s": cost_small},
-            "large": {"tier": large_tier, "variant": large["variant"], "perplexity": ppl_large, "cost_s": cost_large},
-            "quantile": quantile, "prompts": {"calibration": len(measured["calibration_scores"]), "evaluation": n},
-            "max_tokens": max_tokens, "prompt_tokens": prompt_tokens, "continuation_tokens": continuation_tokens,
-            "batch": batch, "curve": curve, "apgr": apgr, "random_apgr": 0.5,
+    return {"ppl_small": ppl_small, "ppl_large": ppl_large, "curve": curve,
+            "apgr": apgr, "random_apgr": 0.5, "scale": "log-perplexity (mean NLL)",
+            "apgr_ppl": apgr_ppl, "random_apgr_ppl": random_apgr_ppl,
+            "hindsight": [list(p) for p in hindsight[::step]] + ([list(hindsight[-1])] if (len(hindsight) - 1) % step else []),
+            "hindsight_apgr": _area([x for x, _ in hindsight], [y for _, y in hindsight]),
             "cost_at_80pct_s": cost80, "cost_at_80pct_vs_large": cost80 / cost_large if cost80 and cost_large else None,
             "beats_random_10_to_90": bool(beats) and all(c["gap_recovered"] > c["escalated"] for c in beats)}
 
 
+def route_eval_table(result: dict[str, Any]) -> Any:
+    """The curve as a rich table (the CLI and the benchmark print it)."""
+    from rich.table import Table
+
+    def f(v: Any, digits: int = 3) -> str:
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    grid = Table(title=f"route-eval {result['family']}: cascade {result['small']['tier']} -> {result['large']['tier']}, "
+                       f"{result['prompts']['evaluation']} held-out prompts, quantile {result['quantile']}")
+    for col in ("target rate", "threshold", "escalated", "perplexity", "gap recovered", "ppl gap recovered",
+                "(random)", "cost (s)", "cost / large"):
+        grid.add_column(col, justify="right")
+    for c in result["curve"]:
+        grid.add_row(f"{c['target_rate']:.2f}", f(c["threshold"], 4), f(c["escalated"]), f(c["perplexity"], 4),
+                     f(c["gap_recovered"]), f(c.get("gap_recovered_ppl")), f(c.get("random_ppl")), f(c["cost_s"]),
+                     f(c["cost_vs_large"]))
+    return grid
+
+
+def route_eval_summary(result: dict[str, Any]) -> str:
+    """One paragraph: the two tiers, APGR on both scales beside random routing and the hindsight
+    bound, the cost at 80% of the gap, and the check against random routing."""
+    def f(v: Any, digits: int = 3) -> str:
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    s, l = result["small"], result["large"]
+    return (f"small ({s['tier']}): perplexity {s['perplexity']:.4f}, {s['cost_s']:.2f} s; large ({l['tier']}): "
+            f"{l['perplexity']:.4f}, {l['cost_s']:.2f} s\n"
+            f"APGR {f(result['apgr'])} on log-perplexity (random routing 0.5; in hindsight at best "
+            f"{f(result.get('hindsight_apgr'))}); on perplexity {f(result.get('apgr_ppl'))} (random "
+            f"{f(result.get('random_apgr_ppl'))})\n"
+            f"cost at 80% of the gap recovered: "
+            f"{'-' if result['cost_at_80pct_vs_large'] is None else f(result['cost_at_80pct_vs_large']) + 'x the large tier'}"
+            f"; above random routing at every target rate from 0.1 to 0.9: {result['beats_random_10_to_90']}")
+
+
+ROUTE_EVAL_RUN = "route-eval:{family}"
+
+
+def _record(family: str, result: dict[str, Any], home: Union[str, Path, None]) -> None:
+    """Keep the curve in the registry as a finished run ``route-eval:FAMILY`` (the report draws the
+    last one)."""
+    from .family import open_registry
+
+    registry = open_registry(home)
+    try:
+        run = registry.start_run(ROUTE_EVAL_RUN.format(family=family), info={"kind": "route-eval", **result})
+        registry.finish_run(run)
+    finally:
+        registry.close()
+
+
 __all__ = ["StoryPrompt", "story_prompts", "greedy_answers", "threshold_for_rate", "calibrate_cascade",
-           "continuation_nll", "route_eval"]
+           "continuation_nll", "route_eval", "route_eval_table", "route_eval_summary", "ROUTE_EVAL_RUN"]
