@@ -1,6 +1,14 @@
-"""Early exit for sentence encoders: exit heads after chosen blocks, trained by distillation from the
-model's own last layer with the one training loop (the backbone frozen).
+"""Early exit: exit heads after chosen blocks, trained by distillation from the model's own last
+layer with the one training loop (the backbone frozen).
 
+**Causal LMs** (CALM): each exit is a linear adapter (initialised to the identity) on the hidden
+states after block ``k``, followed by the model's own final norm and (tied) output head; the
+objective is the KL divergence between the model's own next-token distribution and each exit's,
+summed over the exits (at the step's ``temperature``). :class:`secateur.runtime.early_exit_lm.ExitLM`
+decodes with them (a token exits when the exit's softmax margin passes the threshold) and
+:func:`secateur.runtime.early_exit_lm.exit_nll` prices a threshold on windows.
+
+**Sentence encoders** (DeeBERT, PABEE):
 Each head maps the mean-pooled hidden states after block ``k`` to the final sentence embedding
 (:class:`secateur.runtime.early_exit.ExitHeads`, initialised to the identity). The objective is
 the encoders' embedding loss (relative MSE + cosine distance, as ``distill`` uses) between every
@@ -12,7 +20,8 @@ saved in the artifact and described in its card; stock ``transformers`` still lo
 its threshold is chosen on calibration data (``benchmarks/early_exit.py`` shows how), never on the
 evaluation split.
 
-Papers: DeeBERT (Xin et al. 2020, arXiv:2004.12993), PABEE (Zhou et al. 2020, arXiv:2006.04152).
+Papers: DeeBERT (Xin et al. 2020, arXiv:2004.12993), PABEE (Zhou et al. 2020, arXiv:2006.04152),
+CALM (Schuster et al. 2022, arXiv:2207.07061).
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import torch.nn as nn
 from ..api import register
 from ..config import param
 from ..errors import ConfigError, SecateurError
-from .losses import embedding_loss
+from .losses import embedding_loss, kl_loss
 from .run import kind_of, run_training
 from .train import TrainingConfig
 
@@ -35,9 +44,10 @@ from .train import TrainingConfig
 class EarlyExitConfig(TrainingConfig):
     """Add exit heads after chosen blocks and train them to predict the final sentence embedding."""
 
-    exits: tuple[int, ...] = param((), "blocks (1-based) with an exit head; an input leaves at a head whose "
-                                       "embedding agrees with the previous head's, so the first head only "
-                                       "compares; empty: every block but the last")
+    exits: tuple[int, ...] = param((), "blocks (1-based) with an exit head; empty: every block but the last. "
+                                       "Encoders: an input leaves at a head whose embedding agrees with the "
+                                       "previous head's, so the first head only compares. Causal LMs: a token "
+                                       "leaves at the first head confident enough")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,32 +75,63 @@ class ExitObjective(nn.Module):
         return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
+class CausalExitObjective(nn.Module):
+    """Σ over exits of KL(the model's own next-token distribution ‖ the exit's), on real tokens."""
+
+    def __init__(self, heads: nn.Module, model: nn.Module, temperature: float):
+        super().__init__()
+        from ..models.arch import arch_of
+
+        arch = arch_of(model).arch
+        self.heads, self.temperature = heads, temperature
+        object.__setattr__(self, "norm", arch.get_final_norm(model))   # the model's own, frozen: not ours
+        object.__setattr__(self, "head", arch.get_head(model))
+
+    def forward(self, student: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        mask = batch["attention_mask"]
+        with torch.no_grad():
+            out = student(**batch, output_hidden_states=True, use_cache=False)
+        parts = {f"exit{b}": kl_loss(self.head(self.norm(self.heads(b, out.hidden_states[b]))), out.logits,
+                                     self.temperature, "forward", 0.5, mask)
+                 for b in self.heads.blocks}
+        total = torch.stack(list(parts.values())).sum()
+        return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
 @register("early_exit", EarlyExitConfig, kind="distill",
           uses="training text (its data: field) or the recipe's calibration windows",
-          trains=True, paper="DeeBERT arXiv:2004.12993; PABEE arXiv:2006.04152")
+          trains=True, paper="DeeBERT arXiv:2004.12993; PABEE arXiv:2006.04152; CALM arXiv:2207.07061")
 def apply(model: nn.Module, config: EarlyExitConfig, ctx: Any) -> dict[str, Any]:
     from ..runtime.early_exit import ExitHeads, attach, heads_of
 
-    if kind_of(model) != "encoder":
-        raise SecateurError("early_exit supports sentence encoders (BERT family) for now; causal LMs are not done yet")
+    kind = kind_of(model)
     if heads_of(model) is not None:
         raise SecateurError("this model already has exit heads")
     n = model.config.num_hidden_layers
     exits = config.exits or tuple(range(1, n))
-    if len(exits) < 2 or any(b >= n for b in exits):
+    if kind == "causal":
+        from ..runtime.early_exit_lm import _Stack
+
+        _Stack(model)  # refuses, in one line, what the exit decoder cannot run
+        if not exits or any(b >= n for b in exits):
+            raise ConfigError("exits", f"the model has {n} blocks: give exits in 1..{n - 1} (the last block always "
+                                       "answers)")
+    elif len(exits) < 2 or any(b >= n for b in exits):
         raise ConfigError("exits", f"the model has {n} blocks: give at least two exits in 1..{n - 1} (an input leaves "
                                    "when two successive exits agree; the last block always answers)")
     heads = ExitHeads(model.config.hidden_size, exits)
+    objective = (CausalExitObjective(heads, model, config.temperature) if kind == "causal"
+                 else ExitObjective(heads))
     frozen = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        out = run_training(model, config, ctx, objective=ExitObjective(heads))
+        out = run_training(model, config, ctx, objective=objective)
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(frozen[name])
     for p in heads.parameters():
         p.requires_grad_(False)
     attach(model, heads)
-    out["exits"] = heads.describe()
+    out["exits"] = heads.describe(kind)
     return out

@@ -42,7 +42,12 @@ class ExitHeads(nn.Module):
     def forward(self, block: int, pooled: torch.Tensor) -> torch.Tensor:
         return self.heads[str(block)](pooled)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, kind: str = "encoder") -> dict[str, Any]:
+        if kind == "causal":
+            return {"exits_after_blocks": list(self.blocks),
+                    "head": "linear adapter (hidden -> hidden), then the model's final norm and output head",
+                    "confidence": "softmax margin (top-1 minus top-2 probability)",
+                    "skipped_blocks": "keys and values from the exit state (CALM state propagation)"}
         return {"exits_after_blocks": list(self.blocks), "head": "linear (hidden -> hidden) on the mean-pooled states"}
 
 
