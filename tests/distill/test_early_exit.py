@@ -126,3 +126,57 @@ def test_bad_exits_and_decoders_are_refused():
                   data=torch.randint(3, 128, (8, 8)))
     with pytest.raises(SecateurError, match="no exit heads"):
         ExitEncoder(tiny_model("bert"), 0.9)
+
+
+def _bert3():
+    import transformers as tf
+
+    config = tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           vocab_size=128, max_position_embeddings=128, pad_token_id=0, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return tf.BertModel(config).eval()
+
+
+def test_mlp_heads_start_as_the_identity_and_survive_a_save(tmp_path):
+    from secateur.api import compress_
+    from secateur.artifacts import load, save
+    from secateur.data import CalibrationSet
+    from secateur.recipe import Recipe
+
+    heads = ExitHeads(32, (1, 2), kind="mlp")
+    x = torch.randn(5, 32)
+    assert torch.equal(heads(1, x), x) and heads.width == 64
+    with pytest.raises(SecateurError, match="valid: linear, mlp"):
+        ExitHeads(32, (1, 2), kind="conv")
+    model = _bert3()
+    ids = torch.randint(3, 128, (48, 16), generator=torch.Generator().manual_seed(0))
+    recipe = Recipe.from_dict({"steps": [{"method": "early_exit", "head": "mlp", "steps": 20, "batch_size": 8,
+                                          "lr": 1e-2, "seq_len": 16, "eval_every": 0, "holdout": 0.1}]})
+    compress_(model, recipe, data=CalibrationSet(ids, "random"))
+    trained = heads_of(model)
+    assert trained.kind == "mlp" and not torch.equal(trained(1, x), x)
+    save(model, tmp_path / "mlp-exits")
+    again = heads_of(load(tmp_path / "mlp-exits").model)
+    assert again.kind == "mlp" and again.width == trained.width and again.blocks == (1, 2)
+    assert torch.allclose(again(2, x), trained(2, x))
+
+
+def test_a_jointly_tuned_backbone_trains_and_its_final_output_is_held_to_the_original():
+    """tune_backbone: the backbone's weights move too, and the objective has a 'final' term holding
+    the tuned model's last layer to the model as it was before the step."""
+    from secateur import lineage
+    from secateur.api import compress_
+    from secateur.data import CalibrationSet
+    from secateur.recipe import Recipe
+
+    model = _bert3()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(3, 128, (48, 16), generator=torch.Generator().manual_seed(1))
+    recipe = Recipe.from_dict({"steps": [{"method": "early_exit", "tune_backbone": True, "steps": 20, "batch_size": 8,
+                                          "lr": 1e-3, "seq_len": 16, "eval_every": 0, "holdout": 0.1}]})
+    compress_(model, recipe, data=CalibrationSet(ids, "random"))
+    moved = [n for n, p in model.named_parameters() if not n.startswith("secateur_") and not torch.equal(before[n], p)]
+    assert moved and all(not p.requires_grad for p in heads_of(model).parameters())
+    history = lineage.read(model).history()[0]["result"]["history"]
+    assert "final" in history[-1] and history[-1]["final"] < 0.05

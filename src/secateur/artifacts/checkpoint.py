@@ -417,7 +417,11 @@ def _attach_exits(model: Any, path: Path) -> None:
     if not tensors:
         return
     blocks = tuple(sorted({int(k.split(".")[1]) for k in tensors}))
-    heads = ExitHeads(next(iter(tensors.values())).shape[-1], blocks)
+    up = next((t for k, t in tensors.items() if k.endswith(".up.weight")), None)
+    if up is not None:  # residual MLP heads: up is [width, hidden]
+        heads = ExitHeads(up.shape[1], blocks, kind="mlp", width=up.shape[0])
+    else:
+        heads = ExitHeads(next(iter(tensors.values())).shape[-1], blocks)
     heads.load_state_dict(tensors)
     heads.requires_grad_(False)
     attach(model, heads)

@@ -27,7 +27,7 @@ CALM (Schuster et al. 2022, arXiv:2207.07061).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,7 @@ from ..api import register
 from ..config import param
 from ..errors import ConfigError, SecateurError
 from .losses import embedding_loss, kl_loss
-from .run import kind_of, run_training
+from .run import kind_of, resolve_teacher, run_training
 from .train import TrainingConfig
 
 
@@ -48,6 +48,10 @@ class EarlyExitConfig(TrainingConfig):
                                        "Encoders: an input leaves at a head whose embedding agrees with the "
                                        "previous head's, so the first head only compares. Causal LMs: a token "
                                        "leaves at the first head confident enough")
+    head: Literal["linear", "mlp"] = param("linear", "exit head: a linear map initialised to the identity, or a "
+                                                     "residual MLP (hidden -> 2 x hidden -> hidden) that starts as one")
+    tune_backbone: bool = param(False, "train the backbone jointly with the heads, its final output held to the "
+                                       "model as it was before the step (the teacher) by the same loss")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,21 +60,32 @@ class EarlyExitConfig(TrainingConfig):
 
 
 class ExitObjective(nn.Module):
-    """Σ over heads of the embedding loss between the head's output and the model's final embedding."""
+    """Σ over heads of the embedding loss between the head's output and the model's final embedding.
+    With a ``teacher`` (the backbone tuned jointly) the target is the teacher's final embedding, and
+    the student's own final embedding is held to it by the same loss."""
 
-    def __init__(self, heads: nn.Module):
+    def __init__(self, heads: nn.Module, teacher: Optional[nn.Module] = None):
         super().__init__()
         self.heads = heads
+        object.__setattr__(self, "teacher", teacher)  # frozen, never trained nor saved
 
     def forward(self, student: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         from ..runtime.early_exit import mean_pool
 
         mask = batch["attention_mask"]
-        with torch.no_grad():  # the backbone is frozen: its states are inputs to the heads
+        tuned = self.teacher is not None
+        with torch.set_grad_enabled(tuned and torch.is_grad_enabled()):  # frozen: the states are inputs
             out = getattr(student, "base_model", student)(**batch, output_hidden_states=True)
             states = [mean_pool(h.float(), mask) for h in out.hidden_states]
-        target = states[-1]
+        if tuned:
+            with torch.no_grad():
+                target = mean_pool(getattr(self.teacher, "base_model", self.teacher)(**batch).last_hidden_state.float(),
+                                   mask)
+        else:
+            target = states[-1]
         parts = {f"exit{b}": embedding_loss(self.heads(b, states[b]), target) for b in self.heads.blocks}
+        if tuned:
+            parts["final"] = embedding_loss(states[-1], target)
         total = torch.stack(list(parts.values())).sum()
         return total, {k: float(v.detach()) for k, v in parts.items()}
 
@@ -78,22 +93,31 @@ class ExitObjective(nn.Module):
 class CausalExitObjective(nn.Module):
     """Σ over exits of KL(the model's own next-token distribution ‖ the exit's), on real tokens."""
 
-    def __init__(self, heads: nn.Module, model: nn.Module, temperature: float):
+    def __init__(self, heads: nn.Module, model: nn.Module, temperature: float, teacher: Optional[nn.Module] = None):
         super().__init__()
         from ..models.arch import arch_of
 
         arch = arch_of(model).arch
         self.heads, self.temperature = heads, temperature
-        object.__setattr__(self, "norm", arch.get_final_norm(model))   # the model's own, frozen: not ours
+        object.__setattr__(self, "norm", arch.get_final_norm(model))   # the model's own: not the objective's
         object.__setattr__(self, "head", arch.get_head(model))
+        object.__setattr__(self, "teacher", teacher)
 
     def forward(self, student: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         mask = batch["attention_mask"]
-        with torch.no_grad():
+        tuned = self.teacher is not None
+        with torch.set_grad_enabled(tuned and torch.is_grad_enabled()):
             out = student(**batch, output_hidden_states=True, use_cache=False)
-        parts = {f"exit{b}": kl_loss(self.head(self.norm(self.heads(b, out.hidden_states[b]))), out.logits,
+        if tuned:
+            with torch.no_grad():
+                target = self.teacher(**batch, use_cache=False).logits
+        else:
+            target = out.logits
+        parts = {f"exit{b}": kl_loss(self.head(self.norm(self.heads(b, out.hidden_states[b]))), target,
                                      self.temperature, "forward", 0.5, mask)
                  for b in self.heads.blocks}
+        if tuned:
+            parts["final"] = kl_loss(out.logits, target, self.temperature, "forward", 0.5, mask)
         total = torch.stack(list(parts.values())).sum()
         return total, {k: float(v.detach()) for k, v in parts.items()}
 
@@ -119,12 +143,18 @@ def apply(model: nn.Module, config: EarlyExitConfig, ctx: Any) -> dict[str, Any]
     elif len(exits) < 2 or any(b >= n for b in exits):
         raise ConfigError("exits", f"the model has {n} blocks: give at least two exits in 1..{n - 1} (an input leaves "
                                    "when two successive exits agree; the last block always answers)")
-    heads = ExitHeads(model.config.hidden_size, exits)
-    objective = (CausalExitObjective(heads, model, config.temperature) if kind == "causal"
-                 else ExitObjective(heads))
+    heads = ExitHeads(model.config.hidden_size, exits, kind=config.head)
+    teacher = None
+    if config.tune_backbone:
+        teacher = resolve_teacher(config, ctx)
+        if teacher is None:
+            raise SecateurError("tune_backbone needs a teacher to hold the final output to (compress_ gives the "
+                                "model as it was before the step unless the step names one)")
+    objective = (CausalExitObjective(heads, model, config.temperature, teacher) if kind == "causal"
+                 else ExitObjective(heads, teacher))
     frozen = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(config.tune_backbone)
     try:
         out = run_training(model, config, ctx, objective=objective)
     finally:

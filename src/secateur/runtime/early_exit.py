@@ -27,12 +27,39 @@ import torch.nn.functional as F
 ATTRIBUTE = "secateur_exits"
 
 
-class ExitHeads(nn.Module):
-    """One linear head per exit block (1-based block numbers: exit ``k`` reads block ``k``'s output)."""
+class ResidualMLP(nn.Module):
+    """``x + down(gelu(up(x)))`` with ``down`` zero: the identity at the start, more than linear after."""
 
-    def __init__(self, hidden: int, blocks: tuple[int, ...]):
+    def __init__(self, hidden: int, width: int):
         super().__init__()
+        self.up, self.down = nn.Linear(hidden, width), nn.Linear(width, hidden)
+        with torch.no_grad():
+            self.down.weight.zero_()
+            self.down.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(F.gelu(self.up(x)))
+
+
+HEAD_KINDS = ("linear", "mlp")
+
+
+class ExitHeads(nn.Module):
+    """One head per exit block (1-based block numbers: exit ``k`` reads block ``k``'s output): a
+    linear map initialised to the identity, or (``kind="mlp"``) a residual MLP of ``width``
+    (default 2 × hidden) that starts as the identity."""
+
+    def __init__(self, hidden: int, blocks: tuple[int, ...], kind: str = "linear", width: int = 0):
+        super().__init__()
+        if kind not in HEAD_KINDS:
+            from ..errors import SecateurError
+
+            raise SecateurError(f"unknown exit head kind '{kind}'; valid: {', '.join(HEAD_KINDS)}")
         self.blocks = tuple(sorted(int(b) for b in blocks))
+        self.kind, self.width = kind, width or 2 * hidden
+        if kind == "mlp":
+            self.heads = nn.ModuleDict({str(b): ResidualMLP(hidden, self.width) for b in self.blocks})
+            return
         self.heads = nn.ModuleDict({str(b): nn.Linear(hidden, hidden) for b in self.blocks})
         with torch.no_grad():
             for head in self.heads.values():
@@ -42,13 +69,16 @@ class ExitHeads(nn.Module):
     def forward(self, block: int, pooled: torch.Tensor) -> torch.Tensor:
         return self.heads[str(block)](pooled)
 
+    def _head_text(self) -> str:
+        return "linear (hidden -> hidden)" if self.kind == "linear" else f"residual MLP (hidden -> {self.width} -> hidden)"
+
     def describe(self, kind: str = "encoder") -> dict[str, Any]:
         if kind == "causal":
             return {"exits_after_blocks": list(self.blocks),
-                    "head": "linear adapter (hidden -> hidden), then the model's final norm and output head",
+                    "head": f"{self._head_text()} adapter, then the model's final norm and output head",
                     "confidence": "softmax margin (top-1 minus top-2 probability)",
                     "skipped_blocks": "keys and values from the exit state (CALM state propagation)"}
-        return {"exits_after_blocks": list(self.blocks), "head": "linear (hidden -> hidden) on the mean-pooled states"}
+        return {"exits_after_blocks": list(self.blocks), "head": f"{self._head_text()} on the mean-pooled states"}
 
 
 def heads_of(model: nn.Module) -> Optional[ExitHeads]:
