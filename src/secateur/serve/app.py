@@ -39,6 +39,7 @@ from .metrics import Metrics
 from .policy import Decision, Outcome, RouteRequest, build_policy
 from .protocol import (APIError, ChatRequest, CompletionRequest, EmbeddingRequest, embedding_value,
                        from_validation, invalid, new_id, now, usage)
+from .upstream import Answer, Failed, Forwarder
 
 log = logging.getLogger(__name__)
 access = logging.getLogger("secateur.serve.access")
@@ -47,12 +48,8 @@ JSON_TYPES = ("application/json",)
 PLAIN_CHAT_STOP = "\nuser:"
 
 
-class _Failed(Exception):
-    """A tier's attempt failed in a way another tier may fix (timeout, engine error)."""
-
-    def __init__(self, kind: str, error: APIError):
-        super().__init__(error.message)
-        self.kind, self.error = kind, error
+# a tier's attempt failed in a way another tier may fix (timeout, engine error, an upstream down)
+_Failed = Failed
 
 
 def _timeout() -> _Failed:
@@ -83,6 +80,7 @@ class Gateway:
         self.in_flight = 0
         self.ready_error: Optional[str] = None
         self.tasks: list[asyncio.Task[Any]] = []
+        self.forwarder = Forwarder()
 
     # --- start-up and background ------------------------------------------------------------
     async def start(self) -> None:
@@ -93,11 +91,12 @@ class Gateway:
     async def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
+        await self.forwarder.close()
         self.family.close()
 
     async def _warm(self) -> None:
         wanted = [self.family.default_variant] + [self.family.tiers[t] for t in self.config.preload]
-        for variant in dict.fromkeys(wanted):
+        for variant in dict.fromkeys(v for v in wanted if self.family.upstream(v) is None):
             try:
                 await self.family.aload(variant)
             except Exception as exc:  # noqa: BLE001 - readiness reports it
@@ -121,7 +120,7 @@ class Gateway:
             return str(exc)
         finally:
             self.family.sweep(self.config.unload_idle_s)
-        if self.family.engine(self.family.default_variant) is None and not any(
+        if not self.ready() and not any(
                 not t.done() and t.get_name() == "warm" for t in self.tasks):
             self.tasks = [t for t in self.tasks if not t.done()]
             self.tasks.append(asyncio.create_task(self._warm(), name="warm"))
@@ -155,8 +154,18 @@ class Gateway:
                 "aliases": family.aliases, "names_version": family.version, "in_flight": self.in_flight,
                 "refreshed_s_ago": round(time.monotonic() - family.refreshed, 3), "variants": engines}
 
+    async def forward(self, request: Request, decision: Decision, kind: str, stream: bool,
+                      deadline: float) -> Optional[Answer]:
+        """The decided tier's answer when it is an upstream (see :mod:`.upstream`), else None."""
+        upstream = self.family.upstream(decision.variant)
+        if upstream is None:
+            return None
+        return await self.forwarder.call(upstream, kind, request.scope.get("secateur_body") or {}, stream, deadline)
+
     def ready(self) -> bool:
-        return self.family.engine(self.family.default_variant) is not None
+        """The default variant is loaded (an upstream default is ready: it is served elsewhere)."""
+        default = self.family.default_variant
+        return self.family.upstream(default) is not None or self.family.engine(default) is not None
 
     # --- request plumbing -------------------------------------------------------------------
     def acquire(self) -> None:
@@ -202,6 +211,7 @@ class Gateway:
             raise invalid(f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
         if not isinstance(raw, dict):
             raise invalid(f"the request body must be a JSON object, got {type(raw).__name__}", code="invalid_json")
+        request.scope["secateur_body"] = raw  # what an upstream tier is sent (never logged)
         try:
             return kind.model_validate(raw)
         except ValidationError as exc:
@@ -439,6 +449,9 @@ def create_app(family: str, config: Optional[ServeConfig] = None, home: Union[st
             counts: list[int] = []
 
             async def attempt(decision: Decision, deadline: float) -> Any:
+                answer = await gateway.forward(request, decision, "embedding", False, deadline)
+                if answer is not None:
+                    return answer
                 engine = await gateway.engine(request, decision, deadline, "encoder")
                 limit = min(engine.context, gateway.limits.max_embedding_length)
                 counts[:] = [len(ids) for ids in engine.tokenizer(texts)["input_ids"]]
@@ -459,6 +472,8 @@ def create_app(family: str, config: Optional[ServeConfig] = None, home: Union[st
                 return event.embeddings
 
             decision, rows = await gateway.routed(request, route, attempt)
+            if isinstance(rows, Answer):
+                return _upstream_answer(gateway, request, req.model, decision, rows)
             total = sum(counts)
             _info(request).update(prompt_tokens=total)
             gateway.metrics.prompt_tokens.labels(decision.variant).inc(total)
@@ -554,8 +569,11 @@ async def _generate(gateway: Gateway, request: Request, req: Any, kind: str,
     route = RouteRequest(model=req.model, kind=kind, headers=dict(request.headers), stream=stream, seed=req.seed)
     info = _info(request)
 
-    async def attempt(decision: Decision, deadline: float) -> _Generation:
+    async def attempt(decision: Decision, deadline: float) -> Union[_Generation, Answer]:
         started = time.perf_counter()
+        answer = await gateway.forward(request, decision, kind, stream, deadline)
+        if answer is not None:
+            return answer
         engine = await gateway.engine(request, decision, deadline, "causal")
         prompts = encode(engine)
         route.prompt = prompts
@@ -584,6 +602,8 @@ async def _generate(gateway: Gateway, request: Request, req: Any, kind: str,
         return await generation.collect(deadline)
 
     decision, gen = await gateway.routed(request, route, attempt)
+    if isinstance(gen, Answer):
+        return _upstream_answer(gateway, request, req.model, decision, gen)
     prompt_tokens = sum(len(p) for p in gen.prompts)
     if stream:
         info["streaming"] = True
@@ -604,6 +624,34 @@ async def _generate(gateway: Gateway, request: Request, req: Any, kind: str,
     body = {"id": rid, "object": "text_completion" if kind == "completion" else "chat.completion", "created": now(),
             "model": req.model, "choices": choices,
             "usage": usage(prompt_tokens, sum(len(t) for t in gen.tokens))}
+    return JSONResponse(body, headers=_headers(decision))
+
+
+def _upstream_answer(gateway: Gateway, request: Request, model: str, decision: Decision, answer: Answer) -> Any:
+    """An upstream tier's answer to the client: its JSON body (``model`` the client's name), or its
+    stream relayed; our headers either way, its usage counted when it gives one."""
+    info = _info(request)
+    if answer.response is not None:
+        info["streaming"] = True
+        closed: list[bool] = []
+
+        def close() -> None:  # also when the client left before the relay started
+            if not closed:
+                closed.append(True)
+                asyncio.get_running_loop().create_task(answer.close())
+                gateway.release(request)
+
+        return _Stream(answer.relay(model), close, media_type="text/event-stream",
+                       headers={**_headers(decision), "Cache-Control": "no-cache"})
+    body = answer.client_body(model)
+    used = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    prompt, completion = used.get("prompt_tokens"), used.get("completion_tokens")
+    if isinstance(prompt, int):
+        info["prompt_tokens"] = prompt
+        gateway.metrics.prompt_tokens.labels(decision.variant).inc(prompt)
+    if isinstance(completion, int):
+        info["completion_tokens"] = completion
+        gateway.metrics.tokens.labels(decision.variant).inc(completion)
     return JSONResponse(body, headers=_headers(decision))
 
 
@@ -734,9 +782,11 @@ def _model_list(gateway: Gateway) -> list[dict[str, Any]]:
         tier, variant = family.resolve(name)
         kind = "tier" if name in family.tiers else "alias" if tier in family.aliases else "variant"
         ref = family.variants[variant].ref if variant in family.variants else variant
-        out.append({"id": name, "object": "model", "created": 0, "owned_by": "secateur",
-                    "secateur": {"kind": kind, "variant": variant, "ref": ref,
-                                 "loaded": family.engine(variant) is not None}})
+        upstream = family.upstream(variant)
+        entry = {"kind": kind, "variant": variant, "ref": ref, "loaded": family.engine(variant) is not None}
+        if upstream is not None:
+            entry.update(kind="upstream", url=upstream.url, upstream_model=upstream.model)
+        out.append({"id": name, "object": "model", "created": 0, "owned_by": "secateur", "secateur": entry})
     return out
 
 

@@ -7,7 +7,12 @@ Every key is optional; a file holds only what it changes::
                                    #   first tier, else the alias 'default', else the oldest variant)
     tiers:                         # names a request's `model` may use, cheapest first
       small: stories@fast          #   each an alias (`fast`, `stories@fast`), a variant name
-      large: base                  #   (`base`, `stories/base`) or a variant id (`v-…`)
+      large: base                  #   (`base`, `stories/base`) or a variant id (`v-…`), or an
+      remote:                      #   OpenAI-compatible upstream (vLLM, another gateway) that
+        url: http://127.0.0.1:9001/v1   # requests of this tier are forwarded to
+        model: stories@base        #   the upstream's own name for the model
+        api_key_env: UPSTREAM_KEY  #   optional: the environment variable holding its bearer key
+        timeout_s: 30              #   optional: seconds per forwarded request (default: limits.timeout_s)
     policy:                        # who answers a request for the family itself (`model: stories`)
       kind: static                 #   static | fallback | a user class `package.module:Class`
       weights: {small: 3, large: 1}
@@ -31,7 +36,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 from ..errors import ConfigError, SecateurError, did_you_mean
 
@@ -77,6 +82,52 @@ class Limits:
         _integer("limits.max_embedding_length", self.max_embedding_length, 2, 1 << 16)
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """A tier served by another OpenAI-compatible server: ``url`` is its base (``…/v1``), ``model``
+    the name it knows the model by; its bearer key (if any) is read from ``api_key_env``."""
+
+    url: str
+    model: str
+    api_key_env: Optional[str] = None
+    timeout_s: Optional[float] = None
+    where: str = field(default="upstream", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from urllib.parse import urlsplit
+
+        if not isinstance(self.url, str) or not self.url:
+            raise ConfigError(f"{self.where}.url", f"expected an http(s) URL such as http://127.0.0.1:9001/v1, "
+                                                   f"got {self.url!r}")
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{self.where}.url", f"expected an http:// or https:// URL with a host, got {self.url!r}")
+        if parts.query or parts.fragment:
+            raise ConfigError(f"{self.where}.url", "the base URL takes no query or fragment")
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError(f"{self.where}.model", f"expected the upstream's model name, got {self.model!r}")
+        if self.api_key_env is not None and (not isinstance(self.api_key_env, str) or not self.api_key_env):
+            raise ConfigError(f"{self.where}.api_key_env", f"expected an environment variable name, got "
+                                                           f"{self.api_key_env!r}")
+        if self.timeout_s is not None:
+            _number(f"{self.where}.timeout_s", self.timeout_s, 0.001, 86400)
+
+    @property
+    def id(self) -> str:
+        """The tier's variant id in headers, logs and metrics."""
+        return f"upstream:{self.url.rstrip('/')}#{self.model}"
+
+    def key(self) -> Optional[str]:
+        if self.api_key_env is None:
+            return None
+        value = os.environ.get(self.api_key_env)
+        if not value:
+            raise SecateurError(f"upstream {self.url}: the environment variable {self.api_key_env} (api_key_env) "
+                                "is not set")
+        return value
+
+
+UPSTREAM_PREFIX = "upstream:"
 ADMIN_TOKEN_ENV = "SECATEUR_ADMIN_TOKEN"
 MIN_TOKEN_CHARS = 16
 
@@ -116,7 +167,7 @@ class Admin:
 @dataclass(frozen=True)
 class ServeConfig:
     default: Optional[str] = None
-    tiers: Mapping[str, str] = field(default_factory=dict)
+    tiers: Mapping[str, Union[str, Upstream]] = field(default_factory=dict)
     policy: Mapping[str, Any] = field(default_factory=lambda: {"kind": "static"})
     batching: Batching = field(default_factory=Batching)
     limits: Limits = field(default_factory=Limits)
@@ -134,8 +185,9 @@ class ServeConfig:
         for name, ref in self.tiers.items():
             if not isinstance(name, str) or not name or "@" in name or "/" in name:
                 raise ConfigError(f"tiers.{name}", "a tier name is a plain word (no '@' or '/')")
-            if not isinstance(ref, str) or not ref:
-                raise ConfigError(f"tiers.{name}", f"expected an alias, variant name or id, got {ref!r}")
+            if not isinstance(ref, Upstream) and (not isinstance(ref, str) or not ref):
+                raise ConfigError(f"tiers.{name}", f"expected an alias, variant name or id, or an upstream "
+                                                   f"{{url: ..., model: ...}}, got {ref!r}")
         if not isinstance(self.policy, Mapping) or not isinstance(self.policy.get("kind", "static"), str):
             raise ConfigError("policy", f"expected a mapping with a 'kind' (static, fallback or "
                                         f"package.module:Class), got {self.policy!r}")
@@ -162,7 +214,18 @@ class ServeConfig:
                 _reject_unknown(value, [f.name for f in fields(kind)], key)
                 kwargs[key] = kind(**value)
         if "tiers" in kwargs:
-            kwargs["tiers"] = dict(kwargs["tiers"] or {}) if isinstance(kwargs["tiers"] or {}, Mapping) else kwargs["tiers"]
+            tiers = kwargs["tiers"] or {}
+            if isinstance(tiers, Mapping):
+                tiers = dict(tiers)
+                for name, ref in tiers.items():
+                    if isinstance(ref, Mapping):
+                        where = f"tiers.{name}"
+                        _reject_unknown(ref, ["url", "model", "api_key_env", "timeout_s"], where)
+                        missing = [k for k in ("url", "model") if k not in ref]
+                        if missing:
+                            raise ConfigError(f"{where}.{missing[0]}", "an upstream tier needs url and model")
+                        tiers[name] = Upstream(**ref, where=where)
+            kwargs["tiers"] = tiers
         if "policy" in kwargs:
             policy = kwargs["policy"]
             kwargs["policy"] = {"kind": policy} if isinstance(policy, str) else (policy or {"kind": "static"})

@@ -31,7 +31,7 @@ from typing import Any, Optional, Union
 
 from ..errors import SecateurError, did_you_mean, one_of
 from ..registry import Registry, RegistryError
-from .config import ServeConfig
+from .config import ServeConfig, Upstream
 from .engine import EncoderEngine, Engine, LMEngine
 from .policy import FamilyView
 
@@ -76,6 +76,7 @@ class Family:
         self._loading: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self._registry = open_registry(home)
+        self.upstreams: dict[str, Upstream] = {ref.id: ref for ref in config.tiers.values() if isinstance(ref, Upstream)}
         self._seen: Optional[int] = None
         self.refreshed = 0.0
         self.version = 0  # how many times the names changed since start
@@ -114,6 +115,9 @@ class Family:
         aliases = {a.name: a.variant_id for a in registry.aliases(self.name)}
         tiers = {}
         for tier, ref in self.config.tiers.items():
+            if isinstance(ref, Upstream):  # served elsewhere: never looked up, loaded or unloaded here
+                tiers[tier] = ref.id
+                continue
             try:
                 tiers[tier] = self._lookup(ref, variants, aliases)
             except SecateurError as exc:
@@ -242,11 +246,17 @@ class Family:
     def engine(self, variant_id: str) -> Optional[Engine]:
         return self.engines.get(variant_id)
 
+    def upstream(self, variant_id: str) -> Optional[Upstream]:
+        """The upstream a tier's variant id names, if it is one."""
+        return self.upstreams.get(variant_id)
+
     def load(self, variant_id: str) -> Engine:
         """The engine of ``variant_id``, loading it first if needed (blocking; one load at a time
         per variant, concurrent callers wait for it)."""
         if variant_id in self.engines:
             return self.engines[variant_id]
+        if variant_id in self.upstreams:
+            raise SecateurError(f"{variant_id} is an upstream tier: it is served over HTTP, not loaded")
         with self._lock:
             lock = self._loading.setdefault(variant_id, threading.Lock())
         with lock:
