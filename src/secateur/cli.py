@@ -767,10 +767,24 @@ def serve_cmd(family: str = typer.Argument(..., help="A family in the registry (
                                                                                   "limits (see docs/serve.md)."),
               host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback by default)."),
               port: int = typer.Option(8000, "--port", help="TCP port."),
-              home: Optional[Path] = typer.Option(None, "--home", help="Registry home (default: SECATEUR_HOME).")) -> None:
+              home: Optional[Path] = typer.Option(None, "--home", help="Registry home (default: SECATEUR_HOME)."),
+              backend: str = typer.Option("local", "--backend", help="local (one process) or ray (a Ray Serve "
+                                                                     "application: an ingress and one deployment per "
+                                                                     "variant)."),
+              ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (default: "
+                                                                                    "start a local instance)."),
+              num_cpus: float = typer.Option(0.0, "--num-cpus", help="CPUs each Ray Serve replica declares.")) -> None:
     """Serve a family behind one OpenAI-compatible endpoint (/v1/completions, /v1/chat/completions,
     /v1/embeddings, /v1/models, /health, /ready, /metrics); a request's model names the family (the
-    routing policy decides), a tier, an alias or a variant. Needs `pip install 'secateur[serve]'`."""
+    routing policy decides), a tier, an alias or a variant. Needs `pip install 'secateur[serve]'`
+    (and 'secateur[ray]' for --backend ray)."""
+    if backend not in ("local", "ray"):
+        raise SecateurError(f"unknown backend '{backend}'; valid: local, ray")
+    if backend == "ray":
+        from .serve.ray_backend import serve_on_ray
+
+        serve_on_ray(family, config, host=host, port=port, home=home, address=ray_address, num_cpus=num_cpus)
+        return
     from .serve import serve
 
     serve(family, config, host=host, port=port, home=home)

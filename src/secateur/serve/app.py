@@ -70,11 +70,12 @@ def plain_chat(messages: list[Any]) -> str:
 class Gateway:
     """The app's state: family, policy, metrics, limits and the in-flight count."""
 
-    def __init__(self, family: str, config: ServeConfig, home: Union[str, Path, None] = None):
+    def __init__(self, family: str, config: ServeConfig, home: Union[str, Path, None] = None,
+                 engine_builder: Optional[Callable[[Any], Engine]] = None):
         self.config, self.limits = config, config.limits
         self.metrics = Metrics()
         self.admin_token = config.admin.secret() if config.admin.enabled else None  # refuses to start without
-        self.family = Family(family, config, home, observe=self.metrics.observe)
+        self.family = Family(family, config, home, observe=self.metrics.observe, build=engine_builder)
         self.policy = build_policy(config.policy, self.family.tiers)
         self.policy_changed = time.time()
         self.in_flight = 0
@@ -351,10 +352,12 @@ class _Generation:
         return self
 
 
-def create_app(family: str, config: Optional[ServeConfig] = None, home: Union[str, Path, None] = None) -> FastAPI:
+def create_app(family: str, config: Optional[ServeConfig] = None, home: Union[str, Path, None] = None,
+               engine_builder: Optional[Callable[[Any], Engine]] = None) -> FastAPI:
     """The gateway app for ``family`` (raises :class:`SecateurError` at once for an unknown family
-    or a config whose tiers do not resolve)."""
-    gateway = Gateway(family, config or ServeConfig(), home)
+    or a config whose tiers do not resolve). ``engine_builder`` (variant -> engine) replaces loading
+    variants in this process (the Ray backend's engines run in their own deployments)."""
+    gateway = Gateway(family, config or ServeConfig(), home, engine_builder)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -114,6 +114,7 @@ class GenerateJob(Job):
     def __init__(self, loop: asyncio.AbstractEventLoop, prompts: list[list[int]], max_new: int, sampling: Sampling,
                  stops: tuple[str, ...], tokenizer: Any, eos: frozenset[int]):
         super().__init__(loop)
+        self.prompts, self.max_new, self.sampling, self.stops = prompts, max_new, sampling, stops  # (Ray backend)
         self.sequences = [Sequence(ids, max_new, sampling, eos, tag=(self, i)) for i, ids in enumerate(prompts)]
         self.texts = [_Text(tokenizer, ids[-1:], stops) for ids in prompts]
 

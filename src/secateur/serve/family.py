@@ -67,8 +67,9 @@ class Family:
     """The served family's names and its loaded engines (see the module text)."""
 
     def __init__(self, name: str, config: ServeConfig, home: Union[str, Path, None] = None,
-                 observe: Any = None):
+                 observe: Any = None, build: Any = None):
         self.name, self.config, self.home, self.observe = name, config, home, observe
+        self.build = build  # variant -> Engine, instead of loading it here (the Ray backend's remote engines)
         self.engines: dict[str, Engine] = {}
         self.failed: dict[str, str] = {}
         self.active: dict[str, int] = {}       # variant id -> requests holding it
@@ -281,6 +282,8 @@ class Family:
     def _build(self, variant: Any) -> Engine:
         from ..runtime import describe
 
+        if self.build is not None:
+            return self.build(variant)
         start = time.perf_counter()
         model, tokenizer, kind = load_model(variant)
         batching = self.config.batching
