@@ -113,3 +113,37 @@ def test_a_bad_upstream_tier_is_one_line_naming_its_key(tiers, path):
     with pytest.raises(ConfigError) as info:
         ServeConfig.from_dict({"tiers": tiers})
     assert str(info.value).startswith(path) and "\n" not in str(info.value)
+
+
+def test_an_upstream_that_breaks_mid_stream_ends_the_stream_with_an_error_event(start_server):
+    """A real socket on loopback answers one event of a chunked stream, then hangs up: the client
+    gets that event, an error event and [DONE] (never a hung or torn connection)."""
+    import json
+    import threading
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    event = b'data: {"id":"c","object":"text_completion","model":"m","choices":[{"index":0,"text":"Once"}]}\n\n'
+
+    def serve_once() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                         + f"{len(event):x}\r\n".encode() + event + b"\r\n")
+
+    thread = threading.Thread(target=serve_once, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    try:
+        server = start_server("stories", f"tiers:\n  remote: {{url: '{url}', model: m}}\n  local: fast\n")
+        with httpx.stream("POST", f"{server.url}/v1/completions", timeout=30,
+                          json={"model": "remote", "prompt": "Once", "max_tokens": 4, "stream": True}) as r:
+            data = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
+        assert r.status_code == 200 and data[-1] == "[DONE]"
+        assert json.loads(data[0])["model"] == "remote" and json.loads(data[0])["choices"][0]["text"] == "Once"
+        assert json.loads(data[-2])["error"]["code"] == "upstream_error"
+    finally:
+        listener.close()
+        thread.join(timeout=5)

@@ -55,7 +55,10 @@ class Answer:
         return body
 
     async def relay(self, model: str) -> AsyncIterator[bytes]:
-        """The upstream's server-sent events, each ``data:`` chunk's ``model`` set to ``model``."""
+        """The upstream's server-sent events, each ``data:`` chunk's ``model`` set to ``model``; an
+        upstream that fails or stalls mid-stream ends it with an error event and ``[DONE]``."""
+        import httpx
+
         try:
             async for line in self.response.aiter_lines():
                 if line.startswith("data:") and line[5:].strip() not in ("", "[DONE]"):
@@ -69,6 +72,11 @@ class Answer:
                     yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n".encode()
                 else:
                     yield (line + "\n").encode()
+        except httpx.HTTPError as exc:
+            code = "timeout" if isinstance(exc, httpx.TimeoutException) else "upstream_error"
+            error = {"message": f"upstream {self.upstream.url} ({self.upstream.model}) failed mid-stream: "
+                                f"{type(exc).__name__}", "type": "server_error", "param": None, "code": code}
+            yield f"\ndata: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n".encode()
         finally:
             await self.response.aclose()
 
