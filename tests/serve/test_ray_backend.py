@@ -7,6 +7,7 @@ and leaves no Ray process behind."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,8 +43,14 @@ def _ray_processes(tmp: str) -> list[int]:
     return found
 
 
-def test_the_gateway_runs_as_a_ray_serve_application(serve_home, tmp_path):
+def test_the_gateway_runs_as_a_ray_serve_application(serve_home, stories_dir, tmp_path):
+    import secateur
     from openai import OpenAI
+    from secateur import artifacts
+    from secateur.registry import Registry
+
+    home = tmp_path / "home"  # a copy: this test registers a variant and moves an alias
+    shutil.copytree(serve_home, home)
 
     ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths have a length limit
     port = _free_port()
@@ -54,7 +61,7 @@ def test_the_gateway_runs_as_a_ray_serve_application(serve_home, tmp_path):
            "RAY_USAGE_STATS_ENABLED": "0"}
     log = open(tmp_path / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "secateur.cli", "serve", "stories", "--backend", "ray", "--port",
-                             str(port), "--home", str(serve_home), "--config", str(config)], cwd=REPO, env=env,
+                             str(port), "--home", str(home), "--config", str(config)], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -91,6 +98,24 @@ def test_the_gateway_runs_as_a_ray_serve_application(serve_home, tmp_path):
         assert {"stories", "small", "large"} <= ids
         bad = httpx.post(f"{url}/v1/completions", json={"model": "nope", "prompt": "x"})
         assert bad.status_code == 404 and "valid" in bad.json()["error"]["message"]
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert "secateur_requests_total" in httpx.get(f"{url}/metrics").text
+        # a variant registered while the gateway runs gets its own application; the alias moved to it is served
+        w4 = artifacts.load(stories_dir)
+        secateur.compress_(w4.model, secateur.RTNConfig(bits=4, strategy="channel"))
+        w4_dir = secateur.save(w4.model, tmp_path / "stories-w4", tokenizer=w4.tokenizer)
+        with Registry(home) as registry:
+            new = registry.add(w4_dir, family="stories", name="w4")
+            registry.set_alias("stories", "fast", new.id)
+        end = time.monotonic() + 120
+        while True:
+            moved = httpx.post(f"{url}/v1/completions", json={"model": "small", "prompt": "Once upon a time",
+                                                              "max_tokens": 4, "temperature": 0}, timeout=150)
+            if moved.status_code == 200 and moved.headers["x-secateur-variant"] == new.id:
+                break
+            assert time.monotonic() < end, (moved.status_code, moved.text[:300], moved.headers)
+            time.sleep(0.5)
+        assert moved.json()["choices"][0]["text"]
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

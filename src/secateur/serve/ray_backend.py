@@ -1,24 +1,28 @@
 """``secateur serve FAMILY --backend ray``: the same gateway as a Ray Serve application.
 
-The application has one **ingress** deployment and one deployment per variant of the family:
+The backend runs one **ingress** application and one application per variant of the family:
 
-* the ingress (``gateway``) runs the very app :func:`secateur.serve.app.create_app` builds — the
-  OpenAI routes, limits, errors, metrics, the registry polling and the routing policies — wrapped
-  with ``serve.ingress``; only its engines differ: a :class:`RemoteEngine` keeps the variant's
-  tokenizer (prompts are tokenized and checked against the context in the ingress, as locally) and
-  sends the work to the variant's deployment through a deployment handle;
-* each variant deployment (``variant-<id>``, :class:`VariantServer`) loads its model on first use
-  and runs it in the same batching engine the local gateway uses (concurrent requests share
-  forward passes inside the replica); generation is a streaming call whose events (text deltas,
-  tokens, log-probabilities, finish reasons) go back to the ingress as they are produced, so
-  ``stream: true`` streams through Ray too. A variant that no tier or alias references any more is
-  unloaded inside its deployment (its replica stays, with no model in memory).
+* the ingress (application ``secateur`` at ``/``, deployment ``gateway``) runs the very app
+  :func:`secateur.serve.app.create_app` builds — the OpenAI routes, limits, errors, metrics, the
+  registry polling and the routing policies — wrapped with ``serve.ingress``; only its engines
+  differ: a :class:`RemoteEngine` keeps the variant's tokenizer (prompts are tokenized and checked
+  against the context in the ingress, as locally) and sends the work to the variant's deployment
+  through a deployment handle;
+* each variant (application and deployment ``variant-<id>``, no HTTP route, :class:`VariantServer`)
+  loads its model on first use and runs it in the same batching engine the local gateway uses
+  (concurrent requests share forward passes inside the replica); generation is a streaming call
+  whose events (text deltas, tokens, log-probabilities, finish reasons) go back to the ingress as
+  they are produced, so ``stream: true`` streams through Ray too. A variant that no tier or alias
+  references any more is unloaded inside its deployment (its replica stays, with no model in
+  memory).
 
-Deployments are created for the variants registered when the application starts; a variant
-registered later needs a restart (an alias moved between existing variants takes effect at once,
-as locally). Replicas declare ``num_cpus`` (default 0: on one machine they share its cores, and
-torch's threads do the work); ``--ray-address`` joins an existing cluster instead of starting a
-local instance. Ray Serve is imported only here, and only for this backend.
+One application per variant (rather than one application holding every deployment) lets a
+variant registered while the gateway runs be added without redeploying the others: the command's
+driver polls the registry every ``refresh_s`` and deploys an application for each new variant;
+the ingress, when an alias moves to it, waits for its handle. Replicas declare ``num_cpus``
+(default 0: on one machine they share its cores, and torch's threads do the work);
+``--ray-address`` joins an existing cluster instead of starting a local instance. Ray Serve is
+imported only here, and only for this backend.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -192,68 +197,116 @@ class RemoteEngine:
             log.debug("unload of %s not sent: %s", self.variant, exc)
 
 
-def _ingress_app(family: str, config: dict[str, Any], home: Optional[str]) -> Any:
-    """Evaluated in the ingress replica: the gateway app whose engines are the variant deployments."""
+def _handle(variant_id: str, wait_s: float = 120.0) -> Any:
+    """The handle of a variant's application; a variant registered after the start is deployed by
+    the driver (:func:`serve_on_ray` polls the registry), so wait for it a while."""
     from ray import serve
 
+    end = time.monotonic() + wait_s
+    while True:
+        name = deployment_name(variant_id)
+        try:
+            return serve.get_deployment_handle(name, app_name=name)
+        except Exception:  # noqa: BLE001 - not deployed yet (Ray raises RayServeException or KeyError)
+            if time.monotonic() > end:
+                raise SecateurError(f"no Ray Serve application {name} for variant {variant_id} after "
+                                    f"{wait_s:.0f} s") from None
+            time.sleep(0.5)
+
+
+def _ingress_app(family: str, config: dict[str, Any], home: Optional[str]) -> Any:
+    """Evaluated in the ingress replica: the gateway app whose engines are the variant deployments."""
     from .app import create_app
 
-    def build(variant: Any) -> RemoteEngine:
-        return RemoteEngine(variant, serve.get_deployment_handle(deployment_name(variant.id), app_name=APP_NAME))
+    def build(variant: Any) -> RemoteEngine:  # runs in a worker thread (Family.aload)
+        return RemoteEngine(variant, _handle(variant.id))
 
     return create_app(family, ServeConfig.from_dict(config), home, engine_builder=build)
 
 
-def application(family: str, config: dict[str, Any], home: Optional[str], num_cpus: float = 0.0) -> Any:
-    """The Ray Serve application: the ingress bound to one deployment per registered variant."""
-    ray, serve = _need_ray()
+def _variants(family: str, home: Optional[str]) -> list[str]:
     from .family import open_registry
 
     with open_registry(home) as registry:
         families = registry.families()
         if family not in families:
             raise SecateurError(f"unknown family '{family}'; families: {', '.join(families) or 'none'}")
-        variants = [v.id for v in registry.list(family)]
-    actor = {"num_cpus": num_cpus}
-    parts = [serve.deployment(VariantServer, name=deployment_name(vid), ray_actor_options=actor)
-             .bind(family, vid, config, home) for vid in variants]
+        return [v.id for v in registry.list(family)]
+
+
+def variant_application(family: str, variant_id: str, config: dict[str, Any], home: Optional[str],
+                        num_cpus: float = 0.0) -> Any:
+    """One variant's Ray Serve application (``variant-<id>``, no HTTP route): its ``VariantServer``."""
+    ray, serve = _need_ray()
+    return (serve.deployment(VariantServer, name=deployment_name(variant_id), ray_actor_options={"num_cpus": num_cpus})
+            .bind(family, variant_id, config, home))
+
+
+def application(family: str, config: dict[str, Any], home: Optional[str], num_cpus: float = 0.0) -> Any:
+    """The ingress application (``secateur``, at ``/``): the gateway app wrapped by ``serve.ingress``."""
+    ray, serve = _need_ray()
+    _variants(family, home)  # an unknown family fails here, before anything is deployed
 
     def build_app() -> Any:  # a plain function: Ray Serve calls it in the replica for the ASGI app
         return _ingress_app(family, config, home)
 
     @serve.ingress(build_app)
     class Gateway:
-        def __init__(self, *variant_deployments: Any):  # bound so they deploy with the app; found by name
-            self.variants = len(variant_deployments)
+        pass
 
-    return serve.deployment(Gateway, name="gateway", ray_actor_options=actor).bind(*parts)
+    return serve.deployment(Gateway, name="gateway", ray_actor_options={"num_cpus": num_cpus}).bind()
+
+
+def _deploy_new(family: str, config: dict[str, Any], home: Optional[str], num_cpus: float, done: set[str]) -> None:
+    """Deploy an application for each of the family's variants not deployed yet."""
+    from ray import serve
+
+    for vid in _variants(family, home):
+        if vid not in done:
+            serve.run(variant_application(family, vid, config, home, num_cpus), name=deployment_name(vid),
+                      route_prefix=None)
+            done.add(vid)
+            log.info("variant %s deployed as Ray Serve application %s", vid, deployment_name(vid))
 
 
 def serve_on_ray(family: str, config: Union[str, Path, None] = None, *, host: str = "127.0.0.1", port: int = 8000,
                  home: Union[str, Path, None] = None, address: Optional[str] = None, num_cpus: float = 0.0) -> None:
-    """Run the application until SIGINT or SIGTERM, then shut Serve (and a Ray started here) down."""
+    """Run the applications until SIGINT or SIGTERM, then shut Serve (and a Ray started here) down.
+
+    Every variant of the family is its own application (``variant-<id>``); the ingress is the
+    application ``secateur``. While it runs, the registry is polled every ``refresh_s`` and a
+    variant registered since gets its application, so an alias moved to it is served."""
     ray, serve = _need_ray()
     import yaml
 
     cfg_raw: dict[str, Any] = {}
+    parsed = ServeConfig()
     if config is not None:
-        ServeConfig.load(config)  # one-line errors before anything starts
+        parsed = ServeConfig.load(config)  # one-line errors before anything starts
         cfg_raw = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
     cfg_raw.pop("access_log", None)  # the replicas log through Ray's own logging
     home_s = str(Path(home).expanduser()) if home is not None else os.environ.get("SECATEUR_HOME")
+    _variants(family, home_s)  # an unknown family: one line, before Ray starts
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                            if k.startswith(("SECATEUR_", "HF_")) or k == "PYTHONPATH"}})
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which may install its own
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
+        deployed: set[str] = set()
+        _deploy_new(family, cfg_raw, home_s, num_cpus, deployed)
         serve.run(application(family, cfg_raw, home_s, num_cpus), name=APP_NAME, route_prefix="/")
         log.info("serving family '%s' on Ray Serve at http://%s:%d", family, host, port)
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
+        poll = parsed.refresh_s or None
+        while not stop.wait(poll):
+            try:
+                _deploy_new(family, cfg_raw, home_s, num_cpus, deployed)
+            except Exception as exc:  # noqa: BLE001 - keep serving what is deployed
+                log.warning("new variants not deployed: %s", exc)
     finally:
         try:
             serve.shutdown()
@@ -262,4 +315,5 @@ def serve_on_ray(family: str, config: Union[str, Path, None] = None, *, host: st
                 ray.shutdown()
 
 
-__all__ = ["VariantServer", "RemoteEngine", "application", "serve_on_ray", "deployment_name", "APP_NAME"]
+__all__ = ["VariantServer", "RemoteEngine", "application", "variant_application", "serve_on_ray", "deployment_name",
+           "APP_NAME"]
