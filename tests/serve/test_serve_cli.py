@@ -47,3 +47,23 @@ def test_import_secateur_does_not_import_the_web_stack():
              "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_ray_backend_refuses_bad_input_in_one_line(capsys, serve_home, monkeypatch, tmp_path):
+    """An unknown family or a tier that resolves to nothing fails as with the local backend, before
+    Ray is imported; without Ray installed (its import made to fail) the hint is the extra to
+    install; an unknown backend lists the valid ones."""
+    code, _, err = run_cli(capsys, "serve", "storeis", "--backend", "ray", "--home", str(serve_home))
+    assert code != 0 and "unknown family 'storeis' (did you mean 'stories'?)" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("tiers: {small: fsat}\n", encoding="utf-8")
+    code, _, err = run_cli(capsys, "serve", "stories", "--backend", "ray", "--home", str(serve_home),
+                           "--config", str(bad))
+    assert code != 0 and "(did you mean 'fast'?)" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when it is not installed
+    code, _, err = run_cli(capsys, "serve", "stories", "--backend", "ray", "--home", str(serve_home))
+    assert code != 0 and "pip install 'secateur[ray]'" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    code, _, err = run_cli(capsys, "serve", "stories", "--backend", "spark")
+    assert code != 0 and "valid: local, ray" in err and len(err.strip().splitlines()) == 1

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from ..errors import SecateurError
+from ..errors import SecateurError, did_you_mean, one_of
 from .config import ServeConfig
 from .engine import EmbedJob, Engine, Event, GenerateJob
 
@@ -230,7 +230,8 @@ def _variants(family: str, home: Optional[str]) -> list[str]:
     with open_registry(home) as registry:
         families = registry.families()
         if family not in families:
-            raise SecateurError(f"unknown family '{family}'; families: {', '.join(families) or 'none'}")
+            raise SecateurError(f"unknown family '{family}'{did_you_mean(family, families)}; "
+                                f"families in {registry.home}: {one_of(families) if families else 'none'}")
         return [v.id for v in registry.list(family)]
 
 
@@ -269,6 +270,19 @@ def _deploy_new(family: str, config: dict[str, Any], home: Optional[str], num_cp
             log.info("variant %s deployed as Ray Serve application %s", vid, deployment_name(vid))
 
 
+def _check(family: str, config: ServeConfig, home: Optional[str]) -> None:
+    """The local backend's start-up checks (the family, its tiers, the policy), before Ray is
+    imported: the same one-line errors, not a deployment that fails inside Ray."""
+    from .family import Family
+    from .policy import build_policy
+
+    names = Family(family, config, home)
+    try:
+        build_policy(config.policy, names.tiers)
+    finally:
+        names.close()
+
+
 def serve_on_ray(family: str, config: Union[str, Path, None] = None, *, host: str = "127.0.0.1", port: int = 8000,
                  home: Union[str, Path, None] = None, address: Optional[str] = None, num_cpus: float = 0.0) -> None:
     """Run the applications until SIGINT or SIGTERM, then shut Serve (and a Ray started here) down.
@@ -276,7 +290,6 @@ def serve_on_ray(family: str, config: Union[str, Path, None] = None, *, host: st
     Every variant of the family is its own application (``variant-<id>``); the ingress is the
     application ``secateur``. While it runs, the registry is polled every ``refresh_s`` and a
     variant registered since gets its application, so an alias moved to it is served."""
-    ray, serve = _need_ray()
     import yaml
 
     cfg_raw: dict[str, Any] = {}
@@ -286,7 +299,8 @@ def serve_on_ray(family: str, config: Union[str, Path, None] = None, *, host: st
         cfg_raw = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
     cfg_raw.pop("access_log", None)  # the replicas log through Ray's own logging
     home_s = str(Path(home).expanduser()) if home is not None else os.environ.get("SECATEUR_HOME")
-    _variants(family, home_s)  # an unknown family: one line, before Ray starts
+    _check(family, parsed, home_s)
+    ray, serve = _need_ray()
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=True,
