@@ -244,6 +244,7 @@ class Options:
     record_error: bool = True
     compute_dtype: str | None = None     # run the calibration forwards in this dtype (None: the model's)
     error_batches: int = 1               # batches of the re-run on which errors a method did not give are measured
+    block_hooks: Any = None              # streaming: .load(i, prefix, block) before a block, .done(...) after
 
 
 @dataclass
@@ -530,11 +531,16 @@ def sequential(model: nn.Module, input_ids: torch.Tensor, targets: dict[str, nn.
                 inputs.drop()
                 inputs, result.layers, result.resumed_from = resumed, layers, first
                 log.info("resuming %s at block %d of %d from %s", description, first, len(blocks), checkpoint)
+        hooks = options.block_hooks
         for index in track(range(first, len(blocks)), f"{description} (block)", total=len(blocks) - first):
+            if hooks is not None:
+                hooks.load(index, f"{prefix}.{index}", blocks[index])
             inputs = _run_block(model, blocks[index], index, f"{prefix}.{index}", calls, inputs, targets, method,
                                 options, arch, result, offload_dir)
             if checkpoint is not None:
                 _save_checkpoint(checkpoint, index, blocks[index], f"{prefix}.{index}", inputs, result)
+            if hooks is not None:
+                hooks.done(index, f"{prefix}.{index}", blocks[index])
         inputs.drop()
     finally:
         if offload_dir:
