@@ -105,6 +105,7 @@ class Context:
     checkpoint_dir: Optional[Path] = None    # this step's own resume folder under it (None: no resume)
     generation_dir: Optional[Path] = None    # where teacher samples are kept (default: under checkpoint_root)
     device: Any = None                # where the calibration loop runs blocks (None: the model's device)
+    block_hooks: Any = None           # streamed runs: artifacts.stream.BlockStream (load each block, write it when done)
     evaluate: Optional[Callable[[Any], dict[str, float]]] = None  # extra metrics at each training evaluation
     load: Callable[[str], Any] = _load_model  # a teacher named by path -> model (secateur.load by default)
     teachers: dict[str, Any] = field(default_factory=dict)   # teachers loaded by path, shared by the steps

@@ -484,6 +484,7 @@ def options_for(config: Any, ctx: Any, propagate: str | None = None) -> Options:
     return Options(propagate=propagate or config.propagate, activation_dtype=config.activation_dtype,
                    offload=config.offload, batch_size=config.batch_size, device=getattr(ctx, "device", None),
                    compute_dtype=config.compute_dtype,
+                   block_hooks=getattr(ctx, "block_hooks", None) if propagate is None else None,
                    checkpoint_dir=getattr(ctx, "checkpoint_dir", None) if propagate is None else None,
                    record_error=propagate is None)
 

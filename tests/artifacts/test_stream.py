@@ -54,3 +54,41 @@ def test_streamed_equals_in_memory_bitwise(tmp_path):
         if k == "lm_head.weight" and k not in got:   # tied
             continue
         assert torch.equal(got[k], v), k
+
+
+def _streamed(src, out, prefix):
+    stream = BlockStream(src, out)
+    return stream, skeleton(src, stream, prefix)
+
+
+def _tensors(path):
+    got = {}
+    for f in path.glob("*.safetensors"):
+        got.update(load_file(f))
+    return got
+
+
+def test_gptq_w4_streamed_equals_in_memory(tmp_path):
+    from secateur.api import Context
+    from secateur.api import get_method
+    from secateur.quant.gptq import GPTQConfig
+
+    model = tiny_model("llama")
+    src = tmp_path / "src"
+    model.save_pretrained(src, safe_serialization=True)
+    ids = torch.randint(3, 120, (4, 16), generator=torch.Generator().manual_seed(1))
+    config = GPTQConfig(bits=4, group_size=16, batch_size=2)
+    get_method("gptq").apply(model, config, Context(data=ids))
+    reference = model.state_dict()
+    prefix = "model.layers"
+    stream, streamed = _streamed(src, tmp_path / "out", prefix)
+    ctx = Context(data=ids, block_hooks=stream)
+    get_method("gptq").apply(streamed, config, ctx)
+    stream.finish(streamed, prefix)
+    got = _tensors(tmp_path / "out")
+    assert any("qweight" in k or "weight_packed" in k or "qzeros" in k or "scale" in k for k in got)
+    for k, v in reference.items():
+        if k == "lm_head.weight" and k not in got:
+            continue
+        assert torch.equal(got[k], v), k
+    assert set(got) >= set(reference) - {"lm_head.weight"}

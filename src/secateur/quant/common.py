@@ -4,6 +4,7 @@ integers (and runs them on real low-precision kernels)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
@@ -122,6 +123,20 @@ def swap_all(model: nn.Module, targets: dict[str, nn.Module], config: WeightQuan
         replace(model, name, to_quant_linear(module, q, scale, zero, scheme, config.activations))
 
 
+class _SwapThenWrite:
+    """Streaming hooks that swap a finished block's stashed Linears before the writer sees it."""
+
+    def __init__(self, inner: Any, model: nn.Module, targets: dict[str, nn.Module], config: Any):
+        self.inner, self.model, self.targets, self.config = inner, model, targets, config
+
+    def load(self, index: int, prefix: str, block: nn.Module) -> None:
+        self.inner.load(index, prefix, block)
+
+    def done(self, index: int, prefix: str, block: nn.Module) -> None:
+        swap_all(self.model, {n: m for n, m in self.targets.items() if n.startswith(prefix + ".")}, self.config)
+        self.inner.done(index, prefix, block)
+
+
 def run_calibrated(model: nn.Module, config: Any, ctx: Any, make: Callable[[dict[str, nn.Module]], Any]) -> dict[str, Any]:
     """What every calibrated quantizer's ``apply`` does: select and check the targets (a group size
     that does not divide fails before any work), run the one calibration loop with the method
@@ -135,7 +150,15 @@ def run_calibrated(model: nn.Module, config: Any, ctx: Any, make: Callable[[dict
     for name, module in targets.items():
         check_linear(name, module)
         scheme_for(config, name, module)
-    result = sequential(model, ids, targets, make(targets), options_for(config, ctx), description=config.method)
+    options = options_for(config, ctx)
+    if options.block_hooks is not None:  # streamed: each block's Linears become QuantLinears before it is written
+        options = dataclasses.replace(options, block_hooks=_SwapThenWrite(options.block_hooks, model, targets, config))
+    result = sequential(model, ids, targets, make(targets), options, description=config.method)
+    if options.block_hooks is not None:
+        from ..models.arch import arch_of
+
+        prefix = arch_of(model).arch.block_prefix(model) + "."
+        targets = {n: m for n, m in targets.items() if not n.startswith(prefix)}
     swap_all(model, targets, config)
     out = summary(result.layers, config)
     out.update(calibration=result.settings, resumed_from_block=result.resumed_from,
