@@ -92,3 +92,25 @@ def test_gptq_w4_streamed_equals_in_memory(tmp_path):
             continue
         assert torch.equal(got[k], v), k
     assert set(got) >= set(reference) - {"lm_head.weight"}
+
+
+def test_sparsegpt_streamed_equals_in_memory(tmp_path):
+    from secateur.api import Context, get_method
+    from secateur.prune.sparsegpt import SparseGPTConfig
+
+    model = tiny_model("llama")
+    src = tmp_path / "src"
+    model.save_pretrained(src, safe_serialization=True)
+    ids = torch.randint(3, 120, (4, 16), generator=torch.Generator().manual_seed(2))
+    config = SparseGPTConfig(sparsity=0.5, batch_size=2)
+    expected = get_method("sparsegpt").apply(model, config, Context(data=ids))
+    reference = model.state_dict()
+    stream, streamed = _streamed(src, tmp_path / "out", "model.layers")
+    got_result = get_method("sparsegpt").apply(streamed, config, Context(data=ids, block_hooks=stream))
+    assert got_result["sparsity"] == expected["sparsity"]
+    stream.finish(streamed, "model.layers")
+    got = _tensors(tmp_path / "out")
+    for k, v in reference.items():
+        if k == "lm_head.weight" and k not in got:
+            continue
+        assert torch.equal(got[k], v), k

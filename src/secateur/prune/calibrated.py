@@ -112,7 +112,8 @@ def run(model: nn.Module, config: Any, ctx: Any, make: Callable[[dict[str, float
     layers = dict(result.layers)
     layers.update(_outside_blocks(model, targets, sparsities, config))
     total = sum(m.weight.numel() for m in targets.values())
-    zeros = sum(int((m.weight == 0).sum()) for m in targets.values())
+    zeros = sum(round(layers[n]["sparsity"] * m.weight.numel()) if m.weight.is_meta  # streamed: written already
+                else int((m.weight == 0).sum()) for n, m in targets.items())
     return {"modules": len(targets), "sparsity": round(zeros / max(total, 1), 6), "layers": layers,
             "calibration": result.settings, "peak_rss_mib": round(result.peak_rss_mib, 1),
             "resumed_from_block": result.resumed_from, "loop_seconds": round(result.seconds, 3)}
