@@ -133,8 +133,11 @@ class _SwapThenWrite:
         self.inner.load(index, prefix, block)
 
     def done(self, index: int, prefix: str, block: nn.Module) -> None:
-        swap_all(self.model, {n: m for n, m in self.targets.items() if n.startswith(prefix + ".")}, self.config)
+        mine = {n: m for n, m in self.targets.items() if n.startswith(prefix + ".")}
+        swap_all(self.model, mine, self.config)
         self.inner.done(index, prefix, block)
+        for module in mine.values():  # the swapped-out Linears: their dense weights go too
+            module.to("meta")
 
 
 def run_calibrated(model: nn.Module, config: Any, ctx: Any, make: Callable[[dict[str, nn.Module]], Any]) -> dict[str, Any]:
