@@ -158,3 +158,24 @@ def test_streamed_peak_rss_is_two_blocks_not_the_model(tmp_path):
     bar = peaks["idle"] + 2 * block + hessians + 64 * 2**20
     assert peaks["run"] <= bar, (peaks, bar)
     assert peaks["run"] - peaks["idle"] < 16 * block / 2   # far under the model
+
+
+def test_stories260k_gptq_streamed_equals_in_memory(tmp_path, stories_dir):
+    from transformers import AutoModelForCausalLM
+
+    from secateur.api import Context, get_method
+    from secateur.quant.gptq import GPTQConfig
+
+    model = AutoModelForCausalLM.from_pretrained(stories_dir).eval()
+    ids = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(3))
+    config = GPTQConfig(bits=4, group_size=32, batch_size=2)
+    get_method("gptq").apply(model, config, Context(data=ids))
+    reference = model.state_dict()
+    stream, streamed = _streamed(stories_dir, tmp_path / "out", "model.layers")
+    get_method("gptq").apply(streamed, config, Context(data=ids, block_hooks=stream))
+    stream.finish(streamed, "model.layers")
+    got = _tensors(tmp_path / "out")
+    for k, v in reference.items():
+        if k == "lm_head.weight" and k not in got:
+            continue
+        assert torch.equal(got[k], v), k

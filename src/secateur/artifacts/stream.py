@@ -111,6 +111,12 @@ class BlockStream:
         """Writes the non-block tensors and the index over every shard."""
         rest = {k: v for k, v in model.state_dict().items()
                 if not k.startswith(block_prefix + ".") and v.device.type != "meta"}
+        seen: set[int] = set()
+        for k in list(rest):  # a tied head shares the embedding's storage: written once, as transformers does
+            if rest[k].data_ptr() in seen:
+                del rest[k]
+            else:
+                seen.add(rest[k].data_ptr())
         _atomic_save(rest, self.out / "rest.safetensors")
         weight_map: dict[str, str] = {}
         from safetensors import safe_open
