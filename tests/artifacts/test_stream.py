@@ -114,6 +114,11 @@ def test_sparsegpt_streamed_equals_in_memory(tmp_path):
         if k == "lm_head.weight" and k not in got:
             continue
         assert torch.equal(got[k], v), k
+    from transformers import AutoModelForCausalLM   # a pruned output is a plain checkpoint: stock transformers loads it
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
 _CHILD = r'''

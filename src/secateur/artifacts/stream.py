@@ -124,6 +124,12 @@ class BlockStream:
         for file in sorted(self.out.glob("*.safetensors")):
             with safe_open(str(file), "pt") as f:
                 weight_map.update({k: file.name for k in f.keys()})
+        import shutil
+
+        for extra in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                      "special_tokens_map.json", "tokenizer.model"):
+            if (self.source / extra).exists():
+                shutil.copyfile(self.source / extra, self.out / extra)
         (self.out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
 
 
