@@ -184,3 +184,30 @@ def test_stories260k_gptq_streamed_equals_in_memory(tmp_path, stories_dir):
         if k == "lm_head.weight" and k not in got:
             continue
         assert torch.equal(got[k], v), k
+
+
+def test_wanda_streams_and_other_methods_are_refused_in_one_line(tmp_path):
+    import pytest
+
+    from secateur.api import Context, get_method
+    from secateur.artifacts.stream import check_streamable
+    from secateur.errors import SecateurError
+    from secateur.prune.wanda import WandaConfig
+
+    model = tiny_model("llama")
+    src = tmp_path / "src"
+    model.save_pretrained(src, safe_serialization=True)
+    ids = torch.randint(3, 120, (4, 16), generator=torch.Generator().manual_seed(4))
+    config = WandaConfig(sparsity=0.5, batch_size=2)
+    check_streamable([config])
+    get_method("wanda").apply(model, config, Context(data=ids))
+    stream, streamed = _streamed(src, tmp_path / "out", "model.layers")
+    get_method("wanda").apply(streamed, config, Context(data=ids, block_hooks=stream))
+    stream.finish(streamed, "model.layers")
+    got = _tensors(tmp_path / "out")
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items() if k in got)
+    from types import SimpleNamespace
+
+    with pytest.raises(SecateurError) as err:
+        check_streamable([config, SimpleNamespace(method="distill")])
+    assert "\n" not in str(err.value) and "steps[1]: method 'distill' cannot run streamed" in str(err.value)

@@ -150,3 +150,18 @@ def skeleton(source: str | os.PathLike, stream: BlockStream, block_prefix: str) 
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
     return model
+
+
+# Methods whose whole work happens inside the calibration loop, block by block (tested streamed).
+STREAMS = ("gptq", "sparsegpt", "wanda")
+
+
+def check_streamable(steps: list[Any]) -> None:
+    """A one-line error for the first step that cannot run streamed."""
+    from ..errors import SecateurError
+
+    for i, step in enumerate(steps):
+        method = getattr(step, "method", type(step).__name__)
+        if method not in STREAMS:
+            raise SecateurError(f"steps[{i}]: method '{method}' cannot run streamed (block by block from disk); "
+                                f"streamed methods: {', '.join(STREAMS)}")
