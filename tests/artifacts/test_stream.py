@@ -68,52 +68,46 @@ def _tensors(path):
     return got
 
 
-def test_gptq_w4_streamed_equals_in_memory(tmp_path):
-    from secateur.api import Context
-    from secateur.api import get_method
-    from secateur.quant.gptq import GPTQConfig
+def _both(tmp_path, method, config, seed):
+    """``method`` on a tiny Llama in memory and streamed from its saved copy: (the in-memory model,
+    its result, the streamed result, the streamed output's tensors, the ids)."""
+    from secateur.api import Context, get_method
 
     model = tiny_model("llama")
     src = tmp_path / "src"
     model.save_pretrained(src, safe_serialization=True)
-    ids = torch.randint(3, 120, (4, 16), generator=torch.Generator().manual_seed(1))
-    config = GPTQConfig(bits=4, group_size=16, batch_size=2)
-    get_method("gptq").apply(model, config, Context(data=ids))
-    reference = model.state_dict()
-    prefix = "model.layers"
-    stream, streamed = _streamed(src, tmp_path / "out", prefix)
-    ctx = Context(data=ids, block_hooks=stream)
-    get_method("gptq").apply(streamed, config, ctx)
-    stream.finish(streamed, prefix)
-    got = _tensors(tmp_path / "out")
-    assert any("qweight" in k or "weight_packed" in k or "qzeros" in k or "scale" in k for k in got)
+    ids = torch.randint(3, 120, (4, 16), generator=torch.Generator().manual_seed(seed))
+    expected = get_method(method).apply(model, config, Context(data=ids))
+    stream, streamed = _streamed(src, tmp_path / "out", "model.layers")
+    result = get_method(method).apply(streamed, config, Context(data=ids, block_hooks=stream))
+    stream.finish(streamed, "model.layers")
+    return model, expected, result, _tensors(tmp_path / "out"), ids
+
+
+def _assert_equal(reference, got):
+    """Every tensor of ``reference`` is in ``got``, bit for bit (a tied head is written once)."""
     for k, v in reference.items():
         if k == "lm_head.weight" and k not in got:
             continue
         assert torch.equal(got[k], v), k
+
+
+def test_gptq_w4_streamed_equals_in_memory(tmp_path):
+    from secateur.quant.gptq import GPTQConfig
+
+    model, _, _, got, _ = _both(tmp_path, "gptq", GPTQConfig(bits=4, group_size=16, batch_size=2), 1)
+    reference = model.state_dict()
+    assert any("qweight" in k or "weight_packed" in k or "qzeros" in k or "scale" in k for k in got)
+    _assert_equal(reference, got)
     assert set(got) >= set(reference) - {"lm_head.weight"}
 
 
 def test_sparsegpt_streamed_equals_in_memory(tmp_path):
-    from secateur.api import Context, get_method
     from secateur.prune.sparsegpt import SparseGPTConfig
 
-    model = tiny_model("llama")
-    src = tmp_path / "src"
-    model.save_pretrained(src, safe_serialization=True)
-    ids = torch.randint(3, 120, (4, 16), generator=torch.Generator().manual_seed(2))
-    config = SparseGPTConfig(sparsity=0.5, batch_size=2)
-    expected = get_method("sparsegpt").apply(model, config, Context(data=ids))
-    reference = model.state_dict()
-    stream, streamed = _streamed(src, tmp_path / "out", "model.layers")
-    got_result = get_method("sparsegpt").apply(streamed, config, Context(data=ids, block_hooks=stream))
+    model, expected, got_result, got, ids = _both(tmp_path, "sparsegpt", SparseGPTConfig(sparsity=0.5, batch_size=2), 2)
     assert got_result["sparsity"] == expected["sparsity"]
-    stream.finish(streamed, "model.layers")
-    got = _tensors(tmp_path / "out")
-    for k, v in reference.items():
-        if k == "lm_head.weight" and k not in got:
-            continue
-        assert torch.equal(got[k], v), k
+    _assert_equal(model.state_dict(), got)
     from transformers import AutoModelForCausalLM   # a pruned output is a plain checkpoint: stock transformers loads it
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -189,22 +183,13 @@ def test_stories260k_gptq_streamed_equals_in_memory(tmp_path, stories_dir):
 def test_wanda_streams_and_other_methods_are_refused_in_one_line(tmp_path):
     import pytest
 
-    from secateur.api import Context, get_method
     from secateur.artifacts.stream import check_streamable
     from secateur.errors import SecateurError
     from secateur.prune.wanda import WandaConfig
 
-    model = tiny_model("llama")
-    src = tmp_path / "src"
-    model.save_pretrained(src, safe_serialization=True)
-    ids = torch.randint(3, 120, (4, 16), generator=torch.Generator().manual_seed(4))
     config = WandaConfig(sparsity=0.5, batch_size=2)
     check_streamable([config])
-    get_method("wanda").apply(model, config, Context(data=ids))
-    stream, streamed = _streamed(src, tmp_path / "out", "model.layers")
-    get_method("wanda").apply(streamed, config, Context(data=ids, block_hooks=stream))
-    stream.finish(streamed, "model.layers")
-    got = _tensors(tmp_path / "out")
+    model, _, _, got, _ = _both(tmp_path, "wanda", config, 4)
     assert all(torch.equal(got[k], v) for k, v in model.state_dict().items() if k in got)
     from types import SimpleNamespace
 
