@@ -180,3 +180,53 @@ def test_a_jointly_tuned_backbone_trains_and_its_final_output_is_held_to_the_ori
     assert moved and all(not p.requires_grad for p in heads_of(model).parameters())
     history = lineage.read(model).history()[0]["result"]["history"]
     assert "final" in history[-1] and history[-1]["final"] < 0.05
+
+
+def test_the_exit_curve_is_the_encoder_one_input_at_a_time():
+    """The slow reference: each input alone through ExitEncoder at each threshold, its answer's cosine to the
+    model's own final embedding (the last block's mean-pooled state), averaged; blocks averaged."""
+    from secateur.runtime.early_exit import exit_curve
+
+    model = _three_blocks()
+    ids, mask = _batch()
+    sequences = [ids[row, :int(mask[row].sum())] for row in range(ids.shape[0])]
+    thresholds = (-1.0, 0.5, 0.9, 0.99, 1.0)
+    curve = exit_curve(model, sequences, thresholds, batch=2)
+    assert [c["threshold"] for c in curve] == [None, *thresholds] and curve[0] == {
+        "threshold": None, "mean_blocks": 3.0, "agreement": 1.0, "exits": {}}
+    spread = set()
+    for c in curve[1:]:
+        cosines, blocks = [], []
+        for x in sequences:
+            one = ExitEncoder(model, c["threshold"]).encode(x[None], torch.ones_like(x)[None])
+            with torch.no_grad():
+                final = F.normalize(mean_pool(model(input_ids=x[None]).last_hidden_state, torch.ones_like(x)[None]), dim=-1)
+            cosines.append(float((one.embeddings * final).sum()))
+            blocks.append(int(one.blocks[0]))
+        assert c["agreement"] == pytest.approx(sum(cosines) / len(cosines), abs=1e-5), c["threshold"]
+        assert c["mean_blocks"] == pytest.approx(sum(blocks) / len(blocks)), c["threshold"]
+        assert c["exits"] == {str(b): blocks.count(b) for b in sorted(set(blocks)) if b < 3}
+        spread.add(c["mean_blocks"])
+    assert min(spread) == 2.0 and max(spread) == 3.0  # -1: every input leaves at the second exit; 1.0: none
+    assert curve[1]["agreement"] < 1.0
+
+
+def test_the_encoder_step_records_its_curve_and_refuses_a_classifier():
+    from secateur import lineage
+    from secateur.api import compress_
+    from secateur.data import CalibrationSet
+    from secateur.errors import ConfigError
+    from secateur.recipe import Recipe
+
+    model = _bert3()
+    ids = torch.randint(3, 128, (40, 16), generator=torch.Generator().manual_seed(2))
+    recipe = Recipe.from_dict({"steps": [{"method": "early_exit", "steps": 4, "batch_size": 8, "lr": 1e-3,
+                                          "seq_len": 16, "eval_every": 0, "holdout": 0.1, "curve": [0.9, 0.99]}]})
+    compress_(model, recipe, data=CalibrationSet(ids, "random"))
+    curve = lineage.read(model).history()[0]["result"]["curve"]
+    assert curve["metric"] == "agreement" and curve["higher_is_better"] and "4 inputs" in curve["data"]
+    assert [p["threshold"] for p in curve["points"]] == [None, 0.9, 0.99]
+    assert all(0.0 < p["agreement"] <= 1.0 + 1e-6 and 2.0 <= p["mean_blocks"] <= 3.0 for p in curve["points"])
+    with pytest.raises(ConfigError, match="classifier"):
+        compress_(_bert3(), Recipe.from_dict({"steps": [{"method": "early_exit", "confidence": "classifier",
+                                                         "steps": 1}]}), data=CalibrationSet(ids, "random"))

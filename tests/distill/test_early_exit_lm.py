@@ -204,3 +204,155 @@ def test_what_cannot_exit_is_refused_in_one_line():
     model = _llama()
     with pytest.raises(SecateurError, match="max_len"):
         ExitLM(model, 0.5, max_len=8).greedy([1, 2, 3, 4], 8)
+
+
+def _with_classifiers(model):
+    """The heads of ``model`` with exit classifiers of random weights, spread so that some exit and some don't."""
+    heads = heads_of(model)
+    fresh = ExitHeads(heads.heads["1"].in_features, heads.blocks, classifier=True)
+    fresh.heads.load_state_dict(heads.heads.state_dict())
+    with torch.no_grad():
+        for c in fresh.classifiers.values():
+            c.weight.normal_(0.0, 1.0)
+            c.bias.fill_(0.5)
+    attach(model, fresh)
+    return model
+
+
+def _reference(model, windows, threshold, confidence="margin", exits=None):
+    """The slow, obvious reference: every window one token at a time, block by block; after each checked
+    exit the confidence (softmax margin, or the classifier's sigmoid) is compared with the threshold, the
+    first one that reaches it answers, and every block after it gets this position's keys and values from
+    the exit state, one block at a time (no fused product). Returns (perplexity, mean blocks)."""
+    from secateur.runtime.early_exit_lm import Cache, _Stack
+
+    stack, heads = _Stack(model), heads_of(model)
+    n = len(stack.blocks)
+    checked = [b for b in heads.blocks if exits is None or b in exits] if threshold is not None else []
+    nll, blocks, tokens = 0.0, 0, 0
+    with torch.no_grad():
+        for row in windows.tolist():
+            cache = Cache(stack, 1, len(row), torch.float32)
+            for t in range(len(row) - 1):
+                hidden = stack.embed(torch.tensor([[row[t]]]))
+                cos, sin = stack.cos_sin(hidden, torch.tensor([[t]]))
+                answer, used = None, n
+                for i in range(n):
+                    hidden = stack.block(i, hidden, cos, sin, cache, t)
+                    if i + 1 in checked:
+                        logits = stack.exit_logits(heads, i + 1, hidden)[0, -1]
+                        if confidence == "margin":
+                            p = torch.softmax(logits, -1).sort(descending=True).values
+                            sure = float(p[0] - p[1]) >= threshold
+                        else:
+                            sure = float(torch.sigmoid(heads.classifiers[str(i + 1)](hidden)[0, -1, 0])) >= threshold
+                        if sure:
+                            answer, used = logits, i + 1
+                            for j in range(i + 1, n):
+                                k, v = stack.kv(j, hidden, cos, sin)
+                                cache.write(j, t, k, v)
+                            break
+                if answer is None:
+                    answer = stack.final_logits(hidden)[0, -1]
+                nll -= float(torch.log_softmax(answer, -1)[row[t + 1]])
+                blocks += used
+                tokens += 1
+    return math.exp(nll / tokens), blocks / tokens
+
+
+@pytest.mark.parametrize("confidence,exits", [("margin", None), ("classifier", None), ("classifier", (2,))])
+def test_the_exit_curve_is_the_slow_reference_at_each_threshold(confidence, exits):
+    from secateur.runtime.early_exit_lm import exit_curve
+
+    model = _llama()
+    if confidence == "classifier":
+        _with_classifiers(model)
+    windows = _windows(3, 16)
+    thresholds = (0.0, 0.002, 0.005, 0.008, 1.0) if confidence == "margin" else (0.0, 0.6, 0.65, 0.7, 1.0)
+    curve = exit_curve(model, windows, thresholds, batch=2, confidence=confidence, exits=exits)
+    assert [c["threshold"] for c in curve] == [None, *thresholds]
+    ppl, blocks = _reference(model, windows, None)
+    assert curve[0]["perplexity"] == pytest.approx(ppl, rel=1e-5) and curve[0]["mean_blocks"] == blocks == 4.0
+    spread = set()
+    for c in curve[1:]:
+        ppl, blocks = _reference(model, windows, c["threshold"], confidence, exits)
+        assert c["perplexity"] == pytest.approx(ppl, rel=1e-5), c["threshold"]
+        assert c["mean_blocks"] == pytest.approx(blocks), c["threshold"]
+        assert c["increase_pct"] == pytest.approx(100 * (ppl / curve[0]["perplexity"] - 1), abs=1e-3)
+        assert sum(int(b) * k for b, k in c["exits"].items()) + 4 * (45 - sum(c["exits"].values())) \
+            == pytest.approx(c["mean_blocks"] * 45)  # 3 windows x 15 predicted tokens
+        spread.add(round(c["mean_blocks"], 6))
+    assert len(spread) >= 3  # the thresholds do move the curve
+    if exits == (2,):
+        assert all(set(c["exits"]) <= {"2"} for c in curve)
+
+
+def test_the_classifier_trains_it_is_saved_and_the_card_records_the_curve(stories_dir, tmp_path):
+    """confidence: classifier, depth-weighted exits, a jointly tuned backbone: the classifiers' losses
+    fall, the heads and classifiers survive a save and a load, the card says which confidence decides,
+    and the step's result holds the exit curve priced on the held-out split (the model without exits
+    first, its perplexity that of the held-out windows)."""
+    from secateur import lineage
+    from secateur.api import compress_
+    from secateur.artifacts import load, save
+    from secateur.data import CalibrationSet
+    from secateur.recipe import Recipe
+    from secateur.runtime.early_exit_lm import exit_curve
+
+    model = load(stories_dir).model
+    windows = _windows(40, 48, model.config.vocab_size, seed=7)
+    recipe = Recipe.from_dict({"steps": [{"method": "early_exit", "exits": [2, 3, 4], "steps": 30, "batch_size": 8,
+                                          "lr": 1e-3, "seq_len": 48, "temperature": 1.0, "eval_every": 0,
+                                          "holdout": 0.1, "confidence": "classifier", "exit_weighting": "depth",
+                                          "tune_backbone": True, "final_weight": 2.0, "curve": [0.5, 0.9]}]})
+    compress_(model, recipe, data=CalibrationSet(windows, "random"))
+    heads = heads_of(model)
+    assert heads.classifiers is not None and sorted(heads.classifiers) == ["2", "3", "4"]
+    record = lineage.read(model).history()[0]["result"]
+    first, last = record["history"][0], record["history"][-1]
+    assert last["classifier4"] < first["classifier4"] and "final" in last
+    assert record["exits"]["confidence"].startswith("learned classifier")
+    curve = record["curve"]
+    assert curve["metric"] == "perplexity" and curve["confidence"] == "classifier" and "4 windows" in curve["data"]
+    assert [p["threshold"] for p in curve["points"]] == [None, 0.5, 0.9]
+    # the recorded points are the curve of the trained model on the held-out windows (none of the training ones)
+    save(model, tmp_path / "exits")
+    again = load(tmp_path / "exits").model
+    assert heads_of(again).classifiers is not None
+    from secateur.distill.data import split
+
+    _, hold = split(list(windows), 0.1, 0)
+    redo = exit_curve(again, torch.stack(hold), (0.5, 0.9))
+    for a, b in zip(curve["points"], redo):
+        assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-5) and a["mean_blocks"] == b["mean_blocks"]
+
+
+def test_the_speed_evaluation_times_the_exits():
+    from secateur.evaluate import evaluate
+
+    model = _llama()
+    result = evaluate(model, None, "speed", prompt_len=8, new_tokens=24, runs=1, warmup=1, exit_thresholds=(0.0, 1.0))
+    curve = result.extra["exit_curve"]
+    assert [c["threshold"] for c in curve] == [0.0, 1.0] and result.extra["exit_no_exits_tokens_per_s"] > 0
+    assert curve[0]["mean_blocks"] == 1.0 and curve[1]["mean_blocks"] == 4.0   # margin >= 0 always; >= 1 never
+    assert all(c["speedup"] > 0 and c["tokens_per_s"] > 0 for c in curve)
+    from secateur.testing import tiny_model
+
+    assert "exit_curve" not in evaluate(tiny_model("llama"), None, "speed", prompt_len=4, new_tokens=4, runs=1,
+                                        warmup=1).extra
+
+
+def test_bad_exit_settings_are_refused_in_one_line():
+    from secateur.errors import ConfigError
+    from secateur.distill.early_exit import EarlyExitConfig
+
+    model = _llama()
+    for kwargs, match in (({"confidence": "classifier"}, "needs exit classifiers"), ({"confidence": "vote"}, "valid"),
+                          ({"exits": (7,)}, "have no head")):
+        with pytest.raises(SecateurError, match=match) as info:
+            ExitLM(model, 0.5, **kwargs)
+        assert "\n" not in str(info.value)
+    with pytest.raises(SecateurError, match="have no head"):
+        exit_nll(model, _windows(1, 4), 0.5, exits=(4,))
+    with pytest.raises(ConfigError, match="curve"):
+        EarlyExitConfig(curve=(1.5,))

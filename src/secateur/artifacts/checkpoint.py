@@ -401,28 +401,23 @@ def materialize_dense(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def _attach_exits(model: Any, path: Path) -> None:
-    """Early-exit heads saved with the model (``secateur_exits.heads.<block>.*``: tensors transformers
-    does not know and skips) are rebuilt and put back on it."""
+    """Early-exit heads saved with the model (``secateur_exits.heads.<block>.*`` and, with exit
+    classifiers, ``secateur_exits.classifiers.<block>.*``: tensors transformers does not know and
+    skips) are rebuilt and put back on it."""
     from safetensors import safe_open
 
     from ..runtime.early_exit import ATTRIBUTE, ExitHeads, attach
 
-    prefix = f"{ATTRIBUTE}.heads."
+    prefix = f"{ATTRIBUTE}."
     tensors: dict[str, Any] = {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as fh:
             for key in fh.keys():
                 if key.startswith(prefix):
-                    tensors[key[len(ATTRIBUTE) + 1:]] = fh.get_tensor(key)
+                    tensors[key[len(prefix):]] = fh.get_tensor(key)
     if not tensors:
         return
-    blocks = tuple(sorted({int(k.split(".")[1]) for k in tensors}))
-    up = next((t for k, t in tensors.items() if k.endswith(".up.weight")), None)
-    if up is not None:  # residual MLP heads: up is [width, hidden]
-        heads = ExitHeads(up.shape[1], blocks, kind="mlp", width=up.shape[0])
-    else:
-        heads = ExitHeads(next(iter(tensors.values())).shape[-1], blocks)
-    heads.load_state_dict(tensors)
+    heads = ExitHeads.from_state(tensors)
     heads.requires_grad_(False)
     attach(model, heads)
 

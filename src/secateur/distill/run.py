@@ -9,7 +9,7 @@ method's hooks. The method files keep only their config and their ``apply``.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -122,9 +122,12 @@ def _cached_generation(teacher: nn.Module, tokenizer: Any, config: TrainingConfi
 
 
 def run_training(model: nn.Module, config: TrainingConfig, ctx: Any, hooks: tuple = (),
-                 objective: Optional[nn.Module] = None) -> dict[str, Any]:
+                 objective: Optional[nn.Module] = None,
+                 after: Optional[Callable[[TrainingSet], dict[str, Any]]] = None) -> dict[str, Any]:
     """Teacher, data, then the loop; returns what the compression card records. ``objective``: a
-    method's own losses (see :func:`secateur.distill.train.train`)."""
+    method's own losses (see :func:`secateur.distill.train.train`); ``after(data)``: what the
+    method measures on the trained model with the same training set (its held-out split), merged
+    into the record."""
     kind = kind_of(model)
     teacher = resolve_teacher(config, ctx)
     data = training_set(config, ctx, teacher, kind)
@@ -153,6 +156,8 @@ def run_training(model: nn.Module, config: TrainingConfig, ctx: Any, hooks: tupl
         out["calibrated"] = fit_temperature(model, data.real, batch_size=config.batch_size)
         log.info("fitted temperature %.4f on %d real tokens (NLL %.4f -> %.4f)", out["calibrated"]["temperature"],
                  out["calibrated"]["tokens"], out["calibrated"]["nll_before"], out["calibrated"]["nll_after"])
+    if after is not None:
+        out.update(after(data))
     every = max(1, len(result.history) // 100)   # the card keeps about 100 points of the loss curve
     out["history"] = [h for i, h in enumerate(result.history) if (i + 1) % every == 0 or i + 1 == len(result.history)]
     ctx.training.append(result)

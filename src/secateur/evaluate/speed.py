@@ -13,6 +13,13 @@ are timed, each producing one more token, and tokens/s = ``new_tokens`` / their 
 (median over ``DECODE_RUNS`` measured runs after one warm-up run). The loop produces the same
 tokens as ``model.generate(do_sample=False)``.
 
+Early exit (a causal LM with exit heads, batch 1, not compiled): the decode is also timed in the
+exit runtime (:class:`~secateur.runtime.early_exit_lm.ExitLM`), without exits and at each threshold
+of ``exit_thresholds`` (default: the grid the ``early_exit`` step prices), in ``DECODE_RUNS``
+alternating rounds of greedy continuations of the same prompt; ``exit_curve`` records, per
+threshold, the median tokens/s, its ratio to the loop without exits and the mean blocks per
+generated token (of that continuation: the text differs from the step's held-out split).
+
 Memory and size: peak resident set size of the process so far (``ru_maxrss``), peak device memory
 on a GPU, parameter count, bytes of safetensors on disk (when the model came from a directory),
 and the fraction of exact zeros in Linear weights, per layer and in total.
@@ -117,9 +124,42 @@ def peak_rss_mib() -> float:
     return peak_rss_bytes() / 2**20
 
 
+def exit_speed(model: Any, prompt: list[int], new_tokens: int, thresholds: tuple[float, ...] = (),
+               rounds: int = DECODE_RUNS) -> dict[str, Any]:
+    """Decode speed at batch 1 in the exit runtime, without exits and at each threshold (see the
+    module docstring); ``{}`` for a model without exit heads or one the exit runtime cannot run."""
+    import statistics
+
+    from ..runtime.early_exit import heads_of
+    from ..runtime.early_exit_lm import CURVE_THRESHOLDS, ExitLM
+
+    if heads_of(model) is None:
+        return {}
+    try:
+        lms = [(None, ExitLM(model, None, max_len=len(prompt) + new_tokens))]
+    except SecateurError:
+        return {}
+    lms += [(t, ExitLM(model, t, max_len=len(prompt) + new_tokens))
+            for t in sorted(float(x) for x in (thresholds or CURVE_THRESHOLDS))]
+    rates: dict[Any, list[float]] = {t: [] for t, _ in lms}
+    blocks: dict[Any, float] = {}
+    for _, lm in lms:  # warm-up
+        lm.greedy(prompt, min(new_tokens, 8))
+    for _ in range(rounds):
+        for t, lm in lms:
+            out = lm.greedy(prompt, new_tokens)
+            rates[t].append(max(1, len(out.tokens) - 1) / out.seconds)
+            blocks[t] = out.mean_blocks
+    plain = statistics.median(rates[None])
+    return {"exit_no_exits_tokens_per_s": plain,
+            "exit_curve": [{"threshold": t, "tokens_per_s": statistics.median(rates[t]),
+                            "speedup": statistics.median(rates[t]) / plain, "mean_blocks": blocks[t]}
+                           for t, _ in lms[1:]]}
+
+
 def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int = 128, new_tokens: int = 64,
           runs: int = P4_RUNS, warmup: int = P4_WARMUP, path: str | None = None, seed: int = 0,
-          compile: Any = False) -> EvalResult:
+          compile: Any = False, exit_thresholds: tuple[float, ...] = ()) -> EvalResult:
     """Latency, decode throughput, memory, size and sparsity of ``model`` (P4).
 
     The tokenizer is not needed (inputs are seeded random ids). ``path`` is the model directory
@@ -198,6 +238,9 @@ def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int 
             rates.sort()
             extra["decode_tokens_per_s"] = rates[len(rates) // 2]
             extra.update(_percentiles(steps, "decode_step"))
+            if batch == 1 and not compile and new_tokens > 1:
+                with torch.inference_mode():
+                    extra.update(exit_speed(model, prompt[0].tolist(), new_tokens, tuple(exit_thresholds)))
     finally:
         model.train(was_training)
 

@@ -49,7 +49,8 @@ class ExitHeads(nn.Module):
     linear map initialised to the identity, or (``kind="mlp"``) a residual MLP of ``width``
     (default 2 × hidden) that starts as the identity."""
 
-    def __init__(self, hidden: int, blocks: tuple[int, ...], kind: str = "linear", width: int = 0):
+    def __init__(self, hidden: int, blocks: tuple[int, ...], kind: str = "linear", width: int = 0,
+                 classifier: bool = False):
         super().__init__()
         if kind not in HEAD_KINDS:
             from ..errors import SecateurError
@@ -57,6 +58,9 @@ class ExitHeads(nn.Module):
             raise SecateurError(f"unknown exit head kind '{kind}'; valid: {', '.join(HEAD_KINDS)}")
         self.blocks = tuple(sorted(int(b) for b in blocks))
         self.kind, self.width = kind, width or 2 * hidden
+        # causal LMs: a learned exit classifier per exit (hidden state -> logit of "this exit's top-1 is the
+        # final layer's"), read before the exit's logits are computed; None: the softmax margin decides
+        self.classifiers = nn.ModuleDict({str(b): nn.Linear(hidden, 1) for b in self.blocks}) if classifier else None
         if kind == "mlp":
             self.heads = nn.ModuleDict({str(b): ResidualMLP(hidden, self.width) for b in self.blocks})
             return
@@ -66,8 +70,31 @@ class ExitHeads(nn.Module):
                 head.weight.copy_(torch.eye(hidden))
                 head.bias.zero_()
 
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor]) -> "ExitHeads":
+        """The heads whose ``state_dict()`` is ``tensors`` (keys ``heads.<block>.…`` and, with exit
+        classifiers, ``classifiers.<block>.…``): what loading an artifact rebuilds."""
+        blocks = tuple(sorted({int(k.split(".")[1]) for k in tensors if k.startswith("heads.")}))
+        if not blocks:
+            from ..errors import SecateurError
+
+            raise SecateurError("the saved exit heads hold no 'heads.<block>' tensors; the artifact is damaged")
+        up = next((t for k, t in tensors.items() if k.startswith("heads.") and k.endswith(".up.weight")), None)
+        classifier = any(k.startswith("classifiers.") for k in tensors)
+        if up is not None:  # residual MLP heads: up is [width, hidden]
+            heads = cls(up.shape[1], blocks, kind="mlp", width=up.shape[0], classifier=classifier)
+        else:
+            hidden = next(t for k, t in tensors.items() if k.startswith("heads.")).shape[-1]
+            heads = cls(hidden, blocks, classifier=classifier)
+        heads.load_state_dict(tensors)
+        return heads
+
     def forward(self, block: int, pooled: torch.Tensor) -> torch.Tensor:
         return self.heads[str(block)](pooled)
+
+    def confidence_logit(self, block: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The exit classifier's logit for ``hidden`` (the state after ``block``), last dimension dropped."""
+        return self.classifiers[str(block)](hidden).squeeze(-1)
 
     def _head_text(self) -> str:
         return "linear (hidden -> hidden)" if self.kind == "linear" else f"residual MLP (hidden -> {self.width} -> hidden)"
@@ -76,7 +103,10 @@ class ExitHeads(nn.Module):
         if kind == "causal":
             return {"exits_after_blocks": list(self.blocks),
                     "head": f"{self._head_text()} adapter, then the model's final norm and output head",
-                    "confidence": "softmax margin (top-1 minus top-2 probability)",
+                    "confidence": ("learned classifier (a linear map of the exit's hidden state, sigmoid: the "
+                                   "probability that the exit's top-1 token is the final layer's)"
+                                   if self.classifiers is not None else
+                                   "softmax margin (top-1 minus top-2 probability)"),
                     "skipped_blocks": "keys and values from the exit state (CALM state propagation)"}
         return {"exits_after_blocks": list(self.blocks), "head": f"{self._head_text()} on the mean-pooled states"}
 
@@ -153,6 +183,42 @@ def simulate(exits: dict[int, torch.Tensor], threshold: float) -> tuple[torch.Te
     return result, blocks
 
 
+ENCODER_THRESHOLDS = (0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+
+
+@torch.no_grad()
+def exit_curve(model: nn.Module, sequences: list[torch.Tensor], thresholds: tuple[float, ...] = ENCODER_THRESHOLDS,
+               batch: int = 64, pad_id: int = 0) -> list[dict[str, Any]]:
+    """The exit curve on ``sequences`` (1-D token ids each, padded per batch): first the model
+    without exits (``threshold`` None), then each threshold with the mean blocks per input, the
+    **agreement** (mean cosine between the embedding :class:`ExitEncoder` answers and the model's own
+    final embedding) and how many inputs left at each exit (:func:`simulate`, one pass of the model)."""
+    if not thresholds:
+        from ..errors import SecateurError
+
+        raise SecateurError("exit_curve needs at least one threshold")
+    views: dict[int, list[torch.Tensor]] = {}
+    for start in range(0, len(sequences), batch):
+        part = sequences[start:start + batch]
+        width = max(len(x) for x in part)
+        ids = torch.full((len(part), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(part), width), dtype=torch.long)
+        for row, x in enumerate(part):
+            ids[row, :len(x)], mask[row, :len(x)] = x, 1
+        for block, emb in exit_embeddings(model, ids, mask).items():
+            views.setdefault(block, []).append(emb.float())
+    exits = {b: torch.cat(v) for b, v in views.items()}
+    n = max(exits)
+    final = F.normalize(exits[n], dim=-1)
+    rows = [{"threshold": None, "mean_blocks": float(n), "agreement": 1.0, "exits": {}}]
+    for t in sorted(float(x) for x in thresholds):
+        answered, blocks = simulate(exits, t)
+        counts = {str(b): int((blocks == b).sum()) for b in sorted(set(blocks.tolist())) if b < n}
+        rows.append({"threshold": t, "mean_blocks": float(blocks.float().mean()),
+                     "agreement": float((answered * final).sum(-1).mean()), "exits": counts})
+    return rows
+
+
 @dataclass
 class Encoded:
     embeddings: torch.Tensor                 # [B, D], L2-normalised
@@ -208,4 +274,5 @@ class ExitEncoder:
         return Encoded(result, used, exits)
 
 
-__all__ = ["ExitHeads", "ExitEncoder", "Encoded", "exit_embeddings", "simulate", "heads_of", "attach", "mean_pool", "ATTRIBUTE"]
+__all__ = ["ExitHeads", "ExitEncoder", "Encoded", "exit_embeddings", "exit_curve", "simulate",
+           "ENCODER_THRESHOLDS", "heads_of", "attach", "mean_pool", "ATTRIBUTE"]
