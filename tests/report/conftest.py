@@ -168,3 +168,29 @@ def make_family() -> dict[str, Any]:
 @pytest.fixture
 def family() -> dict[str, Any]:
     return copy.deepcopy(make_family())
+
+
+EXIT_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+
+
+def exit_variant(name: str = "exits") -> dict[str, Any]:
+    """A variant with exit heads: its early_exit step's curve in the card (perplexity on the held-out
+    split against mean blocks) and the speed evaluation's exit_curve for five of its thresholds."""
+    step = {"method": "early_exit", "confidence": "classifier", "tune_backbone": True}
+    card = _card(name, [step], 1_060_000, 0.0, 5)
+    points = [{"threshold": None, "mean_blocks": 5.0, "nll": 1.41, "perplexity": 4.1, "increase_pct": 0.0, "exits": {}}]
+    for i, t in enumerate(EXIT_THRESHOLDS):
+        blocks = 3.6 + 0.2 * i
+        ppl = 4.1 * (1 + 0.3 * (5.0 - blocks) ** 2 / 2)
+        points.append({"threshold": t, "mean_blocks": blocks, "nll": 1.4, "perplexity": ppl,
+                       "increase_pct": 100 * (ppl / 4.1 - 1), "exits": {"2": 10 * i, "3": 5}})
+    card["history"][0]["result"] = {"exits": {"exits_after_blocks": [1, 2, 3, 4]},
+                                    "curve": {"data": "held-out split of the training text: 8 windows of 256 tokens",
+                                              "metric": "perplexity", "higher_is_better": False, "blocks": 5,
+                                              "confidence": "classifier", "unit": "blocks per token", "points": points}}
+    speed = _speed(2.95, 4.8, 185.0)
+    speed["exit_curve"] = [{"threshold": t, "tokens_per_s": 300 + 20 * i, "speedup": 1.25 - 0.08 * i,
+                            "mean_blocks": 3.7 + 0.25 * i} for i, t in enumerate(EXIT_THRESHOLDS[:5])]
+    return {"name": name, "id": "v-ee01", "parent": "base", "status": "admitted", "aliases": [],
+            "recipe": {"steps": [step]}, "card": card, "evaluations": [_ppl(3.71)], "speed": speed, "verdicts": [],
+            "bytes": 1_060_000, "layers": _layers(5)}

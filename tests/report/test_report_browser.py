@@ -151,3 +151,31 @@ def test_the_routing_curves_are_drawn_in_the_browser(family, tmp_path):
     assert [d["plot"] for d in drawn] == ["routing-share", "routing-cost"]
     assert drawn[0]["lines"] == 3 and drawn[1]["lines"] == 1
     assert all(d["points"] == 11 and d["inside"] == 11 for d in drawn)
+
+
+def test_the_exit_curves_are_drawn_in_the_browser(family, tmp_path):
+    """A family with an exit variant: both exit plots are on the page, the curve's line has a size,
+    every point (the curve's circles, the static variants' squares) sits inside its plot, and the
+    page raises nothing."""
+    from conftest import EXIT_THRESHOLDS, exit_variant
+
+    family["variants"].append(exit_variant())
+    path = report.write(family, tmp_path / "report.html")
+    with opened(path, viewport={"width": 1400, "height": 900}) as (page, watch):
+        drawn = page.evaluate("""() => Array.from(document.querySelectorAll('#exits figure.plot')).map(f => {
+            const svg = f.querySelector('svg').getBoundingClientRect();
+            const marks = Array.from(f.querySelectorAll('circle.exit-point, .static-point rect'));
+            const inside = marks.filter(c => {
+                const b = c.getBoundingClientRect();
+                return b.width > 0 && b.left >= svg.left && b.right <= svg.right && b.top >= svg.top
+                    && b.bottom <= svg.bottom; });
+            return {plot: f.dataset.plot, lines: Array.from(f.querySelectorAll('path.line')).filter(p => {
+                const b = p.getBoundingClientRect(); return b.width > 0 && b.height > 0; }).length,
+                points: f.querySelectorAll('circle.exit-point').length,
+                statics: f.querySelectorAll('.static-point rect').length,
+                marks: marks.length, inside: inside.length}; })""")
+        watch.check(path.as_uri())
+    assert [d["plot"] for d in drawn] == ["exit-blocks", "exit-speed"]
+    assert [d["lines"] for d in drawn] == [1, 1]
+    assert [d["points"] for d in drawn] == [len(EXIT_THRESHOLDS) + 1, 6] and [d["statics"] for d in drawn] == [7, 7]
+    assert all(d["inside"] == d["marks"] for d in drawn), drawn

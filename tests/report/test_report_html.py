@@ -375,3 +375,43 @@ def test_a_searched_family_draws_predicted_and_confirmed_points(family):
     assert predicted.count('class="search-point unmeasured"') == 1
     assert confirmed.count('class="search-point front"') == 1 and "3 candidates priced by the proxies, 2 built" in section
     assert "speed-up 1.3x" in confirmed  # the confirmed speed-up, not the trial's 1.1
+
+
+def _exits_section(html: str) -> str:
+    start = html.index('<section id="exits">')
+    return html[start:html.index("</section>", start)]
+
+
+def test_the_exit_curves_are_drawn_beside_the_static_variants(family):
+    """A variant with exit heads gets the Early exit section: its curve against mean blocks (every
+    priced threshold plus the model without exits) and against the measured speed-up (the thresholds
+    the speed evaluation timed), with the other variants as squares at their block counts and speed-ups."""
+    from conftest import EXIT_THRESHOLDS, exit_variant
+
+    assert 'id="exits"' not in report.render(family)
+    family["variants"].append(exit_variant("exits <b>"))
+    html = report.render(family)
+    section = _exits_section(html)
+    blocks, speed = section.split('data-plot="exit-speed"')
+    assert 'data-plot="exit-blocks"' in blocks
+    assert blocks.count('class="exit-point') == len(EXIT_THRESHOLDS) + 1
+    assert speed.count('class="exit-point') == 5 + 1          # five timed thresholds and the model without exits
+    assert blocks.count('class="static-point"') == 7 and speed.count('class="static-point"') == 7
+    assert "exits &lt;b&gt;" in section and "exits <b>" not in section
+    assert 'data-variant="student"' in blocks and "4 blocks" in blocks   # a static variant at its block count
+    assert "threshold 0.9: 4.2 blocks" in blocks and "measured speed-up 1.01×" in speed
+    assert "held-out split of the training text: 8 windows of 256 tokens" in section
+
+
+def test_a_curve_in_an_unexpected_shape_draws_nothing(family):
+    from conftest import exit_variant
+
+    variant = exit_variant()
+    variant["card"]["history"][0]["result"]["curve"] = {"metric": "bleu", "points": [{"threshold": None}]}
+    family["variants"].append(variant)
+    assert 'id="exits"' not in report.render(family)
+    variant["card"]["history"][0]["result"]["curve"] = {"metric": "perplexity", "points": "none"}
+    assert 'id="exits"' not in report.render(family)
+    variant["card"]["history"][0]["result"]["curve"] = {"metric": "perplexity",
+                                                        "points": [{"threshold": 0.5, "mean_blocks": "x"}]}
+    assert 'id="exits"' not in report.render(family)

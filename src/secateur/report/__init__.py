@@ -7,7 +7,9 @@
 The page (see ``docs/report.md``) holds a header (family, base, machine), a summary table, the
 Pareto plots (quality vs measured latency, quality vs bytes; the front of admitted models drawn
 through), the search's predicted and confirmed points (when the family came from ``secateur search``),
-the lineage graph, per-layer sparsity and bit-width heatmaps, the latency distributions
+the exit curves of variants with exit heads (the quality change their ``early_exit`` step priced
+against the mean blocks computed and against the speed-up the speed evaluation measured, beside
+the static variants), the lineage graph, per-layer sparsity and bit-width heatmaps, the latency distributions
 (p50/p95/p99), the gate verdicts and the compression cards side by side. It is inline CSS and
 inline SVG drawn by this room's own code: no script, no CDN, no font, nothing fetched (a
 Content-Security-Policy of ``default-src 'none'`` says so to the browser). Every string from the
@@ -33,7 +35,8 @@ every other piece may be missing (its section then says "no data")::
         "speed": {"prefill_ms_median"|"_p95"|"_p99": float,          # causal LMs
                   "decode_step_ms_median"|"_p95"|"_p99": float, "decode_tokens_per_s": float,
                   "latency_ms_median"|"_p95"|"_p99": float,          # encoders
-                  "peak_rss_mib": float, "settings": {...}} | None,
+                  "peak_rss_mib": float, "settings": {...},
+                  "exit_curve": [{"threshold": float, "speedup": float, ...}]} | None,  # causal exit models
         "verdicts": [{"gate": str, "kind": "quality"|"speed"|"max_bytes"|"max_peak_rss",
                       "passed": bool, "value": number, "limit": number, "unit": str, ...}],
         "bytes": int,                                 # weights on disk (default: the card's safetensors)

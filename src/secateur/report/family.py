@@ -1,7 +1,9 @@
 """A family as the report draws it, read from the registry: every variant of ``family`` with its
 parent, status, aliases, card, evaluations (the latest of each kind), its P4 speed, its gate
 verdicts and its per-layer sparsity and bit widths; the points of its searches and its routing
-evaluations (``secateur route-eval``), if any."""
+evaluations (``secateur route-eval``), if any. A variant with exit heads needs nothing more: its
+exit curve is in its card (the ``early_exit`` step's result) and, once timed, in its speed
+evaluation (``exit_curve``)."""
 
 from __future__ import annotations
 

@@ -591,6 +591,155 @@ def _routing_section(fam: Family) -> str:
             + "</div></section>")
 
 
+# --- early exit ---------------------------------------------------------------------------------
+
+EXIT_METRICS = {"perplexity": False, "agreement": True}  # the exit curves' quality measures: higher is better?
+
+
+def exit_curve(e: Entry) -> Optional[dict[str, Any]]:
+    """The exit curve of ``e``'s last ``early_exit`` step (its card's result: ``curve``), None without one."""
+    for h in reversed(_list(e.card.get("history"))):
+        curve = _dict(_dict(_dict(h).get("result")).get("curve"))
+        if curve.get("metric") in EXIT_METRICS and isinstance(curve.get("points"), list):
+            return curve
+    return None
+
+
+def _blocks(e: Entry) -> Optional[int]:
+    """The number of blocks of ``e``, read from its per-layer statistics (None when unknown)."""
+    found = {split_layer(name)[0] for part in ("sparsity", "bits") for name in _dict(e.layers.get(part))}
+    found.discard(None)
+    return len(found) or None
+
+
+@dataclass
+class ExitLine:
+    entry: Entry
+    metric: str
+    blocks: list[tuple[float, float, str]]    # (mean blocks, quality change %, hover text)
+    speed: list[tuple[float, float, str]]     # (measured speed-up, quality change %, hover text)
+
+
+def _exit_lines(fam: Family) -> list[ExitLine]:
+    lines = []
+    for e in fam.entries:
+        curve = exit_curve(e)
+        if curve is None:
+            continue
+        metric = curve["metric"]
+        points = [p for p in curve["points"] if isinstance(p, dict) and number(p.get("mean_blocks")) is not None
+                  and number(p.get(metric)) is not None]
+        zero = next((number(p[metric]) for p in points if p.get("threshold") is None), None)
+        if not zero:
+            continue
+        speeds = {number(r.get("threshold")): number(r.get("speedup")) for r in _list(e.speed.get("exit_curve"))
+                  if isinstance(r, dict) and number(r.get("speedup")) is not None}
+        by_blocks, by_speed = [], []
+        for p in sorted(points, key=lambda p: number(p["mean_blocks"])):  # both lines follow the depth
+            t = number(p.get("threshold"))
+            change = 100.0 * (number(p[metric]) / zero - 1.0)
+            where = "no exits" if p.get("threshold") is None else f"threshold {fmt(t, 3)}"
+            tip = (f"{e.name}, {where}: {fmt(p['mean_blocks'], 3)} blocks, {metric} {fmt(p[metric], 4)} "
+                   f"({fmt_pct(change)})")
+            by_blocks.append((number(p["mean_blocks"]), change, tip))
+            speed = 1.0 if p.get("threshold") is None and speeds else speeds.get(t)
+            if speed is not None and speed > 0:
+                by_speed.append((speed, change, tip + f", measured speed-up {fmt_ratio(speed)}"))
+        lines.append(ExitLine(e, metric, by_blocks, by_speed))
+    return lines
+
+
+def _exit_plot(plot_id: str, title: str, lines: list[ExitLine], which: str,
+               statics: list[tuple[Entry, float, float, str]], x_label: str, y_label: str) -> str:
+    """The exit variants' curves (``which``: ``blocks`` or ``speed``) and the static variants as squares."""
+    series = [(i, line, getattr(line, which)) for i, line in enumerate(lines) if getattr(line, which)]
+    xs = [x for _, _, pts in series for x, _, _ in pts] + [x for _, x, _, _ in statics]
+    ys = [y for _, _, pts in series for _, y, _ in pts] + [y for _, _, y, _ in statics]
+    if not xs:
+        return _figure_empty(title, "no curve measured")
+    width, height, left, right, top, bottom = 600, 400, 74, 24, 18, 52
+    xlo, xhi, _ = domain(xs, allow_log=False)
+    ylo, yhi, _ = domain(ys + [0.0], allow_log=False)
+    x, y = Scale(xlo, xhi, left, width - right), Scale(ylo, yhi, height - bottom, top)
+    parts = [f'<svg class="chart" role="img" aria-label="{esc(title)}" viewBox="0 0 {width} {height}" '
+             f'width="{width}" height="{height}">',
+             axes(x, y, x_label=x_label, y_label=y_label, width=width, height=height)]
+    for n, (i, line, pts) in enumerate(series):
+        cls = f"exit-{i % 6}"
+        d = "M" + "L".join(f"{x(a):.1f},{y(b):.1f}" for a, b, _ in pts)
+        parts.append(f'<g class="exit-line" data-variant="{esc(line.entry.name)}"><title>{esc(line.entry.name)}'
+                     f'</title><path class="line {cls}" d="{d}"/>')
+        parts += [f'<circle class="exit-point {cls}" cx="{x(a):.1f}" cy="{y(b):.1f}" r="3.5"><title>{esc(tip)}'
+                  f'</title></circle>' for a, b, tip in pts]
+        parts.append("</g>")
+        parts.append(f'<text class="point-label" x="{left + 10:.1f}" y="{top + 14 + 15 * n:.1f}">'
+                     f'<tspan class="key {cls}">—</tspan> {esc(shorten_name(line.entry.name, 40))} (exits)</text>')
+    placed: list[tuple[float, float, float, float]] = []
+    labels = []
+    for e, a, b, tip in statics:
+        px, py = x(a), y(b)
+        parts.append(f'<g class="static-point" data-variant="{esc(e.name)}"><title>{esc(tip)}</title>'
+                     f'<rect class="shape {"base" if e.is_base else "admitted"}" x="{px - 5:.1f}" y="{py - 5:.1f}" '
+                     f'width="10" height="10"/></g>')
+        label = shorten_name(e.name, 24)
+        w = text_width(label)
+        lx = px + 8 if px + 8 + w <= width - 2 else px - 8 - w   # left of the square near the right edge
+        box = (lx, py - 18, lx + w, py - 4)
+        if not overlaps(box, placed):   # a crowded label is left to the square's hover text
+            placed.append(box)
+            labels.append(f'<text class="point-label" x="{lx:.1f}" y="{py - 7:.1f}">{esc(label)}</text>')
+    parts += labels  # over every square
+    parts.append("</svg>")
+    return _figure(plot_id, title, "".join(parts))
+
+
+def _exits_section(fam: Family) -> str:
+    """Every variant with exit heads: the quality change its exit curve prices (on the held-out split
+    of its training text, recorded by the early_exit step) against the mean blocks computed, and
+    against the decode speed-up measured by the speed evaluation, beside the static variants at
+    their block counts (their change on the family's perplexity evaluation against the base)."""
+    lines = _exit_lines(fam)
+    if not lines:
+        return ""
+    key = next((k for k in fam.keys if "perplexity" in (k.task, k.metric)), None)
+    statics_blocks, statics_speed = [], []
+    if key is not None and any(line.metric == "perplexity" for line in lines):
+        exits = {line.entry.name for line in lines}
+        for e in fam.entries:
+            if e.name in exits:
+                continue
+            change = 0.0 if e.is_base else fam.delta(e, key)
+            if change is None:
+                continue
+            tip = f"{e.name}: {key.label()} {fmt(fam.quality(e, key), 4)} ({fmt_pct(change)} vs base)"
+            blocks = _blocks(e)
+            if blocks is not None:
+                statics_blocks.append((e, float(blocks), change, tip + f", {blocks} blocks"))
+            speed = 1.0 if e.is_base else fam.speedup(e)
+            if speed is not None:
+                statics_speed.append((e, speed, change, tip + f", speed-up {fmt_ratio(speed)} ({LATENCY_WORDS.get(fam.latency, 'latency')})"))
+    curves = [exit_curve(line.entry) for line in lines]
+    data = "; ".join(f"{line.entry.name}: {c.get('data', 'data not recorded')}" for line, c in zip(lines, curves))
+    metric = "perplexity" if all(line.metric == "perplexity" for line in lines) else (
+        "agreement with the final embedding" if all(line.metric == "agreement" for line in lines) else "quality")
+    y_label = f"{metric} change vs no exits / base, %"
+    static_note = (f"Squares: the other variants of the family at their block counts, their change in {key.label()} "
+                   "against the base (a different text from the curves': compare shapes, not decimals)."
+                   if statics_blocks or statics_speed else
+                   "No static variant with a block count and a comparable quality number to draw beside them.")
+    return ('<section id="exits"><h2>Early exit</h2>'
+            f'<p class="lede">Each line is a variant with exit heads: from its threshold grid (the point at the '
+            f'full depth is the model without exits), the {esc(metric)} change its early_exit step priced, against '
+            f'the mean blocks computed per token or input and against the decode speed-up measured by the speed '
+            f'evaluation (with exits / the same loop without them; none drawn before one is measured). Priced on '
+            f'{esc(data)}. {esc(static_note)}</p><div class="grid2">'
+            + _exit_plot("exit-blocks", "quality vs mean blocks computed", lines, "blocks", statics_blocks,
+                         "mean blocks computed", y_label)
+            + _exit_plot("exit-speed", "quality vs measured speed-up", lines, "speed", statics_speed,
+                         "measured speed-up vs no exits / base", y_label)
+            + "</div></section>")
+
+
 # --- lineage ------------------------------------------------------------------------------------
 
 def _lineage_section(fam: Family) -> str:
@@ -1051,6 +1200,19 @@ svg text{font-family:inherit}
 .line.random{fill:none;stroke-dasharray:4 4}
 .line.hindsight,.key.hindsight{stroke:#f59e0b;fill:#f59e0b}
 .line.hindsight{fill:none;stroke-dasharray:2 3}
+.line.exit-0{stroke:#7c3aed;fill:none}
+.key.exit-0,.exit-point.exit-0{fill:#7c3aed}
+.line.exit-1{stroke:#0d9488;fill:none}
+.key.exit-1,.exit-point.exit-1{fill:#0d9488}
+.line.exit-2{stroke:#ea580c;fill:none}
+.key.exit-2,.exit-point.exit-2{fill:#ea580c}
+.line.exit-3{stroke:#db2777;fill:none}
+.key.exit-3,.exit-point.exit-3{fill:#db2777}
+.line.exit-4{stroke:#65a30d;fill:none}
+.key.exit-4,.exit-point.exit-4{fill:#65a30d}
+.line.exit-5{stroke:#0284c7;fill:none}
+.key.exit-5,.exit-point.exit-5{fill:#0284c7}
+.exit-point{stroke:#fff;stroke-width:1}
 .mark{cursor:default;outline:none}
 .mark:hover .shape,.mark:focus .shape{stroke:#f59e0b;stroke-width:3}
 .mark:hover .cell{stroke:#11182755}
@@ -1139,7 +1301,7 @@ def render(family: dict[str, Any]) -> str:
     from .._version import __version__
 
     fam = Family(family)
-    body = "".join([_summary_section(fam), _pareto_section(fam), _search_section(fam), _routing_section(fam),
+    body = "".join([_summary_section(fam), _pareto_section(fam), _search_section(fam), _routing_section(fam), _exits_section(fam),
                     _lineage_section(fam),
                     _layers_section(fam),
                     _latency_section(fam), _gates_section(fam), _cards_section(fam)])
