@@ -415,3 +415,39 @@ def test_a_curve_in_an_unexpected_shape_draws_nothing(family):
     variant["card"]["history"][0]["result"]["curve"] = {"metric": "perplexity",
                                                         "points": [{"threshold": 0.5, "mean_blocks": "x"}]}
     assert 'id="exits"' not in report.render(family)
+
+
+def test_an_exit_variant_in_the_registry_gets_its_curves(tmp_path, monkeypatch):
+    """End to end: a tiny Llama with exit heads trained by the early_exit step, saved and added to a
+    registry beside its base, its speed evaluated (which times the exits) and recorded; the report
+    collected from the registry draws its curve against blocks from the card and against the speed-up
+    from the recorded evaluation."""
+    import torch
+
+    from secateur.api import compress_
+    from secateur.artifacts import load, save
+    from secateur.data import CalibrationSet
+    from secateur.evaluate import evaluate
+    from secateur.recipe import Recipe
+    from secateur.registry import Registry
+    from secateur.testing import tiny_model
+
+    monkeypatch.setenv("SECATEUR_HOME", str(tmp_path / "home"))
+    model = tiny_model("llama")
+    base_dir = save(model, tmp_path / "base")
+    windows = torch.randint(3, model.config.vocab_size, (20, 24), generator=torch.Generator().manual_seed(0))
+    recipe = Recipe.from_dict({"steps": [{"method": "early_exit", "steps": 3, "batch_size": 4, "lr": 1e-3,
+                                          "seq_len": 24, "eval_every": 0, "holdout": 0.2, "curve": [0.0, 0.5, 1.0]}]})
+    compress_(model, recipe, data=CalibrationSet(windows, "random"))
+    exit_dir = save(model, tmp_path / "exits", recipe=recipe)
+    with Registry() as reg:
+        reg.add(base_dir, "tiny", "base")
+        variant = reg.add(exit_dir, "tiny", "exits")
+        loaded = load(exit_dir).model
+        reg.record_evaluation(variant, evaluate(loaded, None, "speed", prompt_len=4, new_tokens=12, runs=1, warmup=1,
+                                                exit_thresholds=(0.0, 0.5, 1.0)))
+        family = report.collect(reg, "tiny")
+    section = _exits_section(report.render(family))
+    blocks, speed = section.split('data-plot="exit-speed"')
+    assert blocks.count('class="exit-point') == 4 and speed.count('class="exit-point') == 4
+    assert 'data-variant="exits"' in blocks and "measured speed-up" in speed
