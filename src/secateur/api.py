@@ -124,7 +124,7 @@ def _step_checkpoint(root: Any, index: int, step: StepConfig, data: Any, model: 
 
 
 def compress_(model: Any, recipe_or_step: Any, data: Any = None, teacher: Any = None,
-              checkpoint_dir: Any = None, *, tokenizer: Any = None) -> Any:
+              checkpoint_dir: Any = None, *, tokenizer: Any = None, block_hooks: Any = None) -> Any:
     """Apply a step, a list of steps, or a :class:`~secateur.recipe.Recipe` to ``model`` in place.
 
     With ``checkpoint_dir``, calibrated steps checkpoint after every block there and training
@@ -132,7 +132,8 @@ def compress_(model: Any, recipe_or_step: Any, data: Any = None, teacher: Any = 
     data resumes where a killed run stopped; text sampled from a teacher loaded from disk is kept
     there once per teacher, shared by the steps. Training steps (distill, qat, gradual) imitate
     ``teacher``, or their own ``teacher:``, or else a frozen copy of ``model`` taken before the
-    first step; ``tokenizer`` reads their ``data:`` sources.
+    first step; ``tokenizer`` reads their ``data:`` sources. ``block_hooks`` streams the model
+    block by block (:class:`secateur.artifacts.stream.BlockStream`; see ``run_streamed``).
     """
     import copy
 
@@ -141,7 +142,8 @@ def compress_(model: Any, recipe_or_step: Any, data: Any = None, teacher: Any = 
     steps = [recipe_or_step] if isinstance(recipe_or_step, StepConfig) else getattr(recipe_or_step, "steps",
                                                                                       recipe_or_step)
     ctx = Context(data=data, teacher=teacher, arch=arch_of(model, strict=False), tokenizer=tokenizer,
-                  checkpoint_root=Path(checkpoint_dir) if checkpoint_dir is not None else None)
+                  checkpoint_root=Path(checkpoint_dir) if checkpoint_dir is not None else None,
+                  block_hooks=block_hooks)
     if teacher is None and any(isinstance(s, StepConfig) and get_method(s.method).trains
                                and getattr(s, "teacher", None) is None for s in steps):
         ctx.teacher = copy.deepcopy(model).eval()  # the input model, frozen, for every step without a teacher

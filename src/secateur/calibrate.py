@@ -214,13 +214,59 @@ class Hessian:
         all_reduce_(self.xtx)
         self.tokens = reduce_count(self.tokens)
 
+    spill_dir: Path | None = None     # set by a streamed run: where XᵀX may wait on disk (see spill)
+    _spilled: Path | None = None
+
     @property
     def H(self) -> torch.Tensor:
-        return self.xtx * (2.0 / max(self.tokens, 1))
+        return self.matrix() * (2.0 / max(self.tokens, 1))
+
+    def matrix(self) -> torch.Tensor:
+        """XᵀX (read back whole if it was spilled)."""
+        if self.xtx is not None:
+            return self.xtx
+        if self._spilled is not None:
+            return self.rows(0, self._columns)
+        raise RuntimeError("this Hessian was released after its group was compressed")
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of XᵀX, read from disk alone when it was spilled."""
+        if self.xtx is not None or self._spilled is None:
+            return self.matrix()[start:stop]
+        import numpy as np
+
+        stop = min(stop, self._columns)
+        flat = np.fromfile(self._spilled, dtype=np.float32, count=(stop - start) * self._columns,
+                           offset=start * self._columns * 4)
+        return torch.from_numpy(flat).reshape(stop - start, self._columns)
+
+    def spill(self) -> bool:
+        """Write XᵀX to ``spill_dir`` and free it (a streamed run, while a method factors H: the
+        difference between two and three ``[in, in]`` matrices in memory). The file is raw float32
+        rows, a scratch copy this process writes and reads back itself. False without a dir."""
+        if self.spill_dir is None or self.xtx is None:
+            return False
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spill_dir / f"xtx-{os.getpid()}-{id(self)}.f32"
+        self._columns = self.xtx.shape[0]
+        self.xtx.contiguous().numpy().tofile(path)  # written from the tensor's own memory, no copy
+        self.xtx, self._spilled = None, path  # type: ignore[assignment]
+        return True
+
+    def release(self) -> None:
+        """Free XᵀX (and its spilled copy) once a method has taken what it needs."""
+        self.xtx = None  # type: ignore[assignment]
+        self.drop_spilled()
+
+    def drop_spilled(self) -> None:
+        """Delete the spilled copy (the loop, once the group is compressed)."""
+        if self._spilled is not None:
+            self._spilled.unlink(missing_ok=True)
+            self._spilled = None
 
     @property
     def sq(self) -> torch.Tensor:  # a Hessian also knows the column norms
-        return torch.diagonal(self.xtx).double()
+        return torch.diagonal(self.matrix()).double()
 
 
 class BlockMethod(Protocol):
@@ -374,12 +420,15 @@ def _atomic_dir_write(target: Path, write: Callable[[Path], None]) -> None:
 
 
 def _save_checkpoint(directory: Path, block_index: int, block: nn.Module, prefix: str, inputs: Activations,
-                     result: Result) -> None:
+                     result: Result, weights: bool = True) -> None:
+    """The block's weights (unless ``weights`` is False: a streamed run has written them already),
+    the next block's inputs and the layer records, in ``directory/block-NNNN`` atomically."""
     from safetensors.torch import save_file
 
     def write(tmp: Path) -> None:
-        state = {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
-        save_file(state, str(tmp / "weights.safetensors"))
+        if weights:
+            state = {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+            save_file(state, str(tmp / "weights.safetensors"))
         save_file({f"x{i}": inputs[i] for i in range(len(inputs))}, str(tmp / "inputs.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"next_block": block_index + 1, "layers": result.layers}))
 
@@ -389,8 +438,10 @@ def _save_checkpoint(directory: Path, block_index: int, block: nn.Module, prefix
         previous.unlink()
 
 
-def _load_checkpoint(model: nn.Module, directory: Path, store: Activations) -> tuple[int, dict[str, Any]]:
-    """Restore every finished block's weights and the next inputs; returns (next block, records)."""
+def _load_checkpoint(model: nn.Module, directory: Path, store: Activations,
+                     streamed: bool = False) -> tuple[int, dict[str, Any]]:
+    """Restore every finished block's weights (not when ``streamed``: those blocks are written
+    out and stay on the meta device) and the next inputs; returns (next block, records)."""
     from safetensors.torch import load_file
 
     done = sorted(p for p in directory.glob("block-*") if (p / "state.json").exists())
@@ -401,7 +452,7 @@ def _load_checkpoint(model: nn.Module, directory: Path, store: Activations) -> t
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     with torch.no_grad():
-        for block_dir in done:
+        for block_dir in [] if streamed else done:
             for name, tensor in load_file(str(block_dir / "weights.safetensors")).items():
                 target = params.get(name, buffers.get(name))
                 owner, _, attr = name.rpartition(".")
@@ -525,23 +576,27 @@ def sequential(model: nn.Module, input_ids: torch.Tensor, targets: dict[str, nn.
         inputs = Activations(act_dtype, offload_dir)
         calls = capture_inputs(model, blocks[0], input_ids, options.batch_size, inputs, arch.kind)
         first = 0
+        hooks = options.block_hooks
         if checkpoint is not None and checkpoint.exists():
             resumed = Activations(act_dtype, offload_dir)
-            first, layers = _load_checkpoint(model, checkpoint, resumed)
+            first, layers = _load_checkpoint(model, checkpoint, resumed, streamed=hooks is not None)
+            if hooks is not None and first > hooks.done_blocks():
+                raise SecateurError(f"the resume state in {checkpoint} is past the streamed output (block {first} "
+                                    f"of {len(blocks)} recorded, {hooks.done_blocks()} written); delete it to start over")
             if first:
                 inputs.drop()
                 inputs, result.layers, result.resumed_from = resumed, layers, first
                 log.info("resuming %s at block %d of %d from %s", description, first, len(blocks), checkpoint)
-        hooks = options.block_hooks
         for index in track(range(first, len(blocks)), f"{description} (block)", total=len(blocks) - first):
             if hooks is not None:
                 hooks.load(index, f"{prefix}.{index}", blocks[index])
             inputs = _run_block(model, blocks[index], index, f"{prefix}.{index}", calls, inputs, targets, method,
                                 options, arch, result, offload_dir)
-            if checkpoint is not None:
-                _save_checkpoint(checkpoint, index, blocks[index], f"{prefix}.{index}", inputs, result)
-            if hooks is not None:
+            if hooks is not None:  # streamed: the written block is the checkpoint's weights, so it comes first
                 hooks.done(index, f"{prefix}.{index}", blocks[index])
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, index, blocks[index], f"{prefix}.{index}", inputs, result,
+                                 weights=hooks is None)
         inputs.drop()
     finally:
         if offload_dir:
@@ -568,6 +623,10 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
     local = {n: n[len(block_prefix) + 1:] for n in names}
     groups = input_groups(arch, block_prefix, names)
     stats = {leader: method.observer(leader, targets[leader]) for leader in groups}
+    scratch = getattr(options.block_hooks, "scratch_dir", None)
+    for stat in stats.values():
+        if scratch is not None and hasattr(stat, "spill_dir"):
+            stat.spill_dir = scratch
     act_dtype = DTYPES[options.activation_dtype]
 
     def runner() -> nn.Module:
@@ -623,16 +682,26 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
     clock = lap("combine", clock)
     split = size > 1 and getattr(method, "independent_layers", False)
     owner = {leader: (i % size if split else 0) for i, leader in enumerate(groups)}
-    dense_weights = {n: weight_matrix(targets[n]).detach().clone() for n in names} if options.record_error else {}
+    # the dense weights the re-run measures errors against: copied just before each module is
+    # compressed and kept only when its method reported no error of its own; a streamed run reads
+    # them back from the input when needed instead (hooks.dense_weight), holding none
+    dense_weights: dict[str, Any] = {}
+    hooks = options.block_hooks
     for leader, members in groups.items():
         for name in members:
             if owner[leader] != rank and split:
                 continue
             start = time.perf_counter()
+            if options.record_error and not hasattr(hooks, "dense_weight"):
+                dense_weights[name] = weight_matrix(targets[name]).detach().clone()
             info = method.compress(name, targets[name], stats[leader], index) or {}
+            if "relative_error" in info:
+                dense_weights.pop(name, None)
             info["sparsity"] = round(sparsity_of(targets[name].weight), 6)
             info["seconds"] = round(time.perf_counter() - start, 4)
             result.layers[name] = info
+        if hasattr(stats[leader], "drop_spilled"):
+            stats[leader].drop_spilled()
         del stats[leader]
     clock = lap("compress", clock)
     if size > 1:
@@ -655,7 +724,8 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
             x = args[0].reshape(-1, args[0].shape[-1])
             y = out.reshape(-1, out.shape[-1]).float()
-            ref = _dense_output(module, dense_weights[name], x).float()
+            dense = dense_weights[name] if name in dense_weights else hooks.dense_weight(name, module)
+            ref = _dense_output(module, dense, x).float()
             errors[name][0] += float(((ref - y) ** 2).sum())
             errors[name][1] += float((ref ** 2).sum())
             errors[name][2] += x.shape[0]

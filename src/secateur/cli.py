@@ -190,18 +190,29 @@ def compress_cmd(recipe_path: Path = typer.Argument(..., metavar="RECIPE", help=
                  nproc: int = typer.Option(1, "--nproc", min=1, max=64,
                                            help="Split calibration over N processes (torch.distributed: gloo on "
                                                 "CPU, NCCL on GPUs), the threads divided between them."),
+                 stream: bool = typer.Option(False, "--stream",
+                                             help="Out of core: read the model block by block from its safetensors "
+                                                  "shards and write each compressed block at once (models larger "
+                                                  "than memory; gptq, sparsegpt, wanda; needs --out)."),
                  as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Run a recipe: evaluate, compress, evaluate again, save an artifact with its compression card.
 
     With --out, calibrated steps checkpoint after every block: re-running the same command after a
     crash continues where it stopped. Under torchrun (or with --nproc N), calibration samples are
     split over the processes and every statistic is summed before a method compresses; rank 0
-    evaluates and saves."""
+    evaluates and saves. With --stream, memory holds one block at a time, not the model."""
     from .recipe import Recipe
 
     recipe = Recipe.load(recipe_path)
     if overrides:
         recipe = recipe.with_overrides(overrides)
+    if stream and not dry_run:
+        if nproc > 1 or "WORLD_SIZE" in os.environ:
+            raise SecateurError("--stream runs in one process; drop --nproc (or torchrun)")
+        from .pipeline.recipe_run import run_streamed
+
+        _report(run_streamed(recipe, out_dir, storage), as_json)
+        return
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch(nproc, recipe)
         return
@@ -541,7 +552,10 @@ def _run(recipe: Any, out_dir: Optional[Path], dry_run: bool, as_json: bool, sto
             table.add_row(str(entry["step"]), entry["method"], shown)
         _emit({"recipe": recipe.to_dict(), "plan": plan}, as_json, table)
         return
-    result = run_recipe(recipe, out=out_dir, storage=storage, loaded=loaded)
+    _report(run_recipe(recipe, out=out_dir, storage=storage, loaded=loaded), as_json)
+
+
+def _report(result: Any, as_json: bool) -> None:
     table = Table("step", "method", "seconds", "result", title="compress")
     for i, h in enumerate(result.steps):
         summary = {k: v for k, v in h["result"].items() if not isinstance(v, (dict, list))}

@@ -143,8 +143,9 @@ def _layout(model: Any) -> dict[str, Any] | None:
 
 
 def build_card(model: Any, *, recipe: Any = None, metrics: dict[str, Any] | None = None,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The card for ``model`` without its ``files`` and ``weights_sha256`` (filled in by :func:`save`)."""
+               extra: dict[str, Any] | None = None, sparsity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The card for ``model`` without its ``files`` and ``weights_sha256`` (filled in by :func:`save`);
+    ``sparsity`` replaces the summary read from the weights (a streamed run counts it block by block)."""
     record = lineage.read(model)
     history = record.history()
     config = getattr(model, "config", None)
@@ -160,7 +161,7 @@ def build_card(model: Any, *, recipe: Any = None, metrics: dict[str, Any] | None
         "history": history,
         "data_fingerprints": _data_fingerprints(history),
         "metrics": metrics or {},
-        "sparsity": sparsity_summary(model),
+        "sparsity": sparsity if sparsity is not None else sparsity_summary(model),
         "layout": _layout(model),
         "environment": _environment(),
         "extra": extra or {},

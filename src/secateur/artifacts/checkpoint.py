@@ -224,6 +224,15 @@ def _user_modes(root: Path) -> None:
             os.chmod(path, mode)
 
 
+def install(staging: Path, target: Path, card: dict[str, Any]) -> None:
+    """Finish a fully written ``staging`` folder as the artifact ``target``: hash and fsync every
+    file, write the sealed card last, and rename it into place (an existing artifact swapped out)."""
+    _user_modes(staging)
+    card["files"], card["weights_sha256"] = _hash_and_sync(staging)
+    _write_card(staging, card)
+    _install(staging, target)
+
+
 @contextmanager
 def _staging(target: Path, card: dict[str, Any]) -> Iterator[Path]:
     """Yield a temporary sibling of ``target`` to write into; on success hash every file, write the
@@ -234,10 +243,7 @@ def _staging(target: Path, card: dict[str, Any]) -> Iterator[Path]:
     installed = False
     try:
         yield tmp
-        _user_modes(tmp)
-        card["files"], card["weights_sha256"] = _hash_and_sync(tmp)
-        _write_card(tmp, card)
-        _install(tmp, target)
+        install(tmp, target, card)
         installed = True
     except OSError as exc:
         raise ArtifactError(f"could not write artifact {target}: {exc.strerror or exc}") from exc

@@ -284,7 +284,7 @@ def _fp8_tensors(module: nn.Module, scheme: dict[str, Any]) -> dict[str, torch.T
     return tensors
 
 
-def _module_tensors(module: nn.Module, scheme: dict[str, Any]) -> dict[str, torch.Tensor]:
+def module_tensors(module: nn.Module, scheme: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The compressed-tensors tensors of one module, local names (``weight_packed``...)."""
     if scheme["type"] == "float":
         return _fp8_tensors(module, scheme)
@@ -329,9 +329,10 @@ def check(model: nn.Module) -> None:
         scheme_of(module)
 
 
-def state_and_config(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The compressed-tensors tensors of every QuantLinear (full state-dict names) and the
-    ``quantization_config`` that describes them. Raises when the model has no QuantLinear."""
+def quantization_config(model: nn.Module, schemes: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The ``quantization_config`` that describes the model's QuantLinear/FP8Linear modules; with
+    ``schemes`` (module name -> :func:`scheme_of`, recorded while the weights were in memory) the
+    modules may be on the meta device. Raises when the model has none."""
     ct = _ct()
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
@@ -339,12 +340,10 @@ def state_and_config(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     if not quantized:
         raise SecateurError("the model has no quantized (QuantLinear, FP8Linear) modules to write in the "
                             "compressed-tensors format")
-    tensors: dict[str, torch.Tensor] = {}
     groups: dict[tuple, tuple[dict[str, Any], list[str]]] = {}
     for name, module in quantized.items():
-        scheme = scheme_of(module)
+        scheme = schemes[name] if schemes is not None and name in schemes else scheme_of(module)
         groups.setdefault(_key(scheme), (scheme, []))[1].append(name)
-        tensors.update({f"{name}.{k}": v for k, v in _module_tensors(module, scheme).items()})
     linear_names = [n for n, m in model.named_modules() if n and (_is_linear(m) or is_quantized(m))]
     config_groups = {}
     for i, (scheme, names) in enumerate(groups.values()):
@@ -359,6 +358,16 @@ def state_and_config(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     qconfig = {"version": ct.__version__, "quant_method": QUANT_METHOD, "sparsity_config": {},
                "transform_config": {}, **qconfig}
     qconfig["quant_method"] = QUANT_METHOD
+    return qconfig
+
+
+def state_and_config(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The compressed-tensors tensors of every QuantLinear (full state-dict names) and the
+    ``quantization_config`` that describes them. Raises when the model has no QuantLinear."""
+    qconfig = quantization_config(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in quantized_modules(model).items():
+        tensors.update({f"{name}.{k}": v for k, v in module_tensors(module, scheme_of(module)).items()})
     return tensors, qconfig
 
 

@@ -165,3 +165,95 @@ def _resume_dir(out: str | Path | None) -> Path | None:
         return None
     out = Path(out).resolve()
     return out.parent / f".{out.name}.resume"
+
+
+def run_streamed(recipe: Any, out: str | Path | None, storage: str = "dense", *, data: Any = None) -> RunResult:
+    """Run ``recipe`` out of core: its model is read block by block from its safetensors shards,
+    each block compressed and written to the artifact as soon as it is done, so memory holds one
+    block (and its calibration activations), never the model. The embedding keeps only the rows
+    the calibration tokens use; the head is copied to the output in row chunks. A killed run
+    resumes at the first block not written. ``data`` (a CalibrationSet) replaces the recipe's.
+
+    Streamed steps are the calibrated methods whose work happens inside the calibration loop
+    (:data:`secateur.artifacts.stream.STREAMS`); the recipe's evaluations are not run (the model
+    does not fit in memory to run them) and the card says so."""
+    import torch
+
+    from ..api import compress_
+    from ..artifacts.stream import BlockStream, check_streamable, compact_ids, skeleton
+    from ..data.calibration import CalibrationSet
+    from ..models.arch import arch_of
+    from ..targets import select_modules
+
+    check_storage(storage)
+    if out is None:
+        raise SecateurError("--stream writes the artifact block by block as it goes: give --out DIR")
+    check_streamable(list(recipe.steps))
+    if len(recipe.steps) != 1:
+        raise SecateurError(f"a streamed recipe runs one step, got {len(recipe.steps)}: run the first step streamed, "
+                            "then the next one on its artifact")
+    source = _stream_source(recipe.model)
+    tokenizer = None
+    if data is None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(source))
+        except (OSError, ValueError, TypeError) as exc:
+            raise SecateurError(f"model: no tokenizer in {source} to read the calibration data with ({exc})") from None
+        data = calibration_data(recipe, tokenizer)
+    if data is None:
+        raise SecateurError("data: a streamed step needs calibration data; add e.g. "
+                            "'data: {source: tinystories, samples: 128, seq_len: 256}'")
+    resume = _resume_dir(out)
+    assert resume is not None
+    stream = BlockStream(source, resume / "stream", sparse=STORAGE[storage])
+    rows, renumbered = compact_ids(data.input_ids)
+    model = skeleton(source, stream, rows=rows)
+    prefix = arch_of(model).arch.block_prefix(model)
+    step = recipe.steps[0]
+    outside = [n for n in select_modules(model, step.targets, step.ignore) if not n.startswith(prefix + ".")]
+    if outside:
+        raise SecateurError(f"steps[0]: '{outside[0]}' is outside the transformer blocks, and a streamed run compresses "
+                            f"the blocks only; add it to ignore (ignore: [{outside[0]}])")
+    from ..artifacts.checkpoint import weights_hash
+
+    log.info("hashing %s (the resume key and the card's base model)", source)
+    lineage.set_(model, lineage.Lineage(lineage.Base(str(recipe.model), str(source), weights_hash(source),
+                                                     model.config.model_type)))
+    compact = CalibrationSet(renumbered, data.fingerprint, dict(getattr(data, "settings", {}) or {}))
+    result = RunResult(recipe=recipe.to_dict(), model=str(recipe.model), data_fingerprint=data.fingerprint)
+    if recipe.eval:
+        log.warning("a streamed run does not evaluate (the model does not fit in memory); evaluate the artifact "
+                    "with 'secateur eval' where it fits")
+    with torch.no_grad():
+        compress_(model, recipe, data=compact, checkpoint_dir=resume, tokenizer=tokenizer, block_hooks=stream)
+    result.steps = lineage.read(model).history()
+    skipped = {"evaluation": "not run: streamed (the model is compressed block by block from disk)"}
+    result.artifact = str(stream.finish(model, prefix, out, recipe=recipe, metrics={"before": [], "after": []},
+                                        extra=skipped))
+    shutil.rmtree(resume, ignore_errors=True)
+    return result
+
+
+def _stream_source(model: Any) -> Path:
+    """The local safetensors directory a streamed run reads (a path or a registry ref)."""
+    if model is None:
+        raise SecateurError("model: the recipe names no model; add 'model: PATH' or pass --set model=PATH")
+    from ..registry import resolve_variant
+
+    variant = resolve_variant(str(model), None) if not Path(str(model)).expanduser().exists() else None
+    path = Path(variant.path if variant is not None else str(model)).expanduser()
+    if not path.is_dir():
+        raise SecateurError(f"model: '{model}' is not a local directory; a streamed run reads a safetensors "
+                            "checkpoint directory (or a registry ref)")
+    if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
+        raise SecateurError(f"model: {path} has no config.json and .safetensors weights to stream")
+    from ..models.arch import ARCHS
+    import json as _json
+
+    model_type = _json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type not in ARCHS or ARCHS[model_type].kind != "causal":
+        causal = sorted(k for k, a in ARCHS.items() if a.kind == "causal")
+        raise SecateurError(f"model: streaming runs causal LMs ({', '.join(causal)}); {path} is '{model_type}'")
+    return path

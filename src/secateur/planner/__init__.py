@@ -194,6 +194,13 @@ def plan_stages(base: str, stages: dict[str, StageSpec], costs: Optional[CostMod
     return plan
 
 
+def plan_recipe(model: str, steps: list[Any], data: Optional[Data], streamed: bool = False,
+                costs: Optional[CostModel] = None) -> Estimate:
+    """The estimate of one recipe run (``secateur compress``, streamed or not) on the model at ``model``."""
+    est, _ = stage(costs or cost_model(), ModelShape.of(model), list(steps), data, streamed=streamed)
+    return est
+
+
 def _cache_name(costs: CostModel) -> str:
     from .costs import cache_path
 
@@ -253,4 +260,4 @@ def _suggestions(plan: Plan, stages: dict[str, StageSpec], shapes: dict[str, Mod
 
 
 __all__ = ["Plan", "StagePlan", "StageSpec", "Data", "Estimate", "CostModel", "ModelShape", "cost_model",
-           "plan_stages", "available_memory", "training_texts", "gib"]
+           "plan_stages", "plan_recipe", "available_memory", "training_texts", "gib"]

@@ -222,10 +222,12 @@ def method_seconds(c: CostModel, shape: ModelShape, teacher: ModelShape, step: A
     return _data_free(c, shape, step, est)
 
 
-def stage(c: CostModel, parent: ModelShape, steps: list[Any], data: Optional[Data], checkpoint: bool = True
-          ) -> tuple[Estimate, ModelShape]:
+def stage(c: CostModel, parent: ModelShape, steps: list[Any], data: Optional[Data], checkpoint: bool = True,
+          streamed: bool = False) -> tuple[Estimate, ModelShape]:
     """The estimate of a stage that loads a model of shape ``parent``, runs ``steps`` on it and saves
-    the result; and the result's shape."""
+    the result; and the result's shape. ``streamed``: the model is never loaded whole (``secateur
+    compress --stream``): memory holds the block being compressed, the block being written, the
+    embedding rows the calibration tokens use, never the weights of the model."""
     data = data or Data()
     est = Estimate()
     est.add_time("load", c.load_fixed_s + c.read_s(parent.disk_bytes))
@@ -243,7 +245,14 @@ def stage(c: CostModel, parent: ModelShape, steps: list[Any], data: Optional[Dat
         shape = shape.after(step)
     est.add_time("save", c.write_s(shape.disk_bytes) + 2 * shape.disk_bytes / c.hash_bps + c.save_fixed_s)
     base = c.base_rss.get(parent.kind, c.base_rss.get("causal", 400 * MB))
-    est.memory = {"process": base, "weights": c.load_rss_per_byte * parent.memory_bytes, **est.memory}
+    if streamed:
+        width = parent.memory_bytes / max(parent.params, 1)      # bytes per weight as stored
+        est.add_time("hash source", parent.disk_bytes / c.hash_bps)
+        est.memory = {"process": base, "block weights": width / 4 * parent.max_block_bytes,
+                      "block being written": 0.5 * width / 4 * parent.max_block_bytes,
+                      "embedding rows": width * parent.hidden * min(data.tokens or 1, parent.vocab), **est.memory}
+    else:
+        est.memory = {"process": base, "weights": c.load_rss_per_byte * parent.memory_bytes, **est.memory}
     est.peak_bytes = sum(est.memory.values())
     return est, shape
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -98,17 +98,26 @@ def remove_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return _lowest(scores, k)
 
 
-def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, H: torch.Tensor) -> float:
+def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, H: Any) -> float:
     """Relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of a rewritten ``[out, in]`` weight.
 
     With ``H = 2/n · XᵀX`` (rows of X the calibration inputs) this is ``||WX − ŴX||² / ||WX||²``
-    over the calibration tokens, whatever the scale of H. Computed in float64.
+    over the calibration tokens, whatever the scale of H. Computed in float64, over slices of H's
+    columns so that H is never copied whole; ``H`` may also be a function ``rows(start, stop)``
+    giving rows of a symmetric H (one kept on disk: :meth:`secateur.calibrate.Hessian.rows`).
     """
-    w = weight.detach().double()
-    h = H.detach().to(device=w.device, dtype=torch.float64)
-    delta = w - new_weight.detach().to(device=w.device, dtype=torch.float64)
-    num = float(((delta @ h) * delta).sum())
-    den = float(((w @ h) * w).sum())
+    weight, new_weight = weight.detach(), new_weight.detach().to(weight.device)
+    rows, cols = weight.shape
+    num = den = 0.0
+    step = max(1, (64 << 20) // (8 * cols))   # float64 slices of 64 MiB: H's columns, the weights' rows
+    for j in range(0, cols, step):
+        part = H[:, j:j + step] if isinstance(H, torch.Tensor) else H(j, j + step).t()
+        h = part.detach().to(device=weight.device, dtype=torch.float64)
+        for i in range(0, rows, step):
+            w = weight[i:i + step].double()
+            delta = w - new_weight[i:i + step].double()
+            num += float(((delta @ h) * delta[:, j:j + step]).sum())
+            den += float(((w @ h) * w[:, j:j + step]).sum())
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
 

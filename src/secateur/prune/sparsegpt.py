@@ -60,19 +60,24 @@ class SparseGPTConfig(CalibratedPruneConfig):
 
 
 def inverse_hessian_factor(H: torch.Tensor) -> torch.Tensor:
-    """The upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``) for a positive definite ``H``."""
+    """The upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``) for a positive definite ``H``.
+    Each intermediate is freed as soon as the next exists: with the caller's ``H`` passed as its
+    last reference, at most two ``[in, in]`` matrices are alive at once."""
     L, info = torch.linalg.cholesky_ex(H)
+    del H
     if int(info) == 0:
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        inverse = torch.cholesky_inverse(L)
+        del L
+        U, info = torch.linalg.cholesky_ex(inverse, upper=True)
     if int(info) != 0:
         raise SecateurError("SparseGPT: the calibration Hessian is not positive definite even after dampening; "
                             "raise 'dampening' (for example to 0.1) or use more calibration samples")
     return U
 
 
-@torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: Optional[str] = None,
-                    block_size: int = 128, dampening: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                    block_size: int = 128, dampening: float = 0.01,
+                    consume: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune an ``[out, in]`` weight given ``H = 2/n · XᵀX`` (``[in, in]``); returns ``(Ŵ, keep)``.
 
     ``Ŵ`` is float32 (float64 when the weight is float64), on the weight's device; the caller
@@ -80,6 +85,15 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, patt
     ``pattern``, ``sparsity`` then ignored); dead inputs count among them first. Sparsity 0
     without a pattern returns the weight unchanged.
     """
+    box = [H]  # passed on in a list that the work empties: with ``consume``, H's memory goes when it is factored
+    del H
+    return _sparsegpt_prune(weight, box, sparsity, pattern, block_size, dampening, consume)
+
+
+@torch.no_grad()
+def _sparsegpt_prune(weight: torch.Tensor, box: list[torch.Tensor], sparsity: float, pattern: Optional[str],
+                     block_size: int, dampening: float, consume: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    H = box.pop()
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     W = weight.detach().to(dtype).clone()
     rows, cols = W.shape
@@ -93,12 +107,16 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, patt
         raise ValueError(f"H has shape {tuple(H.shape)}; expected ({cols}, {cols}) for a weight of shape "
                          f"{(rows, cols)}")
 
-    H = H.detach().to(device=W.device, dtype=dtype).clone()
+    H = H.detach().to(device=W.device, dtype=dtype)
+    if not consume:  # ``consume``: H is the caller's scratch copy, dampened and factored in place
+        H = H.clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     torch.diagonal(H).add_(dampening * torch.diagonal(H).mean())
-    U = inverse_hessian_factor(H)
+    scratch = [H]
+    del H
+    U = inverse_hessian_factor(scratch.pop())  # its last reference: freed inside once factored
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -140,9 +158,12 @@ class _SparseGPT:
 
     def compress(self, name: str, module: torch.nn.Module, stat: Hessian, block: int) -> dict:
         weight = weight_matrix(module)
-        new, _ = sparsegpt_prune(weight.detach(), stat.H, self.sparsities[name], self.config.pattern,
-                                 self.config.block_size, self.config.dampening)
-        error = reconstruction_error(weight.detach(), new, stat.H)  # exact, over every calibration token
+        scratch = [stat.H]
+        stat.spill()  # a streamed run: XᵀX waits on disk while H is factored (read back below in slices)
+        new, _ = sparsegpt_prune(weight.detach(), scratch.pop(), self.sparsities[name], self.config.pattern,
+                                 self.config.block_size, self.config.dampening, consume=True)
+        # exact, over every calibration token; the ratio does not depend on H's scale, so XᵀX itself
+        error = reconstruction_error(weight.detach(), new, stat.xtx if stat.xtx is not None else stat.rows)
         with torch.no_grad():
             weight.copy_(new.to(weight.dtype))
         return {"relative_error": error, "error_tokens": stat.tokens}

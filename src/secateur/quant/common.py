@@ -129,6 +129,9 @@ class _SwapThenWrite:
     def __init__(self, inner: Any, model: nn.Module, targets: dict[str, nn.Module], config: Any):
         self.inner, self.model, self.targets, self.config = inner, model, targets, config
 
+    def __getattr__(self, name: str) -> Any:  # everything else the stream offers (done_blocks, dense_weight)
+        return getattr(self.inner, name)
+
     def load(self, index: int, prefix: str, block: nn.Module) -> None:
         self.inner.load(index, prefix, block)
 

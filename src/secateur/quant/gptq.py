@@ -49,23 +49,35 @@ class Factor(NamedTuple):
     dead: torch.Tensor  # bool [in]: columns no calibration token ever activated
 
 
-def hessian_factor(H: torch.Tensor, *, damp: float = 0.01, act_order: bool = False) -> Factor:
-    H = H.detach().float().clone()
+def hessian_factor(H: torch.Tensor, *, damp: float = 0.01, act_order: bool = False, consume: bool = False) -> Factor:
+    """The factor of ``H`` (left unchanged unless ``consume``: then it is overwritten, and at most two
+    ``[in, in]`` matrices are alive at once, which is what bounds a streamed 8B model's peak)."""
+    H = H.detach().float()
+    if not consume:
+        H = H.clone()
     cols = H.shape[0]
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
-    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(cols)
-    H = H[perm][:, perm]
-    H += damp * torch.mean(torch.diagonal(H)) * torch.eye(cols)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        H = H[perm][:, perm]
+    else:
+        perm = torch.arange(cols)
+    torch.diagonal(H).add_(damp * torch.mean(torch.diagonal(H)))
+    L = torch.linalg.cholesky(H)
+    del H
+    inverse = torch.cholesky_inverse(L)
+    del L
+    U = torch.linalg.cholesky(inverse, upper=True)
     return Factor(perm, U, dead)
 
 
-def gptq_quantize(w: torch.Tensor, H: torch.Tensor, scheme: Scheme, *, damp: float = 0.01, block_size: int = 128,
+def gptq_quantize(w: torch.Tensor, H: Optional[torch.Tensor], scheme: Scheme, *, damp: float = 0.01, block_size: int = 128,
                   act_order: bool = False, static_groups: bool = False,
                   factor: Optional[Factor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of ``w [out, in]`` with Hessian ``H [in, in]``: ``(q int8, scale, zero_point)``.
-    ``factor``: :func:`hessian_factor` of the same ``H``, ``damp`` and ``act_order``, if computed."""
+    ``factor``: :func:`hessian_factor` of the same ``H``, ``damp`` and ``act_order``, if computed
+    (``H`` may then be None)."""
     perm, U, dead = factor or hessian_factor(H, damp=damp, act_order=act_order)
     W = w.detach().float().clone()
     rows, cols = W.shape
@@ -136,8 +148,10 @@ class _GPTQ:
         c = self.config
         scheme = scheme_for(c, name, module)
         if getattr(stat, "gptq_factor", None) is None:  # q/k/v (gate/up) share one Hessian: factor it once
-            stat.gptq_factor = hessian_factor(stat.H, damp=c.damp, act_order=c.act_order)
-        q, scale, zero = gptq_quantize(weight_matrix(module), stat.H, scheme, damp=c.damp, block_size=c.block_size,
+            scratch = [stat.H]
+            stat.release()  # the factor is all the group needs from here: XᵀX goes before the factoring
+            stat.gptq_factor = hessian_factor(scratch.pop(), damp=c.damp, act_order=c.act_order, consume=True)
+        q, scale, zero = gptq_quantize(weight_matrix(module), None, scheme, damp=c.damp, block_size=c.block_size,
                                        act_order=c.act_order, static_groups=c.static_groups, factor=stat.gptq_factor)
         stash(module, q, scale, zero, scheme)
         return {"bits": scheme.bits, "strategy": scheme.strategy}
