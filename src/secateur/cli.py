@@ -206,6 +206,17 @@ def compress_cmd(recipe_path: Path = typer.Argument(..., metavar="RECIPE", help=
     recipe = Recipe.load(recipe_path)
     if overrides:
         recipe = recipe.with_overrides(overrides)
+    if stream and dry_run:  # the plan of a streamed run: what the recipe touches, and the predicted peak
+        _run(recipe, out_dir, True, as_json, storage)
+        if not as_json:
+            from .planner import Data, gib, plan_recipe
+
+            spec = recipe.data
+            est = plan_recipe(str(recipe.model), list(recipe.steps),
+                              Data(spec.samples, spec.seq_len) if spec is not None else None, streamed=True)
+            parts = ", ".join(f"{k} {gib(v)}" for k, v in sorted(est.memory.items(), key=lambda kv: -kv[1])[:3])
+            out.print(f"streamed: predicted peak {gib(est.peak_bytes)} ({parts}), about {est.seconds:.0f} s")
+        return
     if stream and not dry_run:
         if nproc > 1 or "WORLD_SIZE" in os.environ:
             raise SecateurError("--stream runs in one process; drop --nproc (or torchrun)")

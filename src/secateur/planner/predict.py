@@ -96,7 +96,8 @@ def batch_bytes(s: ModelShape, batch: int, seq: int) -> float:
 
 
 # --- methods ----------------------------------------------------------------------------------------
-def _calibrated(c: CostModel, s: ModelShape, step: Any, data: Data, est: Estimate, checkpoint: bool) -> float:
+def _calibrated(c: CostModel, s: ModelShape, step: Any, data: Data, est: Estimate, checkpoint: bool,
+                streamed: bool = False) -> float:
     """Seconds of a calibrated step (raw counts); fills the memory parts."""
     method = step.method
     n, seq = max(data.samples, 1), max(data.seq_len, 1)
@@ -147,14 +148,24 @@ def _calibrated(c: CostModel, s: ModelShape, step: Any, data: Data, est: Estimat
     acts = stores * (bs if getattr(step, "offload", False) else n) * seq * s.hidden * act_bytes
     block_leaders = [p for p in groups.values() if p.block == 0]
     block_members = [p for p in s.projections if p.block == 0]
+    copy = s.max_block_bytes * (1.5 if compute_bf16 else 1)   # dense weights the re-run measures errors against
     if method in ("gptq", "sparsegpt"):
-        stats = sum(2 * 4 * p.d_in * p.d_in for p in block_leaders) + 3 * 4 * max(p.numel for p in block_members)
+        # groups are compressed in order and each one's XᵀX freed after it; factoring a group holds H
+        # and one temporary (GPTQ drops XᵀX first, streamed SparseGPT spills it; else it stays too)
+        held = 2 if method == "gptq" or streamed else 3
+        hessians = [4 * p.d_in * p.d_in for p in block_leaders]
+        stats = max(held * h + sum(hessians[i + 1:]) for i, h in enumerate(hessians)) \
+            + 3 * 4 * max(p.numel for p in block_members)
+        if method == "sparsegpt":   # reports its own error: one module's copy at a time
+            copy = 4 * max(p.numel for p in block_members)
+        if streamed:                # read back from the input when the error is measured
+            copy = 0
     elif method == "awq":
         stats = sum(4 * min(getattr(step, "tokens", 1024), n * seq) * p.d_in for p in block_leaders)
     else:
         stats = sum(8 * p.d_in for p in block_leaders)
     est.memory.update({"activations": acts, "batch": batch_bytes(s, bs, seq) * c.memory.get("calibrated", 1.0),
-                       "statistics": stats, "dense block copy": s.max_block_bytes * (1.5 if compute_bf16 else 1),
+                       "statistics": stats, "dense block copy": copy,
                        "calibration ids": 8.0 * n * seq})
     return t
 
@@ -210,11 +221,11 @@ def _structured(c: CostModel, s: ModelShape, step: Any, data: Data, est: Estimat
 
 
 def method_seconds(c: CostModel, shape: ModelShape, teacher: ModelShape, step: Any, data: Data, est: Estimate,
-                   checkpoint: bool = True) -> float:
+                   checkpoint: bool = True, streamed: bool = False) -> float:
     """Raw (uncorrected) seconds of one step on a model of ``shape``; fills ``est.memory``."""
     method = step.method
     if method in CALIBRATED:
-        return _calibrated(c, shape, step, data, est, checkpoint)
+        return _calibrated(c, shape, step, data, est, checkpoint, streamed)
     if method in TRAINING:
         return _training(c, shape, teacher, step, data, est)
     if method == "structured":
@@ -236,7 +247,7 @@ def stage(c: CostModel, parent: ModelShape, steps: list[Any], data: Optional[Dat
     shape, peak_work = parent, 0.0
     for step in steps:
         part = Estimate()
-        counted = method_seconds(c, shape, parent, step, data, part, checkpoint)
+        counted = method_seconds(c, shape, parent, step, data, part, checkpoint, streamed)
         seconds = c.method_s(step.method, counted, len(shape.projections))
         est.add_time(step.method, seconds)
         work = sum(part.memory.values())
@@ -248,8 +259,9 @@ def stage(c: CostModel, parent: ModelShape, steps: list[Any], data: Optional[Dat
     if streamed:
         width = parent.memory_bytes / max(parent.params, 1)      # bytes per weight as stored
         est.add_time("hash source", parent.disk_bytes / c.hash_bps)
+        # the block's written copy (packed integers, bitmask values) exists only once its statistics
+        # are freed, so it is not added to them
         est.memory = {"process": base, "block weights": width / 4 * parent.max_block_bytes,
-                      "block being written": 0.5 * width / 4 * parent.max_block_bytes,
                       "embedding rows": width * parent.hidden * min(data.tokens or 1, parent.vocab), **est.memory}
     else:
         est.memory = {"process": base, "weights": c.load_rss_per_byte * parent.memory_bytes, **est.memory}
