@@ -317,7 +317,7 @@ def test_streamed_runs_refuse_bad_input_in_one_line(tmp_path, stories_dir, data_
     from secateur.testing import run_cli
 
     cases = [
-        ({"method": "magnitude", "sparsity": 0.5}, [], "method 'magnitude' cannot run streamed"),
+        ({"method": "awq", "bits": 4}, [], "method 'awq' cannot run streamed"),
         ({"method": "gptq", "bits": 4}, ["--nproc", "2"], "--stream runs in one process"),
     ]
     for step, extra, expected in cases:
@@ -347,3 +347,30 @@ def test_planner_predicts_a_streamed_peak_far_under_the_in_memory_one(stories_di
     assert streamed.memory["block weights"] == shape.max_block_bytes
     assert streamed.memory["embedding rows"] == 4 * shape.hidden * min(8 * 32, shape.vocab)
     assert streamed.peak_bytes < memory.peak_bytes
+
+
+def test_data_free_methods_stream_block_by_block(tmp_path, stories_dir, capsys):
+    """RTN and magnitude pruning streamed (no calibration data): the same weights and the same
+    step result as the in-memory run; scope 'global' is refused in one line."""
+    import json
+
+    import yaml
+
+    import secateur
+    from secateur.testing import run_cli
+
+    for i, step in enumerate([{"method": "rtn", "bits": 4, "group_size": 32},
+                              {"method": "magnitude", "sparsity": 0.5, "scope": "matrix"}]):
+        recipe = tmp_path / f"r{i}.yaml"
+        recipe.write_text(yaml.safe_dump({"model": str(stories_dir), "steps": [step]}))
+        for name, extra in (("s", ["--stream"]), ("m", [])):
+            code, _, err = run_cli(capsys, "compress", str(recipe), "--out", str(tmp_path / f"{name}{i}"), *extra)
+            assert code == 0, err
+        a, b = secateur.load(tmp_path / f"s{i}").model.state_dict(), secateur.load(tmp_path / f"m{i}").model.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        card_s, card_m = (json.loads((tmp_path / f"{n}{i}" / "compression.json").read_text()) for n in "sm")
+        assert card_s["history"][0]["result"] == card_m["history"][0]["result"]
+        assert card_s["sparsity"] == card_m["sparsity"]
+    recipe.write_text(yaml.safe_dump({"model": str(stories_dir), "steps": [{"method": "magnitude", "scope": "global"}]}))
+    code, _, err = run_cli(capsys, "compress", str(recipe), "--out", str(tmp_path / "g"), "--stream")
+    assert code != 0 and "scope 'global'" in err and len(err.strip().splitlines()) == 1

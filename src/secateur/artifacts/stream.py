@@ -218,8 +218,9 @@ class BlockStream:
         weight = self.read([f"{name}.weight"])[f"{name}.weight"]
         return weight.t() if is_transposed(module) else weight
 
-    def done(self, index: int, prefix: str, block: nn.Module) -> None:
-        """Write the finished block (the artifact's layout) and its record, then free it."""
+    def done(self, index: int, prefix: str, block: nn.Module, result: dict[str, Any] | None = None) -> None:
+        """Write the finished block (the artifact's layout) and its record (with ``result``, what a
+        data-free method reported for this block), then free it."""
         from ..models.layers import is_projection
         from . import bitmask
         from .compressed_tensors import describe, is_quantized, module_tensors, scheme_of
@@ -245,6 +246,7 @@ class BlockStream:
                     tensors[key] = torch.empty(0, dtype=weight.dtype)
                     moved += 1
         record = {"zeros": zeros, "weights": weights, "dense_bytes": dense_bytes, "sparse_modules": moved,
+                  "result": result,
                   "quantization": {f"{prefix}.{k}": v for k, v in describe(block)["layers"].items()} if quantized else {}}
         _atomic_json(record, self.record(index))
         _atomic_save(tensors, self.shard(index), {bitmask.METADATA_KEY: bitmask.FORMAT} if moved else None)
@@ -434,6 +436,8 @@ def skeleton(source: str | os.PathLike, stream: BlockStream, block_prefix: str |
 
 # Methods whose whole work happens inside the calibration loop, block by block (tested streamed).
 STREAMS = ("gptq", "sparsegpt", "wanda")
+# Data-free methods whose modules are independent: applied to one block's modules at a time.
+PER_BLOCK = ("rtn", "magnitude")
 
 
 def check_streamable(steps: list[Any]) -> None:
@@ -442,6 +446,61 @@ def check_streamable(steps: list[Any]) -> None:
 
     for i, step in enumerate(steps):
         method = getattr(step, "method", type(step).__name__)
-        if method not in STREAMS:
+        if method not in STREAMS + PER_BLOCK:
             raise SecateurError(f"steps[{i}]: method '{method}' cannot run streamed (block by block from disk); "
-                                f"streamed methods: {', '.join(STREAMS)}")
+                                f"streamed methods: {', '.join(STREAMS + PER_BLOCK)}")
+        if getattr(step, "scope", None) == "global":
+            raise SecateurError(f"steps[{i}]: scope 'global' ranks every weight of the model at once, which a "
+                                "streamed run never holds; use scope 'row' or 'matrix'")
+
+
+def apply_per_block(model: nn.Module, step: Any, stream: BlockStream, block_prefix: str) -> dict[str, Any]:
+    """Run a data-free method (:data:`PER_BLOCK`) block by block: each block read, the method
+    applied to the modules of that block the step selects, the block written and freed. Blocks
+    already written (a killed run) are skipped; their results come back from their records.
+    Returns the method's result over the whole model (its layers merged)."""
+    import dataclasses
+
+    from ..api import Context, get_method
+    from ..progress import track
+    from ..targets import select_modules
+
+    method = get_method(step.method)
+    selected = list(select_modules(model, step.targets, step.ignore))
+    blocks = model.get_submodule(block_prefix)
+    first = stream.done_blocks()
+    for index in track(range(first, len(blocks)), f"{step.method} (block)", total=len(blocks) - first):
+        prefix = f"{block_prefix}.{index}"
+        names = [n for n in selected if n.startswith(prefix + ".")]
+        stream.load(index, prefix, blocks[index])
+        result = None
+        if names:
+            result = method.apply(model, dataclasses.replace(step, targets=tuple(names), ignore=()), Context()) or {}
+        stream.done(index, prefix, blocks[index], result)
+    results = [r["result"] for r in stream._records(len(blocks)) if r.get("result")]
+    return _merged(results, {n: _numel(model.get_submodule(n)) for n in selected})
+
+
+def _numel(module: nn.Module) -> int:
+    from ..models.layers import weight_matrix
+
+    try:
+        return weight_matrix(module).numel()
+    except AttributeError:  # a QuantLinear on the meta device: its integers have the weight's shape
+        return module.weight_q.numel()
+
+
+def _merged(results: list[dict[str, Any]], numel: dict[str, int]) -> dict[str, Any]:
+    """One result from per-block results: the layers merged, ``modules`` counted again and a
+    ``sparsity`` (magnitude) weighted by each layer's size."""
+    if not results:
+        return {"modules": 0, "layers": {}}
+    merged = dict(results[-1])
+    layers: dict[str, Any] = {}
+    for r in results:
+        layers.update(r.get("layers", {}))
+    merged.update(layers=layers, modules=len(layers))
+    if "sparsity" in merged and all(isinstance(v, (int, float)) for v in layers.values()):
+        total = sum(numel[n] for n in layers)
+        merged["sparsity"] = round(sum(v * numel[n] for n, v in layers.items()) / max(total, 1), 6)
+    return merged

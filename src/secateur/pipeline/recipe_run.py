@@ -180,7 +180,7 @@ def run_streamed(recipe: Any, out: str | Path | None, storage: str = "dense", *,
     import torch
 
     from ..api import compress_
-    from ..artifacts.stream import BlockStream, check_streamable, compact_ids, skeleton
+    from ..artifacts.stream import PER_BLOCK, BlockStream, apply_per_block, check_streamable, compact_ids, skeleton
     from ..data.calibration import CalibrationSet
     from ..models.arch import arch_of
     from ..targets import select_modules
@@ -194,7 +194,7 @@ def run_streamed(recipe: Any, out: str | Path | None, storage: str = "dense", *,
                             "then the next one on its artifact")
     source = _stream_source(recipe.model)
     tokenizer = None
-    if data is None:
+    if data is None and recipe.data is not None:
         from transformers import AutoTokenizer
 
         try:
@@ -202,13 +202,14 @@ def run_streamed(recipe: Any, out: str | Path | None, storage: str = "dense", *,
         except (OSError, ValueError, TypeError) as exc:
             raise SecateurError(f"model: no tokenizer in {source} to read the calibration data with ({exc})") from None
         data = calibration_data(recipe, tokenizer)
-    if data is None:
+    calibrated = recipe.steps[0].method not in PER_BLOCK
+    if data is None and calibrated:
         raise SecateurError("data: a streamed step needs calibration data; add e.g. "
                             "'data: {source: tinystories, samples: 128, seq_len: 256}'")
     resume = _resume_dir(out)
     assert resume is not None
     stream = BlockStream(source, resume / "stream", sparse=STORAGE[storage])
-    rows, renumbered = compact_ids(data.input_ids)
+    rows, renumbered = compact_ids(data.input_ids if data is not None else torch.zeros(1, 1, dtype=torch.long))
     model = skeleton(source, stream, rows=rows)
     prefix = arch_of(model).arch.block_prefix(model)
     step = recipe.steps[0]
@@ -221,13 +222,23 @@ def run_streamed(recipe: Any, out: str | Path | None, storage: str = "dense", *,
     log.info("hashing %s (the resume key and the card's base model)", source)
     lineage.set_(model, lineage.Lineage(lineage.Base(str(recipe.model), str(source), weights_hash(source),
                                                      model.config.model_type)))
-    compact = CalibrationSet(renumbered, data.fingerprint, dict(getattr(data, "settings", {}) or {}))
-    result = RunResult(recipe=recipe.to_dict(), model=str(recipe.model), data_fingerprint=data.fingerprint)
+    compact = CalibrationSet(renumbered, data.fingerprint, dict(getattr(data, "settings", {}) or {})) \
+        if data is not None else None
+    result = RunResult(recipe=recipe.to_dict(), model=str(recipe.model),
+                       data_fingerprint=data.fingerprint if data is not None else None)
     if recipe.eval:
         log.warning("a streamed run does not evaluate (the model does not fit in memory); evaluate the artifact "
                     "with 'secateur eval' where it fits")
-    with torch.no_grad():
-        compress_(model, recipe, data=compact, checkpoint_dir=resume, tokenizer=tokenizer, block_hooks=stream)
+    if step.method in PER_BLOCK:  # data-free: applied block by block, outside the calibration loop
+        import time
+
+        start = time.perf_counter()
+        with torch.no_grad():
+            out_result = apply_per_block(model, step, stream, prefix)
+        lineage.of(model).add(lineage.Step(step.to_dict(), round(time.perf_counter() - start, 3), None, out_result))
+    else:
+        with torch.no_grad():
+            compress_(model, recipe, data=compact, checkpoint_dir=resume, tokenizer=tokenizer, block_hooks=stream)
     result.steps = lineage.read(model).history()
     skipped = {"evaluation": "not run: streamed (the model is compressed block by block from disk)"}
     result.artifact = str(stream.finish(model, prefix, out, recipe=recipe, metrics={"before": [], "after": []},
