@@ -271,6 +271,9 @@ def speed(model: Any, tokenizer: Any = None, *, batch: int = 1, prompt_len: int 
                    "tokens/s = new_tokens / time of the new_tokens single-token steps, prefill excluded")
         if causal and new_tokens > 0 else None,
         "disk_path": str(source_path) if source_path else None,
+        **({"exit_decode": f"exit runtime (ExitLM), greedy continuation of the same prompt, {DECODE_RUNS} rounds "
+                           "alternating the loop without exits and each threshold; medians; speedup = exits / no "
+                           "exits in the same loop"} if "exit_curve" in extra else {}),
         **environment(model), "deviations": deviations,
         **({"runtime": "torch.compile (Inductor, max-autotune, freezing), static KV cache"} if compile else {}),
     }
