@@ -253,7 +253,7 @@ class BlockStream:
         block.to("meta")
 
     # --- the end of a run: the rest of the model, the config, the card, the rename ---------------
-    def _records(self, blocks: int) -> list[dict[str, Any]]:
+    def records(self, blocks: int) -> list[dict[str, Any]]:
         return [json.loads(self.record(i).read_text()) for i in range(blocks)]
 
     def _write_rest(self, block_prefix: str) -> None:
@@ -291,7 +291,7 @@ class BlockStream:
         from .compressed_tensors import has_quantized, quantization_config
 
         if has_quantized(model):
-            schemes = {k: v for r in self._records(blocks) for k, v in r["quantization"].items()}
+            schemes = {k: v for r in self.records(blocks) for k, v in r["quantization"].items()}
             config["quantization_config"] = quantization_config(model, schemes)
         _atomic_json(config, self.out / "config.json")
         for extra_file in EXTRA_FILES:
@@ -313,7 +313,7 @@ class BlockStream:
         embedding.weight = nn.Parameter(torch.empty(full, device="meta"), requires_grad=False)  # the card's shapes
         if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
             model.tie_weights()
-        records = self._records(blocks)
+        records = self.records(blocks)
         rest = self._rest_counts(model, block_prefix)
         zeros = sum(r["zeros"] for r in records) + rest["zeros"]
         weights = sum(r["weights"] for r in records) + rest["weights"]
@@ -452,55 +452,3 @@ def check_streamable(steps: list[Any]) -> None:
         if getattr(step, "scope", None) == "global":
             raise SecateurError(f"steps[{i}]: scope 'global' ranks every weight of the model at once, which a "
                                 "streamed run never holds; use scope 'row' or 'matrix'")
-
-
-def apply_per_block(model: nn.Module, step: Any, stream: BlockStream, block_prefix: str) -> dict[str, Any]:
-    """Run a data-free method (:data:`PER_BLOCK`) block by block: each block read, the method
-    applied to the modules of that block the step selects, the block written and freed. Blocks
-    already written (a killed run) are skipped; their results come back from their records.
-    Returns the method's result over the whole model (its layers merged)."""
-    import dataclasses
-
-    from ..api import Context, get_method
-    from ..progress import track
-    from ..targets import select_modules
-
-    method = get_method(step.method)
-    selected = list(select_modules(model, step.targets, step.ignore))
-    blocks = model.get_submodule(block_prefix)
-    first = stream.done_blocks()
-    for index in track(range(first, len(blocks)), f"{step.method} (block)", total=len(blocks) - first):
-        prefix = f"{block_prefix}.{index}"
-        names = [n for n in selected if n.startswith(prefix + ".")]
-        stream.load(index, prefix, blocks[index])
-        result = None
-        if names:
-            result = method.apply(model, dataclasses.replace(step, targets=tuple(names), ignore=()), Context()) or {}
-        stream.done(index, prefix, blocks[index], result)
-    results = [r["result"] for r in stream._records(len(blocks)) if r.get("result")]
-    return _merged(results, {n: _numel(model.get_submodule(n)) for n in selected})
-
-
-def _numel(module: nn.Module) -> int:
-    from ..models.layers import weight_matrix
-
-    try:
-        return weight_matrix(module).numel()
-    except AttributeError:  # a QuantLinear on the meta device: its integers have the weight's shape
-        return module.weight_q.numel()
-
-
-def _merged(results: list[dict[str, Any]], numel: dict[str, int]) -> dict[str, Any]:
-    """One result from per-block results: the layers merged, ``modules`` counted again and a
-    ``sparsity`` (magnitude) weighted by each layer's size."""
-    if not results:
-        return {"modules": 0, "layers": {}}
-    merged = dict(results[-1])
-    layers: dict[str, Any] = {}
-    for r in results:
-        layers.update(r.get("layers", {}))
-    merged.update(layers=layers, modules=len(layers))
-    if "sparsity" in merged and all(isinstance(v, (int, float)) for v in layers.values()):
-        total = sum(numel[n] for n in layers)
-        merged["sparsity"] = round(sum(v * numel[n] for n, v in layers.items()) / max(total, 1), 6)
-    return merged

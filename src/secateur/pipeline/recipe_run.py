@@ -180,7 +180,7 @@ def run_streamed(recipe: Any, out: str | Path | None, storage: str = "dense", *,
     import torch
 
     from ..api import compress_
-    from ..artifacts.stream import PER_BLOCK, BlockStream, apply_per_block, check_streamable, compact_ids, skeleton
+    from ..artifacts.stream import PER_BLOCK, BlockStream, check_streamable, compact_ids, skeleton
     from ..data.calibration import CalibrationSet
     from ..models.arch import arch_of
     from ..targets import select_modules
@@ -268,3 +268,55 @@ def _stream_source(model: Any) -> Path:
         causal = sorted(k for k, a in ARCHS.items() if a.kind == "causal")
         raise SecateurError(f"model: streaming runs causal LMs ({', '.join(causal)}); {path} is '{model_type}'")
     return path
+
+
+def apply_per_block(model: Any, step: Any, stream: Any, block_prefix: str) -> dict[str, Any]:
+    """Run a data-free method (:data:`PER_BLOCK`) block by block: each block read, the method
+    applied to the modules of that block the step selects, the block written and freed. Blocks
+    already written (a killed run) are skipped; their results come back from their records.
+    Returns the method's result over the whole model (its layers merged)."""
+    import dataclasses
+
+    from ..api import Context, get_method
+    from ..progress import track
+    from ..targets import select_modules
+
+    method = get_method(step.method)
+    selected = list(select_modules(model, step.targets, step.ignore))
+    blocks = model.get_submodule(block_prefix)
+    first = stream.done_blocks()
+    for index in track(range(first, len(blocks)), f"{step.method} (block)", total=len(blocks) - first):
+        prefix = f"{block_prefix}.{index}"
+        names = [n for n in selected if n.startswith(prefix + ".")]
+        stream.load(index, prefix, blocks[index])
+        result = None
+        if names:
+            result = method.apply(model, dataclasses.replace(step, targets=tuple(names), ignore=()), Context()) or {}
+        stream.done(index, prefix, blocks[index], result)
+    results = [r["result"] for r in stream.records(len(blocks)) if r.get("result")]
+    return _merged(results, {n: _numel(model.get_submodule(n)) for n in selected})
+
+
+def _numel(module: Any) -> int:
+    from ..models.layers import weight_matrix
+
+    try:
+        return weight_matrix(module).numel()
+    except AttributeError:  # a QuantLinear on the meta device: its integers have the weight's shape
+        return module.weight_q.numel()
+
+
+def _merged(results: list[dict[str, Any]], numel: dict[str, int]) -> dict[str, Any]:
+    """One result from per-block results: the layers merged, ``modules`` counted again and a
+    ``sparsity`` (magnitude) weighted by each layer's size."""
+    if not results:
+        return {"modules": 0, "layers": {}}
+    merged = dict(results[-1])
+    layers: dict[str, Any] = {}
+    for r in results:
+        layers.update(r.get("layers", {}))
+    merged.update(layers=layers, modules=len(layers))
+    if "sparsity" in merged and all(isinstance(v, (int, float)) for v in layers.values()):
+        total = sum(numel[n] for n in layers)
+        merged["sparsity"] = round(sum(v * numel[n] for n, v in layers.items()) / max(total, 1), 6)
+    return merged
