@@ -687,12 +687,19 @@ def _run_block(model: nn.Module, block: nn.Module, index: int, block_prefix: str
     # them back from the input when needed instead (hooks.dense_weight), holding none
     dense_weights: dict[str, Any] = {}
     hooks = options.block_hooks
+    keep_dense = options.record_error and not hasattr(hooks, "dense_weight")
+    # one module at a time only where each module's compression touches that module alone and this
+    # rank compresses them all; else (scales folded across a group, other ranks' modules) every copy
+    # is taken before anything changes
+    lazy = getattr(method, "independent_layers", False) and not split
+    if keep_dense and not lazy:
+        dense_weights = {n: weight_matrix(targets[n]).detach().clone() for n in names}
     for leader, members in groups.items():
         for name in members:
             if owner[leader] != rank and split:
                 continue
             start = time.perf_counter()
-            if options.record_error and not hasattr(hooks, "dense_weight"):
+            if keep_dense and lazy:
                 dense_weights[name] = weight_matrix(targets[name]).detach().clone()
             info = method.compress(name, targets[name], stats[leader], index) or {}
             if "relative_error" in info:
