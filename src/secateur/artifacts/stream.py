@@ -2,7 +2,8 @@
 
 The calibration loop calls a :class:`BlockStream` through ``Options.block_hooks``. Before block
 ``i`` runs, :meth:`BlockStream.load` materialises its weights from the input's safetensors shards
-(read through ``safe_open`` and copied into fresh tensors, so the file mapping is dropped at once).
+(with plain file reads into fresh tensors: nothing is memory-mapped, so no file page counts as
+resident memory).
 After the block is compressed, :meth:`BlockStream.done` writes it, in the artifact's own layout
 (compressed-tensors tensors for quantized layers, bitmask storage for pruned ones when asked),
 to its own shard (temporary name, fsync, rename) with a small JSON record beside it, and moves it
@@ -129,26 +130,49 @@ def write_chunked(target: Path, entries: list[tuple[str, torch.dtype, list[int],
 _FROM_NAME = {v: k for k, v in _DTYPES.items()}
 
 
+def _header(file: Path) -> tuple[int, dict[str, Any]]:
+    """(where the data starts, the header) of a safetensors file."""
+    with open(file, "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        return 8 + size, json.loads(fh.read(size))
+
+
+def _read_rows(file: Path, start: int, entry: dict[str, Any], first: int, last: int) -> torch.Tensor:
+    """Rows ``first:last`` of one tensor, read with plain file reads into a fresh tensor: nothing
+    is memory-mapped, so no file page is ever counted in this process's resident memory."""
+    dtype, shape = _FROM_NAME[entry["dtype"]], list(entry["shape"])
+    row = torch.empty(0, dtype=dtype).element_size()
+    for n in shape[1:]:
+        row *= n
+    out = torch.empty([last - first] + shape[1:] if shape else [], dtype=dtype)
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    with open(file, "rb", buffering=0) as fh:
+        fh.seek(start + entry["data_offsets"][0] + first * row)
+        done = 0
+        while done < len(view):
+            got = fh.readinto(view[done:])
+            if not got:
+                raise OSError(f"{file}: ended inside tensor data")
+            done += got
+    return out
+
+
 def _row_chunks(file: Path, name: str) -> tuple[torch.dtype, list[int], Iterator[torch.Tensor]]:
     """(dtype, shape, chunks of rows) of tensor ``name`` in ``file``, read ``CHUNK_BYTES`` at a time."""
-    from safetensors import safe_open
-
-    with safe_open(str(file), "pt") as f:
-        piece = f.get_slice(name)
-        shape, dtype = list(piece.get_shape()), _FROM_NAME[piece.get_dtype()]
+    start, header = _header(file)
+    entry = header[name]
+    shape, dtype = list(entry["shape"]), _FROM_NAME[entry["dtype"]]
 
     def chunks() -> Iterator[torch.Tensor]:
-        with safe_open(str(file), "pt") as f:
-            if len(shape) == 0:
-                yield f.get_tensor(name).clone()
-                return
-            row = torch.empty(0, dtype=dtype).element_size()
-            for n in shape[1:]:
-                row *= n
-            step = max(1, CHUNK_BYTES // max(row, 1))
-            sliced = f.get_slice(name)
-            for start in range(0, shape[0], step):
-                yield sliced[start:start + step].clone()
+        if len(shape) == 0:
+            yield _read_rows(file, start, entry, 0, 1)
+            return
+        row = torch.empty(0, dtype=dtype).element_size()
+        for n in shape[1:]:
+            row *= n
+        step = max(1, CHUNK_BYTES // max(row, 1))
+        for first in range(0, shape[0], step):
+            yield _read_rows(file, start, entry, first, min(first + step, shape[0]))
 
     return dtype, shape, chunks()
 
@@ -170,16 +194,15 @@ class BlockStream:
         self.where = _files(self.source)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
         by_file: dict[Path, list[str]] = {}
         for n in names:
             by_file.setdefault(self.where[n], []).append(n)
         out = {}
         for file, keys in by_file.items():
-            with safe_open(str(file), "pt") as f:
-                for k in keys:
-                    out[k] = f.get_tensor(k).clone()  # our own copy, not a view of the mapping
+            start, header = _header(file)
+            for k in keys:  # plain reads into our own tensors: no mapping counted as resident memory
+                entry = header[k]
+                out[k] = _read_rows(file, start, entry, 0, entry["shape"][0] if entry["shape"] else 1)
         return out
 
     def materialise(self, module: nn.Module, prefix: str) -> None:
