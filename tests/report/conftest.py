@@ -194,3 +194,12 @@ def exit_variant(name: str = "exits") -> dict[str, Any]:
     return {"name": name, "id": "v-ee01", "parent": "base", "status": "admitted", "aliases": [],
             "recipe": {"steps": [step]}, "card": card, "evaluations": [_ppl(3.71)], "speed": speed, "verdicts": [],
             "bytes": 1_060_000, "layers": _layers(5)}
+
+
+@pytest.fixture
+def exits() -> Any:
+    """``EXIT_THRESHOLDS`` and ``exit_variant`` for the tests (a fixture: a plain ``from conftest
+    import`` finds whichever directory's conftest Python imported first in a whole-suite run)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(EXIT_THRESHOLDS=EXIT_THRESHOLDS, exit_variant=exit_variant)

@@ -153,11 +153,11 @@ def test_the_routing_curves_are_drawn_in_the_browser(family, tmp_path):
     assert all(d["points"] == 11 and d["inside"] == 11 for d in drawn)
 
 
-def test_the_exit_curves_are_drawn_in_the_browser(family, tmp_path):
+def test_the_exit_curves_are_drawn_in_the_browser(family, tmp_path, exits):
     """A family with an exit variant: both exit plots are on the page, the curve's line has a size,
     every point (the curve's circles, the static variants' squares) sits inside its plot, and the
     page raises nothing."""
-    from conftest import EXIT_THRESHOLDS, exit_variant
+    EXIT_THRESHOLDS, exit_variant = exits.EXIT_THRESHOLDS, exits.exit_variant
 
     family["variants"].append(exit_variant())
     path = report.write(family, tmp_path / "report.html")

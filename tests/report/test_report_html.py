@@ -382,11 +382,11 @@ def _exits_section(html: str) -> str:
     return html[start:html.index("</section>", start)]
 
 
-def test_the_exit_curves_are_drawn_beside_the_static_variants(family):
+def test_the_exit_curves_are_drawn_beside_the_static_variants(family, exits):
     """A variant with exit heads gets the Early exit section: its curve against mean blocks (every
     priced threshold plus the model without exits) and against the measured speed-up (the thresholds
     the speed evaluation timed), with the other variants as squares at their block counts and speed-ups."""
-    from conftest import EXIT_THRESHOLDS, exit_variant
+    EXIT_THRESHOLDS, exit_variant = exits.EXIT_THRESHOLDS, exits.exit_variant
 
     assert 'id="exits"' not in report.render(family)
     family["variants"].append(exit_variant("exits <b>"))
@@ -403,8 +403,8 @@ def test_the_exit_curves_are_drawn_beside_the_static_variants(family):
     assert "held-out split of the training text: 8 windows of 256 tokens" in section
 
 
-def test_a_curve_in_an_unexpected_shape_draws_nothing(family):
-    from conftest import exit_variant
+def test_a_curve_in_an_unexpected_shape_draws_nothing(family, exits):
+    exit_variant = exits.exit_variant
 
     variant = exit_variant()
     variant["card"]["history"][0]["result"]["curve"] = {"metric": "bleu", "points": [{"threshold": None}]}
