@@ -461,16 +461,29 @@ def not_stock_loadable(model: nn.Module) -> list[str]:
     return list(_not_stock_loadable(model))
 
 
+def layer_totals(layers: dict[str, Any]) -> dict[str, Any]:
+    """The card's ``quantization`` entry over per-layer records (:func:`describe`'s ``layers``,
+    or the records a streamed run kept block by block): counts by bit width, bytes, ratio."""
+    bits_count: dict[str, int] = {}
+    for layer in layers.values():
+        bits_count[str(layer["bits"])] = bits_count.get(str(layer["bits"]), 0) + 1
+    stored = sum(layer["bytes"] for layer in layers.values())
+    dense = sum(layer["dense_bytes"] for layer in layers.values())
+    formats = {layer["format"] for layer in layers.values()}
+    return {"format": QUANT_METHOD,
+            "compression_format": (formats.pop() if len(formats) == 1 else MIXED) if formats else None,
+            "modules": len(layers), "bits": dict(sorted(bits_count.items())),
+            "quantized_bytes": stored, "quantized_dense_bytes": dense,
+            "quantized_ratio": round(stored / dense, 6) if dense else None, "layers": layers}
+
+
 def describe(model: nn.Module, directory: str | os.PathLike | None = None) -> dict[str, Any]:
     """The card's ``quantization`` entry: the scheme and stored bytes of every quantized layer,
     totals, and (given the artifact ``directory``) the bytes of its weight files on disk."""
     quantized = quantized_modules(model)
     layers: dict[str, Any] = {}
-    bits_count: dict[str, int] = {}
     dtype = getattr(model, "dtype", torch.float32)
     width = torch.empty(0, dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 4
-    stored = dense = 0
-    formats = set()
     for name, module in quantized.items():
         scheme = scheme_of(module)
         out_features, in_features = _stored_weight(module).shape
@@ -490,17 +503,7 @@ def describe(model: nn.Module, directory: str | os.PathLike | None = None) -> di
         dense_bytes = (out_features * in_features + (bias.numel() if bias_bytes else 0)) * width
         layers[name] = {**scheme, "shape": [out_features, in_features], "bytes": nbytes, "dense_bytes": dense_bytes,
                         "bits_per_weight": round(8 * (nbytes - bias_bytes) / (out_features * in_features), 4)}
-        bits_count[str(scheme["bits"])] = bits_count.get(str(scheme["bits"]), 0) + 1
-        stored, dense = stored + nbytes, dense + dense_bytes
-        formats.add(scheme["format"])
-    entry: dict[str, Any] = {
-        "format": QUANT_METHOD,
-        "compression_format": (formats.pop() if len(formats) == 1 else MIXED) if formats else None,
-        "modules": len(layers), "bits": dict(sorted(bits_count.items())),
-        "quantized_bytes": stored, "quantized_dense_bytes": dense,
-        "quantized_ratio": round(stored / dense, 6) if dense else None,
-        "layers": layers,
-    }
+    entry = layer_totals(layers)
     if directory is not None:
         files = sorted(Path(directory).glob("*.safetensors"))
         entry["weights_bytes"] = sum(p.stat().st_size for p in files)

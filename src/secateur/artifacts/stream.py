@@ -100,9 +100,7 @@ def write_chunked(target: Path, entries: list[tuple[str, torch.dtype, list[int],
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, dtype, shape, _ in entries:
-        nbytes = torch.empty(0, dtype=dtype).element_size()
-        for n in shape:
-            nbytes *= n
+        nbytes = _nbytes(dtype, shape)
         header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -130,6 +128,14 @@ def write_chunked(target: Path, entries: list[tuple[str, torch.dtype, list[int],
 _FROM_NAME = {v: k for k, v in _DTYPES.items()}
 
 
+def _nbytes(dtype: torch.dtype, dims: list[int]) -> int:
+    """Bytes of a tensor of ``dtype`` with these dimensions (a row's: pass ``shape[1:]``)."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    for n in dims:
+        size *= n
+    return size
+
+
 def _header(file: Path) -> tuple[int, dict[str, Any]]:
     """(where the data starts, the header) of a safetensors file."""
     with open(file, "rb") as fh:
@@ -141,9 +147,7 @@ def _read_rows(file: Path, start: int, entry: dict[str, Any], first: int, last: 
     """Rows ``first:last`` of one tensor, read with plain file reads into a fresh tensor: nothing
     is memory-mapped, so no file page is ever counted in this process's resident memory."""
     dtype, shape = _FROM_NAME[entry["dtype"]], list(entry["shape"])
-    row = torch.empty(0, dtype=dtype).element_size()
-    for n in shape[1:]:
-        row *= n
+    row = _nbytes(dtype, shape[1:])
     out = torch.empty([last - first] + shape[1:] if shape else [], dtype=dtype)
     view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
     with open(file, "rb", buffering=0) as fh:
@@ -167,10 +171,7 @@ def _row_chunks(file: Path, name: str) -> tuple[torch.dtype, list[int], Iterator
         if len(shape) == 0:
             yield _read_rows(file, start, entry, 0, 1)
             return
-        row = torch.empty(0, dtype=dtype).element_size()
-        for n in shape[1:]:
-            row *= n
-        step = max(1, CHUNK_BYTES // max(row, 1))
+        step = max(1, CHUNK_BYTES // max(_nbytes(dtype, shape[1:]), 1))
         for first in range(0, shape[0], step):
             yield _read_rows(file, start, entry, first, min(first + step, shape[0]))
 
@@ -355,7 +356,9 @@ class BlockStream:
                                         min_zeros=0.3 if self.sparse == "auto" else None)
         layers = {k: v for r in records for k, v in r["quantization"].items()}
         if layers:
-            card["quantization"] = _quantization_entry(layers, stored)
+            from .compressed_tensors import layer_totals
+
+            card["quantization"] = {**layer_totals(layers), "weights_bytes": stored, "stock_transformers": True}
         card["streamed"] = {"blocks": blocks, "source": str(self.source)}
         for stale in self.out.glob(".block-*.json"):
             stale.unlink()
@@ -365,10 +368,7 @@ class BlockStream:
         return target
 
     def source_shape(self, name: str) -> list[int]:
-        from safetensors import safe_open
-
-        with safe_open(str(self.where[name]), "pt") as f:
-            return list(f.get_slice(name).get_shape())
+        return list(_header(self.where[name])[1][name]["shape"])
 
     def _rest_counts(self, model: nn.Module, block_prefix: str) -> dict[str, int]:
         """Zeros and entries of the projection weights outside the blocks (the head), read in chunks."""
@@ -390,23 +390,6 @@ class BlockStream:
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
-
-
-def _quantization_entry(layers: dict[str, Any], weights_bytes: int) -> dict[str, Any]:
-    """The card's ``quantization`` entry summed from the per-block layer records (the same fields
-    :func:`secateur.artifacts.compressed_tensors.describe` gives an in-memory model)."""
-    from .compressed_tensors import MIXED, QUANT_METHOD
-
-    bits: dict[str, int] = {}
-    for layer in layers.values():
-        bits[str(layer["bits"])] = bits.get(str(layer["bits"]), 0) + 1
-    stored = sum(v["bytes"] for v in layers.values())
-    dense = sum(v["dense_bytes"] for v in layers.values())
-    formats = {v["format"] for v in layers.values()}
-    return {"format": QUANT_METHOD, "compression_format": formats.pop() if len(formats) == 1 else MIXED,
-            "modules": len(layers), "bits": dict(sorted(bits.items())), "quantized_bytes": stored,
-            "quantized_dense_bytes": dense, "quantized_ratio": round(stored / dense, 6) if dense else None,
-            "layers": layers, "weights_bytes": weights_bytes, "stock_transformers": True}
 
 
 # --- the model on the meta device ---------------------------------------------------------------
@@ -443,12 +426,10 @@ def skeleton(source: str | os.PathLike, stream: BlockStream, block_prefix: str |
         skip.add(emb_name)
         if head is not None:
             skip.add(f"{_name_of(model, head)}.weight")
-        from safetensors import safe_open
-
-        with safe_open(str(stream.where[emb_name]), "pt") as f:
-            table = f.get_slice(emb_name)
-            picked = torch.cat([table[int(r):int(r) + 1] for r in rows.tolist()]) if len(rows) else None
-        embedding.weight = nn.Parameter(picked.clone(), requires_grad=False)
+        file = stream.where[emb_name]
+        start, header = _header(file)
+        picked = torch.cat([_read_rows(file, start, header[emb_name], r, r + 1) for r in rows.tolist()])
+        embedding.weight = nn.Parameter(picked, requires_grad=False)
     names = [k for k in model.state_dict() if not k.startswith(block_prefix + ".") and k in stream.where
              and k not in skip]
     model.load_state_dict(stream.read(names), strict=False, assign=True)
