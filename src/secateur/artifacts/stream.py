@@ -178,6 +178,20 @@ def _row_chunks(file: Path, name: str) -> tuple[torch.dtype, list[int], Iterator
     return dtype, shape, chunks()
 
 
+def _trim() -> None:
+    """Hand the allocator's freed memory back to the system (glibc ``malloc_trim``). A block's
+    tensors under glibc's mmap threshold are freed into its heap, which otherwise keeps the pages:
+    without this, a streamed run's resident memory grows by about a block's small tensors per
+    block, though no tensor outlives its block (measured on a 16-block model: +12 MiB a block)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 # --- the loop's hooks -------------------------------------------------------------------------------
 class BlockStream:
     """Loads each block from ``source`` before it runs and writes it to ``out`` when it is done.
@@ -275,6 +289,8 @@ class BlockStream:
         _atomic_json(record, self.record(index))
         _atomic_save(tensors, self.shard(index), {bitmask.METADATA_KEY: bitmask.FORMAT} if moved else None)
         block.to("meta")
+        del tensors
+        _trim()
 
     # --- the end of a run: the rest of the model, the config, the card, the rename ---------------
     def records(self, blocks: int) -> list[dict[str, Any]]:
