@@ -6,7 +6,8 @@
    written one block at a time.
 2. GPTQ W4 (groups of 128) and SparseGPT 50% run on it streamed (``secateur compress RECIPE --out
    DIR --stream``'s code path), each in its own process, on a small random-token calibration set.
-   Each run's peak RSS (the child's ``ru_maxrss``), wall time, phase times and output size are
+   Each run's peak RSS (the child's own ``VmHWM``, as ``secateur.progress.peak_rss_bytes`` reads
+   it, with a 0.2 s sampler beside it), wall time, phase times and output size are
    recorded, beside the memory bar: two blocks' weights + the calibration activations + 2 GiB.
    The SparseGPT output is written with bitmask storage (53% of its dense bytes), which is what
    lets input and output fit on this machine's disk together.
@@ -16,6 +17,7 @@
 
     python benchmarks/out_of_core.py --generate --dir /work/big          # once (about 32 GB)
     python benchmarks/out_of_core.py --dir /work/big [--methods gptq sparsegpt] [--samples 16]
+    python benchmarks/out_of_core.py --dir /work/big --one-block   # every phase at full size, 1 block
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -94,7 +95,8 @@ STORAGE = {"gptq": "dense", "sparsegpt": "sparse"}
 
 
 def child(method: str, source: Path, out: Path, samples: int, seq_len: int, batch: int, json_out: Path) -> None:
-    """One streamed run in this process: peak RSS sampled every 0.2 s and as ``ru_maxrss``."""
+    """One streamed run in this process: peak RSS sampled every 0.2 s and as ``VmHWM`` (not
+    ``ru_maxrss``, which Linux carries over from the parent across ``execve``)."""
     import threading
 
     import torch
@@ -114,7 +116,9 @@ def child(method: str, source: Path, out: Path, samples: int, seq_len: int, batc
             stop.wait(0.2)
 
     threading.Thread(target=sample, daemon=True).start()
-    idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from secateur.progress import peak_rss_bytes
+
+    idle = peak_rss_bytes()
     vocab = json.loads((source / "config.json").read_text())["vocab_size"]
     ids = torch.randint(0, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(0))
     data = CalibrationSet(ids, f"random-{samples}x{seq_len}-seed0", {"source": "random tokens"})
@@ -124,8 +128,7 @@ def child(method: str, source: Path, out: Path, samples: int, seq_len: int, batc
     wall = time.perf_counter() - t0
     stop.set()
     step = result.steps[0]["result"]
-    json_out.write_text(json.dumps({"wall_s": wall, "peak_rss": max(peak["rss"], resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss * 1024), "idle_rss": idle, "phase_seconds": step.get("calibration", {}).get(
+    json_out.write_text(json.dumps({"wall_s": wall, "peak_rss": max(peak["rss"], peak_rss_bytes()), "idle_rss": idle, "phase_seconds": step.get("calibration", {}).get(
         "phase_seconds"), "loop_seconds": step.get("loop_seconds"), "artifact": result.artifact}))
 
 
@@ -166,6 +169,86 @@ def check_small(root: Path, layers: int, method: str) -> dict:
             "reference_tensors": len(reference)}
 
 
+def read_child(how: str, file: str) -> None:
+    """Read the embedding of ``file`` in 64 MiB row chunks, through safetensors' memory map
+    (``mmap``) or secateur's plain reads (``plain``); print the peak RSS in bytes."""
+    import threading
+
+    import torch
+
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmRSS:"):
+                    peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+            stop.wait(0.01)
+
+    threading.Thread(target=sample, daemon=True).start()
+    name = "model.embed_tokens.weight"
+    total = 0
+    if how == "mmap":
+        from safetensors import safe_open
+
+        with safe_open(file, "pt") as f:
+            piece = f.get_slice(name)
+            rows = piece.get_shape()[0]
+            step = (64 << 20) // (piece.get_shape()[1] * 4)
+            for start in range(0, rows, step):
+                total += piece[start:start + step].clone().numel()
+    else:
+        from secateur.artifacts.stream import _row_chunks
+
+        for chunk in _row_chunks(Path(file), name)[2]:
+            total += chunk.numel()
+    time.sleep(0.05)
+    stop.set()
+    from secateur.progress import peak_rss_bytes
+
+    print(max(peak[0], peak_rss_bytes()), total, torch.get_num_threads())
+
+
+def one_block(args: argparse.Namespace) -> None:
+    """The full run's widths and vocabulary with one block: every phase of a streamed run (hash,
+    skeleton, the block, the embedding and head copied to the output, the card) at the size the
+    32-block run has them, in minutes instead of an hour."""
+    source = generate(args.dir / "llama8b-1block-fp32", {**CONFIG, "num_hidden_layers": 1})
+    config = json.loads((source / "config.json").read_text())
+    block = block_bytes(config)
+    tokens, h, inter = args.samples * args.seq_len, config["hidden_size"], config["intermediate_size"]
+    activations = 2 * tokens * h * 4 + 3 * args.batch * args.seq_len * inter * 4
+    bar = 2 * block + activations + 2 * 2**30
+    rows, runs = [], {}
+    for method in args.methods:
+        record = args.dir / f"{method}-1block.json"
+        subprocess.run([sys.executable, __file__, "--dir", str(args.dir), "--source", source.name, "--samples",
+                        str(args.samples), "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--child",
+                        method, str(record)], check=True)
+        run = json.loads(record.read_text())
+        runs[method] = run
+        shutil.rmtree(args.dir / f"out-{method}", ignore_errors=True)
+        rows.append([method, f"{run['peak_rss'] / 2**30:.2f} GiB", f"{bar / 2**30:.2f} GiB",
+                     "yes" if run["peak_rss"] <= bar else "NO", f"{run['wall_s']:.0f} s"])
+    reads = {}
+    for how in ("mmap", "plain"):
+        out = subprocess.run([sys.executable, __file__, "--dir", str(args.dir), "--read-child", how,
+                              str(source / "embed.safetensors")], check=True, capture_output=True, text=True)
+        reads[how] = int(out.stdout.split()[0])
+    print_table(f"One block at Llama-3-8B widths, vocabulary 128256, streamed ({cpu_line()}; "
+                f"{args.samples}x{args.seq_len} calibration tokens)",
+                ["method", "peak RSS", "bar", "within", "wall"], rows)
+    print_table("Copying the 2.1 GB embedding in 64 MiB chunks: peak RSS",
+                ["read through", "peak RSS"],
+                [["safetensors' memory map (before)", f"{reads['mmap'] / 2**30:.2f} GiB"],
+                 ["plain file reads (secateur now)", f"{reads['plain'] / 2**30:.2f} GiB"]])
+    write_json("out_of_core_one_block", {"environment": environment(), "block_bytes": block, "bar_bytes": bar,
+                                         "activation_bytes": activations, "runs": runs, "embedding_read_peak": reads,
+                                         "samples": args.samples, "seq_len": args.seq_len, "batch": args.batch},
+               args.out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generate", action="store_true", help="write the synthetic 8B-shaped model and stop")
@@ -176,16 +259,28 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="calibration batch size")
     parser.add_argument("--check-layers", type=int, default=2, help="blocks of the small model checked bit for bit")
     parser.add_argument("--keep", action="store_true", help="keep the compressed outputs")
+    parser.add_argument("--one-block", action="store_true",
+                        help="instead of the 32-block run: the same widths and vocabulary with 1 block (the "
+                             "embedding and head copied as in the full run), each method's streamed peak, and the "
+                             "peak of copying the 2.1 GB embedding through a memory map vs secateur's plain reads")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "JSON"), help=argparse.SUPPRESS)
+    parser.add_argument("--read-child", nargs=2, metavar=("HOW", "FILE"), help=argparse.SUPPRESS)
+    parser.add_argument("--source", default="llama8b-fp32", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    source = args.dir / "llama8b-fp32"
+    source = args.dir / args.source
     if args.generate:
         generate(source, CONFIG)
         return
     if args.child:
         child(args.child[0], source, args.dir / f"out-{args.child[0]}", args.samples, args.seq_len, args.batch,
               Path(args.child[1]))
+        return
+    if args.read_child:
+        read_child(*args.read_child)
+        return
+    if args.one_block:
+        one_block(args)
         return
     if not (source / "model.safetensors.index.json").exists():
         sys.exit(f"error: no synthetic model at {source}; run with --generate first")
