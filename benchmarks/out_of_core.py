@@ -298,8 +298,7 @@ def main() -> None:
     # intermediate (the MLP's gate, up and their product)
     activations = 2 * tokens * h * 4 + 3 * args.batch * args.seq_len * inter * 4
     bar = 2 * block + activations + 2 * 2**30
-    rows = []
-    runs = {}
+    rows, runs, checks = [], {}, []
     for method in args.methods:
         out = args.dir / f"out-{method}"
         shutil.rmtree(out, ignore_errors=True)
@@ -320,7 +319,13 @@ def main() -> None:
                      f"{run['wall_s'] / 60:.1f} min"])
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
-    checks = [check_small(args.dir, args.check_layers, m) for m in args.methods]
+        checks.append(check_small(args.dir, args.check_layers, method))
+        # written after each method, so an hour's run is kept if a later one is stopped
+        write_json("out_of_core", {"environment": environment(), "model_bytes": model_bytes, "block_bytes": block,
+                                   "activation_bytes": activations, "bar_bytes": bar, "config": config,
+                                   "samples": args.samples, "seq_len": args.seq_len, "batch": args.batch,
+                                   "runs": runs, "checks": checks, "torch_threads": torch.get_num_threads()},
+                   args.out)
     print_table(f"Out-of-core compression of a {model_bytes / 1e9:.1f} GB Llama-3-8B-shaped fp32 model "
                 f"({cpu_line()}, 24 GiB RAM; {args.samples}x{args.seq_len} calibration tokens)",
                 ["method", "model", "output", "peak RSS", "planner", "bar", "within", "wall"], rows)
@@ -328,11 +333,6 @@ def main() -> None:
     print_table("Streamed vs in-memory on a small model of the same width (every output tensor)",
                 ["method", "blocks", "tensors equal", "differ"],
                 [[c["method"], c["layers"], c["tensors_equal"], c["tensors_differ"]] for c in checks])
-    write_json("out_of_core", {"environment": environment(), "model_bytes": model_bytes, "block_bytes": block,
-                               "activation_bytes": activations, "bar_bytes": bar, "config": config,
-                               "samples": args.samples, "seq_len": args.seq_len, "batch": args.batch,
-                               "runs": runs, "checks": checks, "torch_threads": torch.get_num_threads()},
-               args.out)
 
 
 if __name__ == "__main__":
