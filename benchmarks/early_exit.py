@@ -17,6 +17,12 @@ throughput at batch 1, at most 0.5 below its STS-B dev Spearman).
 With ``--tune-backbone`` the whole model trains with the heads, its final embedding held to the
 original model's: the row "without exits" is then the tuned model's own last layer, and the
 original model's dev Spearman is printed beside it.
+
+With ``--w8a8`` the exit model is also quantized with SmoothQuant W8A8 (int8 weights per channel,
+per-token int8 activations; calibrated on STS-B train sentences; the exit heads' linears quantized
+with the rest, as a recipe chaining ``early_exit`` and ``smoothquant`` does), its blocks fused by the runtime (``optimize_``), and the exits run on those quantized blocks: its threshold is chosen the same way against the W8A8 model
+without exits, and fp32 without exits, W8A8 without exits and W8A8 with exits are timed
+alternating in one process (issue 27: the exits combined with the quantized runtime).
 """
 
 from __future__ import annotations
@@ -63,29 +69,76 @@ def spearman(pairs, views, threshold):
     return float(spearmanr(cosine, pairs[2])[0]) * 100, float((ba.sum() + bb.sum()) / (len(ba) + len(bb)))
 
 
-def throughput(model, tokenizer, texts, threshold, size, rounds):
-    """Sentences per second without exits and with, alternating round by round (medians)."""
+def throughput(runners, tokenizer, texts, size, rounds):
+    """Sentences per second of each ``runner(ids, mask)``, the runners alternating round by round
+    (medians), after a shared warm-up."""
     import torch
 
+    prepared = list(batches(tokenizer, texts, size))
+    seen: dict[str, list[float]] = {name: [] for name in runners}
+    with torch.inference_mode():
+        for ids, mask in prepared[:3]:  # warm-up
+            for run in runners.values():
+                run(ids, mask)
+        for _ in range(rounds):
+            for name, run in runners.items():
+                start = time.perf_counter()
+                for ids, mask in prepared:
+                    run(ids, mask)
+                seen[name].append(len(texts) / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in seen.items()}
+
+
+def plain_and_exits(model, threshold):
+    """The model's own forward and the early-exit encoder at ``threshold``, as throughput runners."""
     from secateur.runtime.early_exit import ExitEncoder
 
     encoder = ExitEncoder(model, threshold)
-    prepared = list(batches(tokenizer, texts, size))
-    plain, exits = [], []
-    with torch.inference_mode():
-        for ids, mask in prepared[:3]:  # warm-up
-            model(input_ids=ids, attention_mask=mask)
-            encoder.encode(ids, mask)
-        for _ in range(rounds):
-            start = time.perf_counter()
-            for ids, mask in prepared:
-                model(input_ids=ids, attention_mask=mask)
-            plain.append(len(texts) / (time.perf_counter() - start))
-            start = time.perf_counter()
-            for ids, mask in prepared:
-                encoder.encode(ids, mask)
-            exits.append(len(texts) / (time.perf_counter() - start))
-    return statistics.median(plain), statistics.median(exits)
+    return (lambda ids, mask: model(input_ids=ids, attention_mask=mask)), encoder.encode
+
+
+def choose(train, views, base_calib, max_drop):
+    """The calibration curve over GRID on the train pairs, and the lowest threshold within ``max_drop``."""
+    calibration = []
+    for t in GRID:
+        rho, blocks = spearman(train, views, t)
+        calibration.append({"threshold": t, "spearman": rho, "drop": base_calib - rho, "mean_blocks": blocks})
+    return calibration, min((c["threshold"] for c in calibration if c["drop"] <= max_drop), default=2.0)
+
+
+def w8a8_exits(model, tokenizer, train, dev, texts, max_drop, rounds, fp32_dev, fp32_plain):
+    """The exit model quantized with SmoothQuant W8A8, its exits on the quantized blocks: the threshold
+    chosen on the train pairs against the W8A8 model without exits, the dev curve, and throughput of
+    fp32 without exits, W8A8 without exits and W8A8 with exits, alternating."""
+    import copy
+
+    from secateur import compress_
+    from secateur.data import calibration_set
+    from secateur.quant.smoothquant import SmoothQuantConfig
+    from secateur.runtime import optimize_
+    from secateur.runtime.early_exit import heads_of
+
+    quantized = copy.deepcopy(model)
+    compress_(quantized, SmoothQuantConfig(), data=calibration_set("stsb", tokenizer, 128, 128, split="train"))
+    head_kinds = sorted({type(m).__name__ for m in heads_of(quantized).modules() if "Linear" in type(m).__name__})
+    optimize_(quantized)  # the runtime's fused W8A8 encoder blocks, which the exits then run block by block
+    views = {name: (exits_of(quantized, tokenizer, pairs[0]), exits_of(quantized, tokenizer, pairs[1]))
+             for name, pairs in (("train", train), ("dev", dev))}
+    base_calib, _ = spearman(train, views["train"], 2.0)
+    calibration, chosen = choose(train, views["train"], base_calib, max_drop)
+    base_dev, _ = spearman(dev, views["dev"], 2.0)
+    curve = []
+    for t in GRID:
+        rho, blocks = spearman(dev, views["dev"], t)
+        curve.append({"threshold": t, "spearman": rho, "drop": base_dev - rho, "drop_vs_fp32": fp32_dev - rho,
+                      "mean_blocks": blocks})
+    plain, exits = plain_and_exits(quantized, chosen)
+    speed = {}
+    for size in (1, 64):
+        got = throughput({"fp32": fp32_plain, "w8a8": plain, "w8a8_exits": exits}, tokenizer, texts, size, rounds)
+        speed[size] = {"fp32_per_s": got["fp32"], "w8a8_per_s": got["w8a8"], "w8a8_exits_per_s": got["w8a8_exits"]}
+    return {"head_modules": head_kinds, "chosen_threshold": chosen, "no_exit_dev": base_dev, "no_exit_calibration": base_calib,
+            "calibration": calibration, "dev": curve, "speed": speed}
 
 
 def main() -> None:
@@ -99,6 +152,8 @@ def main() -> None:
     parser.add_argument("--tune-backbone", action="store_true", help="train the backbone jointly with the heads")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--artifact", default=None, help="an artifact with exit heads already (skips training)")
+    parser.add_argument("--w8a8", action="store_true",
+                        help="also run the exits on the model quantized with SmoothQuant W8A8 (timed beside fp32)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     setup_env()
@@ -136,11 +191,7 @@ def main() -> None:
             orig = {name: (exits_of(original, tokenizer, pairs[0]), exits_of(original, tokenizer, pairs[1]))
                     for name, pairs in (("train", train), ("dev", dev))}
             base_calib, _ = spearman(train, orig["train"], 2.0)
-        calibration = []
-        for t in GRID:
-            rho, blocks = spearman(train, views["train"], t)
-            calibration.append({"threshold": t, "spearman": rho, "drop": base_calib - rho, "mean_blocks": blocks})
-        chosen = min((c["threshold"] for c in calibration if c["drop"] <= args.max_drop), default=2.0)
+        calibration, chosen = choose(train, views["train"], base_calib, args.max_drop)
         base_dev, _ = spearman(dev, orig["dev"] if args.tune_backbone else views["dev"], 2.0)
         tuned_dev, _ = spearman(dev, views["dev"], 2.0)
         curve = []
@@ -149,10 +200,14 @@ def main() -> None:
             curve.append({"threshold": t, "spearman": rho, "drop": base_dev - rho, "mean_blocks": blocks})
         at = next(c for c in curve if c["threshold"] == chosen)
         texts = dev[0][: args.speed_texts]
+        plain, exits = plain_and_exits(model, chosen)
         speed = {}
         for size in (1, 64):
-            plain, exits = throughput(model, tokenizer, texts, chosen, size, args.rounds)
-            speed[size] = {"plain_per_s": plain, "exits_per_s": exits, "speedup": exits / plain}
+            got = throughput({"plain": plain, "exits": exits}, tokenizer, texts, size, args.rounds)
+            speed[size] = {"plain_per_s": got["plain"], "exits_per_s": got["exits"],
+                           "speedup": got["exits"] / got["plain"]}
+        quantized = (w8a8_exits(model, tokenizer, train, dev, texts, args.max_drop, args.rounds, base_dev, plain)
+                     if args.w8a8 else None)
     rows = [[f"{c['threshold']:g}" + (" (chosen)" if c["threshold"] == chosen else ""),
              f"{k['spearman']:.2f}", f"{k['drop']:+.2f}", f"{c['spearman']:.2f}", f"{c['drop']:+.2f}",
              f"{c['mean_blocks']:.2f}"] for c, k in zip(curve, calibration)]
@@ -164,6 +219,17 @@ def main() -> None:
                 ["batch", "without exits", "with exits", "speed-up"],
                 [[str(b), f"{s['plain_per_s']:.1f}", f"{s['exits_per_s']:.1f}", f"{s['speedup']:.2f}x"]
                  for b, s in speed.items()])
+    if quantized is not None:
+        q, qat = quantized, next(c for c in quantized["dev"] if c["threshold"] == quantized["chosen_threshold"])
+        print_table(f"The same exits on the SmoothQuant W8A8 model (its dev without exits {q['no_exit_dev']:.2f}; "
+                    f"threshold {q['chosen_threshold']:g} chosen on train pairs: dev {qat['spearman']:.2f}, "
+                    f"{qat['drop']:+.2f} vs W8A8, {qat['drop_vs_fp32']:+.2f} vs fp32, {qat['mean_blocks']:.2f} blocks; "
+                    f"exit heads: {', '.join(q['head_modules'])})",
+                    ["batch", "fp32 without exits", "W8A8 without exits", "W8A8 with exits", "W8A8 × fp32",
+                     "W8A8 + exits × fp32"],
+                    [[str(b), f"{v['fp32_per_s']:.1f}", f"{v['w8a8_per_s']:.1f}", f"{v['w8a8_exits_per_s']:.1f}",
+                      f"{v['w8a8_per_s'] / v['fp32_per_s']:.2f}x", f"{v['w8a8_exits_per_s'] / v['fp32_per_s']:.2f}x"]
+                     for b, v in q["speed"].items()])
     bar = speed[1]["speedup"] >= 1.5 and at["drop"] <= 0.5
     print(f"bar (>= 1.5x at batch 1, dev drop <= 0.5): {'met' if bar else 'NOT met'} — {speed[1]['speedup']:.2f}x, "
           f"dev drop {at['drop']:+.2f} at threshold {chosen:g} (chosen on train pairs), {at['mean_blocks']:.2f} "
@@ -173,6 +239,7 @@ def main() -> None:
                                     "chosen_threshold": chosen, "no_exit_dev": base_dev, "no_exit_calibration": base_calib,
                                     "last_layer_dev": tuned_dev, "last_layer_calibration": tuned_calib,
                                     "calibration": calibration, "dev": curve, "speed": speed, "bar_met": bar,
+                                    "w8a8": quantized,
                                     "seconds": time.perf_counter() - start, "threads": torch.get_num_threads()},
                      args.out)
     print(f"wrote {out}")
