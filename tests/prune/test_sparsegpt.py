@@ -148,6 +148,22 @@ def test_reconstruction_error_is_relative_output_error():
     assert reconstruction_error(w, w, x.T @ x) == 0.0
 
 
+def test_reconstruction_error_of_float32_weights_matches_float64():
+    """float32 weights: float32 products, float64 sums; against the float64 definition at a width
+    where the 64 MiB slicing cuts H into several column slices."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2048, 4608, generator=gen)
+    w = torch.randn(40, 4608, generator=gen)
+    w_hat = w * (torch.rand(40, 4608, generator=gen) > 0.5) + 1e-3 * torch.randn(40, 4608, generator=gen)
+    H = x.T @ x
+    H = (H + H.T) / 2  # exactly symmetric, so its rows are its columns
+    xd = x.double()
+    direct = float(((xd @ (w.double() - w_hat.double()).T) ** 2).sum() / (xd @ w.double().T).pow(2).sum())
+    got = reconstruction_error(w, w_hat, H)
+    assert got == pytest.approx(direct, rel=1e-5)
+    assert reconstruction_error(w, w_hat, lambda a, b: H[a:b]) == got  # H read back in rows from disk
+
+
 def test_sparsegpt_beats_its_own_mask_without_update():
     weight, H = problem(16, 64, seed=9)
     new_w, keep = sparsegpt_prune(weight, H, 0.5, block_size=16)

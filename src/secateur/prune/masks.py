@@ -102,22 +102,26 @@ def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, H: Any)
     """Relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of a rewritten ``[out, in]`` weight.
 
     With ``H = 2/n · XᵀX`` (rows of X the calibration inputs) this is ``||WX − ŴX||² / ||WX||²``
-    over the calibration tokens, whatever the scale of H. Computed in float64, over slices of H's
-    columns so that H is never copied whole; ``H`` may also be a function ``rows(start, stop)``
-    giving rows of a symmetric H (one kept on disk: :meth:`secateur.calibrate.Hessian.rows`).
+    over the calibration tokens, whatever the scale of H. The products run in float64 for a
+    float64 weight and in float32 otherwise (H is accumulated in float32 anyway; each slice's sum is
+    taken in float64: relative accuracy about 1e-6, tested, at half the cost of float64 products,
+    which on a 14336-wide layer were as slow as SparseGPT itself). Over slices of H's columns, so
+    that H is never copied whole; ``H`` may also be a function ``rows(start, stop)`` giving rows of
+    a symmetric H (one kept on disk: :meth:`secateur.calibrate.Hessian.rows`).
     """
     weight, new_weight = weight.detach(), new_weight.detach().to(weight.device)
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     rows, cols = weight.shape
     num = den = 0.0
-    step = max(1, (64 << 20) // (8 * cols))   # float64 slices of 64 MiB: H's columns, the weights' rows
+    step = max(1, (64 << 20) // (dtype.itemsize * cols))   # slices of 64 MiB: H's columns, the weights' rows
     for j in range(0, cols, step):
         part = H[:, j:j + step] if isinstance(H, torch.Tensor) else H(j, j + step).t()
-        h = part.detach().to(device=weight.device, dtype=torch.float64)
+        h = part.detach().to(device=weight.device, dtype=dtype)
         for i in range(0, rows, step):
-            w = weight[i:i + step].double()
-            delta = w - new_weight[i:i + step].double()
-            num += float(((delta @ h) * delta[:, j:j + step]).sum())
-            den += float(((w @ h) * w[:, j:j + step]).sum())
+            w = weight[i:i + step].to(dtype)
+            delta = w - new_weight[i:i + step].to(dtype)
+            num += float(((delta @ h) * delta[:, j:j + step]).sum(dtype=torch.float64))
+            den += float(((w @ h) * w[:, j:j + step]).sum(dtype=torch.float64))
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
