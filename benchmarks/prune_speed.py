@@ -27,7 +27,8 @@ LLMC_PYTHON = REPO / "benchmarks" / ".venv-llmc" / "bin" / "python"
 CACHE = REPO / "benchmarks" / ".cache"
 
 OURS = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
+from secateur.progress import peak_rss_bytes  # VmHWM: ru_maxrss carries the parent's peak over execve
 torch.set_num_threads(int(sys.argv[4]))
 from secateur import lineage
 import secateur
@@ -44,7 +45,7 @@ start = time.perf_counter()
 secateur.compress_(model, get_method(method).config(**fields), data=ids)
 wall = time.perf_counter() - start
 result = lineage.of(model).history()[-1]["result"]
-print(json.dumps({"wall_s": wall, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"wall_s": wall, "peak_rss_mib": peak_rss_bytes() / 2**20,
                   "sparsity": result["sparsity"], "threads": torch.get_num_threads()}))
 """
 

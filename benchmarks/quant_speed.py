@@ -36,7 +36,8 @@ LLMC_PYTHON = REPO / "benchmarks" / ".venv-llmc" / "bin" / "python"
 RUNNER = REPO / "benchmarks" / "llmcompressor" / "run_quant.py"
 
 OURS = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
+from secateur.progress import peak_rss_bytes  # VmHWM: ru_maxrss carries the parent's peak over execve
 torch.set_num_threads(int(sys.argv[3]))
 from secateur import lineage
 import secateur
@@ -55,7 +56,7 @@ secateur.compress_(model, config, data=ids)
 wall = time.perf_counter() - start
 result = lineage.of(model).history()[-1]["result"]
 kinds = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "weight_q")})
-print(json.dumps({"wall_s": wall, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"wall_s": wall, "peak_rss_mib": peak_rss_bytes() / 2**20,
                   "threads": torch.get_num_threads(), "calibration": result.get("calibration"),
                   "loop_seconds": result.get("loop_seconds"), "modules": result.get("modules"),
                   "quantized_classes": kinds,

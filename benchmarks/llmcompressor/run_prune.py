@@ -258,6 +258,14 @@ def versions() -> dict:
 
 
 def peak_rss_bytes() -> int:
+    # VmHWM: this process's own peak (ru_maxrss carries the parent's over execve on Linux)
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     # ru_maxrss is KiB on Linux (bytes on macOS).
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024

@@ -20,7 +20,7 @@ alternating rounds of greedy continuations of the same prompt; ``exit_curve`` re
 threshold, the median tokens/s, its ratio to the loop without exits and the mean blocks per
 generated token (of that continuation: the text differs from the step's held-out split).
 
-Memory and size: peak resident set size of the process so far (``ru_maxrss``), peak device memory
+Memory and size: peak resident set size of the process so far (``VmHWM``), peak device memory
 on a GPU, parameter count, bytes of safetensors on disk (when the model came from a directory),
 and the fraction of exact zeros in Linear weights, per layer and in total.
 """
