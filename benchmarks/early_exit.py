@@ -97,12 +97,18 @@ def plain_and_exits(model, threshold):
     return (lambda ids, mask: model(input_ids=ids, attention_mask=mask)), encoder.encode
 
 
+def curve(pairs, views, base):
+    """Spearman, its drop from ``base`` and mean blocks at every threshold of GRID."""
+    points = []
+    for t in GRID:
+        rho, blocks = spearman(pairs, views, t)
+        points.append({"threshold": t, "spearman": rho, "drop": base - rho, "mean_blocks": blocks})
+    return points
+
+
 def choose(train, views, base_calib, max_drop):
     """The calibration curve over GRID on the train pairs, and the lowest threshold within ``max_drop``."""
-    calibration = []
-    for t in GRID:
-        rho, blocks = spearman(train, views, t)
-        calibration.append({"threshold": t, "spearman": rho, "drop": base_calib - rho, "mean_blocks": blocks})
+    calibration = curve(train, views, base_calib)
     return calibration, min((c["threshold"] for c in calibration if c["drop"] <= max_drop), default=2.0)
 
 
@@ -127,18 +133,14 @@ def w8a8_exits(model, tokenizer, train, dev, texts, max_drop, rounds, fp32_dev, 
     base_calib, _ = spearman(train, views["train"], 2.0)
     calibration, chosen = choose(train, views["train"], base_calib, max_drop)
     base_dev, _ = spearman(dev, views["dev"], 2.0)
-    curve = []
-    for t in GRID:
-        rho, blocks = spearman(dev, views["dev"], t)
-        curve.append({"threshold": t, "spearman": rho, "drop": base_dev - rho, "drop_vs_fp32": fp32_dev - rho,
-                      "mean_blocks": blocks})
+    dev_curve = [{**c, "drop_vs_fp32": fp32_dev - c["spearman"]} for c in curve(dev, views["dev"], base_dev)]
     plain, exits = plain_and_exits(quantized, chosen)
     speed = {}
     for size in (1, 64):
         got = throughput({"fp32": fp32_plain, "w8a8": plain, "w8a8_exits": exits}, tokenizer, texts, size, rounds)
         speed[size] = {"fp32_per_s": got["fp32"], "w8a8_per_s": got["w8a8"], "w8a8_exits_per_s": got["w8a8_exits"]}
     return {"head_modules": head_kinds, "chosen_threshold": chosen, "no_exit_dev": base_dev, "no_exit_calibration": base_calib,
-            "calibration": calibration, "dev": curve, "speed": speed}
+            "calibration": calibration, "dev": dev_curve, "speed": speed}
 
 
 def main() -> None:
@@ -194,11 +196,8 @@ def main() -> None:
         calibration, chosen = choose(train, views["train"], base_calib, args.max_drop)
         base_dev, _ = spearman(dev, orig["dev"] if args.tune_backbone else views["dev"], 2.0)
         tuned_dev, _ = spearman(dev, views["dev"], 2.0)
-        curve = []
-        for t in GRID:
-            rho, blocks = spearman(dev, views["dev"], t)
-            curve.append({"threshold": t, "spearman": rho, "drop": base_dev - rho, "mean_blocks": blocks})
-        at = next(c for c in curve if c["threshold"] == chosen)
+        dev_curve = curve(dev, views["dev"], base_dev)
+        at = next(c for c in dev_curve if c["threshold"] == chosen)
         texts = dev[0][: args.speed_texts]
         plain, exits = plain_and_exits(model, chosen)
         speed = {}
@@ -210,7 +209,7 @@ def main() -> None:
                      if args.w8a8 else None)
     rows = [[f"{c['threshold']:g}" + (" (chosen)" if c["threshold"] == chosen else ""),
              f"{k['spearman']:.2f}", f"{k['drop']:+.2f}", f"{c['spearman']:.2f}", f"{c['drop']:+.2f}",
-             f"{c['mean_blocks']:.2f}"] for c, k in zip(curve, calibration)]
+             f"{c['mean_blocks']:.2f}"] for c, k in zip(dev_curve, calibration)]
     print_table(f"MiniLM early exit: STS-B Spearman against mean blocks (the original model: dev {base_dev:.2f}, "
                 f"calibration {base_calib:.2f}; its last layer after this training: dev {tuned_dev:.2f}, "
                 f"calibration {tuned_calib:.2f})",
@@ -238,7 +237,7 @@ def main() -> None:
                                     "max_drop": args.max_drop,
                                     "chosen_threshold": chosen, "no_exit_dev": base_dev, "no_exit_calibration": base_calib,
                                     "last_layer_dev": tuned_dev, "last_layer_calibration": tuned_calib,
-                                    "calibration": calibration, "dev": curve, "speed": speed, "bar_met": bar,
+                                    "calibration": calibration, "dev": dev_curve, "speed": speed, "bar_met": bar,
                                     "w8a8": quantized,
                                     "seconds": time.perf_counter() - start, "threads": torch.get_num_threads()},
                      args.out)

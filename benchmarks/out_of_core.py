@@ -7,8 +7,8 @@
 2. GPTQ W4 (groups of 128) and SparseGPT 50% run on it streamed (``secateur compress RECIPE --out
    DIR --stream``'s code path), each in its own process, on a small random-token calibration set.
    Each run's peak RSS (the child's own ``VmHWM``, as ``secateur.progress.peak_rss_bytes`` reads
-   it, with a 0.2 s sampler beside it), wall time, phase times and output size are
-   recorded, beside the memory bar: two blocks' weights + the calibration activations + 2 GiB.
+   it: the kernel's exact high-water mark, so no sampler is needed), wall time, phase times and
+   output size are recorded, beside the memory bar: two blocks' weights + the calibration activations + 2 GiB.
    The SparseGPT output is written with bitmask storage (53% of its dense bytes), which is what
    lets input and output fit on this machine's disk together.
 3. On a model small enough for both (``--check-layers`` blocks of the same width), the streamed
@@ -97,25 +97,12 @@ STORAGE = {"gptq": "dense", "sparsegpt": "sparse"}
 def child(method: str, source: Path, out: Path, samples: int, seq_len: int, batch: int, json_out: Path) -> None:
     """One streamed run in this process: peak RSS sampled every 0.2 s and as ``VmHWM`` (not
     ``ru_maxrss``, which Linux carries over from the parent across ``execve``)."""
-    import threading
-
     import torch
 
     from secateur.data.calibration import CalibrationSet
     from secateur.pipeline.recipe_run import run_streamed
     from secateur.recipe import Recipe
 
-    peak = {"rss": 0}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            for line in open("/proc/self/status"):
-                if line.startswith("VmRSS:"):
-                    peak["rss"] = max(peak["rss"], int(line.split()[1]) * 1024)
-            stop.wait(0.2)
-
-    threading.Thread(target=sample, daemon=True).start()
     from secateur.progress import peak_rss_bytes
 
     idle = peak_rss_bytes()
@@ -126,9 +113,8 @@ def child(method: str, source: Path, out: Path, samples: int, seq_len: int, batc
     t0 = time.perf_counter()
     result = run_streamed(recipe, out, STORAGE[method], data=data)
     wall = time.perf_counter() - t0
-    stop.set()
     step = result.steps[0]["result"]
-    json_out.write_text(json.dumps({"wall_s": wall, "peak_rss": max(peak["rss"], peak_rss_bytes()), "idle_rss": idle, "phase_seconds": step.get("calibration", {}).get(
+    json_out.write_text(json.dumps({"wall_s": wall, "peak_rss": peak_rss_bytes(), "idle_rss": idle, "phase_seconds": step.get("calibration", {}).get(
         "phase_seconds"), "loop_seconds": step.get("loop_seconds"), "artifact": result.artifact}))
 
 
@@ -172,21 +158,8 @@ def check_small(root: Path, layers: int, method: str) -> dict:
 def read_child(how: str, file: str) -> None:
     """Read the embedding of ``file`` in 64 MiB row chunks, through safetensors' memory map
     (``mmap``) or secateur's plain reads (``plain``); print the peak RSS in bytes."""
-    import threading
-
     import torch
 
-    peak = [0]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            for line in open("/proc/self/status"):
-                if line.startswith("VmRSS:"):
-                    peak[0] = max(peak[0], int(line.split()[1]) * 1024)
-            stop.wait(0.01)
-
-    threading.Thread(target=sample, daemon=True).start()
     name = "model.embed_tokens.weight"
     total = 0
     if how == "mmap":
@@ -203,11 +176,9 @@ def read_child(how: str, file: str) -> None:
 
         for chunk in _row_chunks(Path(file), name)[2]:
             total += chunk.numel()
-    time.sleep(0.05)
-    stop.set()
     from secateur.progress import peak_rss_bytes
 
-    print(max(peak[0], peak_rss_bytes()), total, torch.get_num_threads())
+    print(peak_rss_bytes(), total, torch.get_num_threads())
 
 
 def one_block(args: argparse.Namespace) -> None:
